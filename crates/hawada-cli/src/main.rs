@@ -1,0 +1,171 @@
+//! `hawada`: a thin CLI over the library. Parses flags, resolves the recipe once, renders progress
+//! bars for the library's observer, prints the result table and the whole error chain.
+
+mod progress;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hawada::recipe::{Recipe, DEFAULT_RECIPE};
+use hawada::report::Summary;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "hawada",
+    version,
+    about = "Adapt a pretrained network to one GPU: learn what it can lose under a measured latency budget, slim it, fine-tune it."
+)]
+struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every stage of a recipe (load, profile, adapt, export, finetune, eval, report);
+    /// resumes in an existing run directory. Without RECIPE, runs the embedded default
+    /// (self-trained ResNet on Fashion-MNIST, target 0.6× keep-all latency).
+    Run {
+        recipe: Option<PathBuf>,
+        /// Run directory (default: runs/<recipe name>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// Print the device, libtorch and CUDA facts this binary sees.
+    Info,
+    /// Rewrite report.html of a finished run directory.
+    Report { run_dir: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("hawada: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { recipe, run_dir } => {
+            let (recipe, file) = match &recipe {
+                Some(path) => (
+                    Recipe::from_file(path)
+                        .with_context(|| format!("reading recipe {}", path.display()))?,
+                    path.clone(),
+                ),
+                None => (
+                    Recipe::parse(DEFAULT_RECIPE, Path::new("<embedded default recipe>"))?,
+                    PathBuf::from("<embedded default recipe>"),
+                ),
+            };
+            ensure_data(&recipe)?;
+            let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
+            let observer = progress::Bars::default();
+            let summary = hawada::run::run(&recipe, &file, &run_dir, &observer)
+                .with_context(|| format!("run `{}` in {}", recipe.name, run_dir.display()))?;
+            print_table(&summary, &run_dir);
+        }
+        Command::Info => print_info(),
+        Command::Report { run_dir } => {
+            hawada::report::write_html(&run_dir)
+                .with_context(|| format!("writing the report of {}", run_dir.display()))?;
+            println!("{}", run_dir.join("report.html").display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fetches the recipe's data asset with the project script when its directory is missing.
+fn ensure_data(recipe: &Recipe) -> anyhow::Result<()> {
+    if recipe.data.dir.exists() {
+        return Ok(());
+    }
+    let Some(asset) = &recipe.data.asset else {
+        bail!(
+            "data directory {} does not exist and the recipe names no `data.asset` to fetch",
+            recipe.data.dir.display()
+        );
+    };
+    let script = Path::new("scripts/fetch-assets.sh");
+    if !script.exists() {
+        bail!("data directory {} is missing; run `scripts/fetch-assets.sh {asset}` from the HawAda checkout", recipe.data.dir.display());
+    }
+    eprintln!(
+        "hawada: fetching asset `{asset}` into {}",
+        recipe.data.dir.display()
+    );
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .arg(asset)
+        .status()
+        .with_context(|| format!("starting {}", script.display()))?;
+    if !status.success() {
+        bail!("{} {asset} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+fn print_table(s: &Summary, run_dir: &Path) {
+    let l = &s.latency_ms;
+    println!();
+    println!(
+        "HawAda run: {} ({}) on {} [{}], target {:.3} ms",
+        s.model, s.family, s.device, s.dtype, s.target_ms
+    );
+    println!("{:<28} {:>14} {:>14}", "", "keep-all", "slim");
+    println!(
+        "{:<28} {:>14.3} {:>14.3}",
+        "latency mean (ms)", l.keep_all.mean, l.slim.mean
+    );
+    println!(
+        "{:<28} {:>14.3} {:>14.3}",
+        "latency p95 (ms)", l.keep_all.p95, l.slim.p95
+    );
+    println!(
+        "{:<28} {:>14} {:>14}",
+        "parameters", s.params.teacher, s.params.slim
+    );
+    println!(
+        "{:<28} {:>14.2} {:>14.2}",
+        "test accuracy (%)", s.quality.teacher, s.quality.slim
+    );
+    println!(
+        "{:<28} {:>14} {:>14.2}",
+        "  slim before fine-tune (%)", "", s.quality.slim_before_finetune
+    );
+    println!(
+        "speed-up {:.2}×, proxy ({}) MAPE {:.1}% Spearman {:.3} (n={}), wall {:.0} s",
+        s.speedup, s.proxy.cost, s.proxy.mape, s.proxy.spearman, s.proxy.n, s.wall_s
+    );
+    println!(
+        "run directory: {} (summary.json, report.html)",
+        run_dir.display()
+    );
+}
+
+fn print_info() {
+    println!("hawada {}", env!("CARGO_PKG_VERSION"));
+    println!("cuda available: {}", tch::Cuda::is_available());
+    println!("cuda devices: {}", tch::Cuda::device_count());
+    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+    println!("cpu threads: {}", tch::get_num_threads());
+}

@@ -1,0 +1,176 @@
+//! Image datasets in IDX format (MNIST / Fashion-MNIST, gzipped), as tensors already on the
+//! device. No model code.
+
+use crate::error::{Error, Result};
+use flate2::read::GzDecoder;
+use std::io::Read;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// Images `[n, 1, h, w]` normalised to zero mean / unit std over the dataset, and labels `[n]`
+/// (i64), on a device.
+pub struct ImageDataset {
+    pub images: Tensor,
+    pub labels: Tensor,
+    pub num_classes: i64,
+}
+
+// Fashion-MNIST's training-set pixel mean and std (of x/255).
+const PIXEL_MEAN: f64 = 0.2860;
+const PIXEL_STD: f64 = 0.3530;
+
+fn read_gz(path: &Path) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    GzDecoder::new(file)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::Data {
+            file: path.to_path_buf(),
+            reason: format!("not a readable gzip file: {e}"),
+        })?;
+    Ok(bytes)
+}
+
+/// Parses an IDX file: magic `0x0000_08_NN` (u8 data, NN dims), big-endian dims, then data.
+pub fn parse_idx(bytes: &[u8], file: &Path) -> Result<(Vec<i64>, Vec<u8>)> {
+    let bad = |reason: String| Error::Data {
+        file: file.to_path_buf(),
+        reason,
+    };
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
+        return Err(bad(
+            "not an IDX file of unsigned bytes (magic 0x000008NN expected)".into(),
+        ));
+    }
+    let ndims = bytes[3] as usize;
+    let header = 4 + 4 * ndims;
+    if bytes.len() < header {
+        return Err(bad(format!("truncated header: {ndims} dims announced")));
+    }
+    let dims: Vec<i64> = (0..ndims)
+        .map(|i| {
+            u32::from_be_bytes([
+                bytes[4 + 4 * i],
+                bytes[5 + 4 * i],
+                bytes[6 + 4 * i],
+                bytes[7 + 4 * i],
+            ]) as i64
+        })
+        .collect();
+    let count: i64 = dims.iter().product();
+    if (bytes.len() - header) as i64 != count {
+        return Err(bad(format!(
+            "dims {dims:?} need {count} bytes of data, found {}",
+            bytes.len() - header
+        )));
+    }
+    Ok((dims, bytes[header..].to_vec()))
+}
+
+impl ImageDataset {
+    /// Loads `{prefix}-images-idx3-ubyte.gz` and `{prefix}-labels-idx1-ubyte.gz` from `dir`.
+    pub fn load_idx(dir: &Path, prefix: &str, device: Device) -> Result<Self> {
+        let images_path = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));
+        let labels_path = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
+        let (idims, pixels) = parse_idx(&read_gz(&images_path)?, &images_path)?;
+        let (ldims, labels) = parse_idx(&read_gz(&labels_path)?, &labels_path)?;
+        if idims.len() != 3 || ldims.len() != 1 || idims[0] != ldims[0] {
+            return Err(Error::Data {
+                file: images_path,
+                reason: format!(
+                    "expected images [n, h, w] and labels [n], found {idims:?} and {ldims:?}"
+                ),
+            });
+        }
+        if idims[0] == 0 {
+            return Err(Error::Data {
+                file: images_path,
+                reason: "dataset is empty".into(),
+            });
+        }
+        let images = Tensor::from_slice(&pixels)
+            .view([idims[0], 1, idims[1], idims[2]])
+            .to_kind(Kind::Float)
+            / 255.0;
+        let images = ((images - PIXEL_MEAN) / PIXEL_STD).to_device(device);
+        let labels = Tensor::from_slice(&labels)
+            .to_kind(Kind::Int64)
+            .to_device(device);
+        let num_classes = labels.max().int64_value(&[]) + 1;
+        Ok(ImageDataset {
+            images,
+            labels,
+            num_classes,
+        })
+    }
+
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `n` examples (a view).
+    pub fn take(&self, n: i64) -> ImageDataset {
+        let n = n.min(self.len());
+        ImageDataset {
+            images: self.images.narrow(0, 0, n),
+            labels: self.labels.narrow(0, 0, n),
+            num_classes: self.num_classes,
+        }
+    }
+
+    /// Examples `[start, start + n)` (a view).
+    pub fn slice(&self, start: i64, n: i64) -> ImageDataset {
+        let n = n.min(self.len() - start).max(0);
+        ImageDataset {
+            images: self.images.narrow(0, start, n),
+            labels: self.labels.narrow(0, start, n),
+            num_classes: self.num_classes,
+        }
+    }
+
+    /// A random batch of `batch` examples drawn by the global (seeded) generator, in `kind`.
+    pub fn random_batch(&self, batch: i64, kind: Kind) -> (Tensor, Tensor) {
+        let idx = Tensor::randint(self.len(), [batch], (Kind::Int64, self.images.device()));
+        (
+            self.images.index_select(0, &idx).to_kind(kind),
+            self.labels.index_select(0, &idx),
+        )
+    }
+
+    /// Consecutive batches in order, each `(images in kind, labels)`.
+    pub fn batches(&self, batch: i64, kind: Kind) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
+        let n = self.len();
+        (0..n).step_by(batch.max(1) as usize).map(move |start| {
+            let len = batch.min(n - start);
+            (
+                self.images.narrow(0, start, len).to_kind(kind),
+                self.labels.narrow(0, start, len),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_small_idx_and_rejects_a_truncated_one() {
+        let mut bytes = vec![0, 0, 8, 1, 0, 0, 0, 3];
+        bytes.extend([7, 8, 9]);
+        let (dims, data) = parse_idx(&bytes, Path::new("x")).unwrap();
+        assert_eq!(dims, vec![3]);
+        assert_eq!(data, vec![7, 8, 9]);
+        let err = parse_idx(&bytes[..10], Path::new("x.gz"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x.gz") && err.contains("need 3 bytes"),
+            "{err}"
+        );
+    }
+}

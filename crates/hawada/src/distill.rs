@@ -1,0 +1,43 @@
+//! Knowledge-distillation losses as pure functions of tensors (Hinton et al. 2015).
+//! No optimizer, no model, no loop. Reductions run in f32 for range.
+
+use tch::{Kind, Reduction, Tensor};
+
+/// `T² · KL(softmax(t/T) ‖ softmax(s/T))`, averaged over the batch. Logits `[batch, classes]`.
+pub fn kd_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
+    let log_p_student = (student / temperature).log_softmax(-1, Kind::Float);
+    let log_p_teacher = (teacher / temperature).log_softmax(-1, Kind::Float);
+    let kl = log_p_student.kl_div(&log_p_teacher, Reduction::Sum, true) / student.size()[0] as f64;
+    kl * (temperature * temperature)
+}
+
+/// Mean squared error between logits (or hidden states), in f32.
+pub fn mse(student: &Tensor, teacher: &Tensor) -> Tensor {
+    student
+        .to_kind(Kind::Float)
+        .mse_loss(&teacher.to_kind(Kind::Float), Reduction::Mean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn kl_is_zero_for_identical_logits_and_positive_otherwise() {
+        let t = Tensor::randn([4, 10], (Kind::Float, Device::Cpu));
+        assert!(kd_kl(&t, &t, 2.0).double_value(&[]).abs() < 1e-6);
+        let s = Tensor::randn([4, 10], (Kind::Float, Device::Cpu));
+        assert!(kd_kl(&s, &t, 2.0).double_value(&[]) > 1e-3);
+    }
+
+    #[test]
+    fn kl_matches_hand_computation() {
+        let s = Tensor::from_slice(&[0.0f32, 1.0]).view([1, 2]);
+        let t = Tensor::from_slice(&[1.0f32, 0.0]).view([1, 2]);
+        let ps = [1.0 / (1.0 + 1f64.exp()), 1f64.exp() / (1.0 + 1f64.exp())];
+        let pt = [ps[1], ps[0]];
+        let expected: f64 = pt.iter().zip(&ps).map(|(p, q)| p * (p / q).ln()).sum();
+        assert!((kd_kl(&s, &t, 1.0).double_value(&[]) - expected).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,3 @@
+//! Export: gates → keep-set → physically smaller model on disk.
+
+pub mod slice;

@@ -1,0 +1,135 @@
+//! Weight training of a (slim or fresh) model: KD fine-tuning from the frozen teacher (DESIGN §1.5)
+//! and, for self-trained teachers, plain supervised training on labels. Knows no gates.
+//! Checkpoints the weights atomically every `checkpoint_every` steps and resumes from them.
+
+use crate::distill;
+use crate::error::{Error, Result};
+use crate::io::safetensors::{load_into, named_tensors};
+use crate::model::{Family, Masks, Phase};
+use crate::progress::Observer;
+use crate::train::MetricsLog;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{nn, nn::OptimizerConfig, Tensor};
+
+/// What a weight-training loop needs: the batches and how to score them.
+pub enum Objective<'a> {
+    /// Match the teacher's tempered distribution.
+    Distill {
+        teacher: &'a dyn Family,
+        temperature: f64,
+    },
+    /// Cross-entropy on labels.
+    Labels,
+}
+
+/// Options of one weight-training run.
+pub struct WeightTraining<'a> {
+    pub stage: &'a str,
+    pub steps: i64,
+    pub lr: f64,
+    pub checkpoint_every: i64,
+    pub checkpoint_dir: &'a Path,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WeightState {
+    step: i64,
+}
+
+#[derive(Serialize)]
+struct WeightMetrics<'a> {
+    stage: &'a str,
+    step: i64,
+    loss: f64,
+    lr: f64,
+}
+
+/// Trains every weight of `model` for `opts.steps` Adam steps with a cosine learning-rate decay.
+/// `next_batch` yields `(inputs, labels)` on the model's device.
+pub fn train_weights(
+    model: &mut dyn Family,
+    objective: Objective<'_>,
+    next_batch: &mut dyn FnMut() -> (Tensor, Tensor),
+    opts: &WeightTraining<'_>,
+    metrics: &MetricsLog,
+    observer: &dyn Observer,
+) -> Result<()> {
+    std::fs::create_dir_all(opts.checkpoint_dir).map_err(|e| Error::io(opts.checkpoint_dir, e))?;
+    let state_file = opts.checkpoint_dir.join("state.json");
+    let weights_file = opts.checkpoint_dir.join("model.safetensors");
+    let mut start = 0;
+    if state_file.exists() && weights_file.exists() {
+        let state: WeightState = crate::io::hf_config::parse(
+            &state_file,
+            crate::io::hf_config::read_value(&state_file)?,
+        )?;
+        load_into(
+            model.var_store(),
+            &crate::io::safetensors::read(&weights_file)?,
+            &weights_file,
+        )?;
+        start = state.step;
+        tracing::info!(
+            stage = opts.stage,
+            step = start,
+            "resuming weight training from checkpoint"
+        );
+    }
+    metrics.truncate_from(opts.stage, start)?;
+    model.var_store_mut().unfreeze();
+    let mut opt = nn::Adam::default()
+        .build(model.var_store(), opts.lr)
+        .map_err(|e| Error::torch("adam", opts.stage, e))?;
+    let no_masks = Masks::none(model.groups().len());
+    observer.begin(opts.stage, opts.steps as u64);
+    for step in start..opts.steps {
+        let lr =
+            opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / opts.steps as f64).cos());
+        opt.set_lr(lr);
+        let (x, y) = next_batch();
+        let logits = model.forward(&x, &no_masks, Phase::Train);
+        let loss = match &objective {
+            Objective::Distill {
+                teacher,
+                temperature,
+            } => {
+                let target = tch::no_grad(|| {
+                    teacher.forward(&x, &Masks::none(teacher.groups().len()), Phase::Eval)
+                });
+                distill::kd_kl(&logits, &target, *temperature)
+            }
+            Objective::Labels => logits
+                .to_kind(tch::Kind::Float)
+                .cross_entropy_for_logits(&y),
+        };
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        let loss_value = loss.double_value(&[]);
+        if !loss_value.is_finite() {
+            return Err(Error::Training {
+                step,
+                reason: format!(
+                    "{} loss is {loss_value}; the last good checkpoint is in {}",
+                    opts.stage,
+                    opts.checkpoint_dir.display()
+                ),
+            });
+        }
+        metrics.append(&WeightMetrics {
+            stage: opts.stage,
+            step,
+            loss: loss_value,
+            lr,
+        })?;
+        observer.advance(step as u64 + 1, &format!("loss {loss_value:.4}"));
+        if (step + 1) % opts.checkpoint_every == 0 || step + 1 == opts.steps {
+            crate::io::safetensors::write(&weights_file, &named_tensors(model.var_store()))?;
+            crate::io::hf_config::write(&state_file, &WeightState { step: step + 1 })?;
+        }
+    }
+    observer.end();
+    model.var_store_mut().freeze();
+    Ok(())
+}

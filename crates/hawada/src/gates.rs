@@ -1,0 +1,365 @@
+//! Gates (DESIGN §3): one logit per unit of every group, in a VarStore of their own.
+//! Training masks are sampled (hard-concrete L0, Louizos et al. 2018, or straight-through
+//! logistic noise); eval masks are hard (`logit > 0`); the expected keep probability
+//! `p = sigmoid(logit / τ)` feeds the latency proxy. `min_keep` and the `follows` rule (a query head
+//! needs its KV group) are enforced here and only here. Gates never know which tensor they scale.
+
+use crate::error::{Error, Result};
+use crate::model::{Group, KeepSet, Masks};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{nn, nn::VarStore, Device, Kind, Tensor};
+
+/// How training masks are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateSampling {
+    /// Hard-concrete (L0) relaxation: stretched, clamped concrete sample.
+    HardConcrete,
+    /// Straight-through: hard 0/1 forward, logistic-sigmoid gradient backward.
+    StraightThrough,
+}
+
+/// Which masks a forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateMode {
+    /// Stochastic masks for training.
+    Sample,
+    /// Hard 0/1 masks from `logit > 0` (plus `min_keep`, `follows`).
+    Hard,
+}
+
+/// Gate options, from the recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateOptions {
+    #[serde(default = "default_init_logit")]
+    pub init_logit: f64,
+    #[serde(default = "default_sampling")]
+    pub sampling: GateSampling,
+    /// Temperature τ of `p = sigmoid(l / τ)` and of the samplers.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Fewest units kept per group.
+    #[serde(default = "default_min_keep")]
+    pub min_keep: i64,
+}
+
+fn default_init_logit() -> f64 {
+    3.0
+}
+fn default_sampling() -> GateSampling {
+    GateSampling::HardConcrete
+}
+fn default_temperature() -> f64 {
+    2.0 / 3.0
+}
+fn default_min_keep() -> i64 {
+    1
+}
+
+impl Default for GateOptions {
+    fn default() -> Self {
+        GateOptions {
+            init_logit: default_init_logit(),
+            sampling: default_sampling(),
+            temperature: default_temperature(),
+            min_keep: default_min_keep(),
+        }
+    }
+}
+
+// Hard-concrete stretch interval (γ, ζ) of Louizos et al.
+const HC_GAMMA: f64 = -0.1;
+const HC_ZETA: f64 = 1.1;
+
+/// The description saved beside the gate logits (`gates.json`): enough to replay an export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatesDescription {
+    pub options: GateOptions,
+    pub groups: Vec<Group>,
+}
+
+pub struct Gates {
+    vs: VarStore,
+    logits: Vec<Tensor>,
+    groups: Vec<Group>,
+    options: GateOptions,
+}
+
+impl Gates {
+    /// One logit per unit, initialised to `options.init_logit`, on `device` in f32.
+    pub fn new(groups: &[Group], options: GateOptions, device: Device) -> Result<Self> {
+        if options.temperature <= 0.0 {
+            return Err(Error::Invalid(format!(
+                "gates.temperature must be > 0, found {}",
+                options.temperature
+            )));
+        }
+        if options.min_keep < 1 {
+            return Err(Error::Invalid(format!(
+                "gates.min_keep must be ≥ 1, found {}",
+                options.min_keep
+            )));
+        }
+        let vs = VarStore::new(device);
+        let logits = groups
+            .iter()
+            .map(|g| {
+                let p = vs.root() / "gates";
+                p.var(&g.name, &[g.len], nn::Init::Const(options.init_logit))
+            })
+            .collect();
+        Ok(Gates {
+            vs,
+            logits,
+            groups: groups.to_vec(),
+            options,
+        })
+    }
+
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+    pub fn options(&self) -> &GateOptions {
+        &self.options
+    }
+    /// Logits per group, `[len]` f32.
+    pub fn logits(&self) -> &[Tensor] {
+        &self.logits
+    }
+
+    /// Expected keep probability per unit, `[len]` f32, differentiable in the logits.
+    pub fn expected_keep(&self) -> Vec<Tensor> {
+        let p: Vec<Tensor> = self
+            .logits
+            .iter()
+            .map(|l| (l / self.options.temperature).sigmoid())
+            .collect();
+        self.apply_follows(p)
+    }
+
+    /// Multiplies each follower's values by its parent's (expanded), so a unit whose parent is
+    /// gone is gone too.
+    fn apply_follows(&self, mut values: Vec<Tensor>) -> Vec<Tensor> {
+        for (i, g) in self.groups.iter().enumerate() {
+            if let Some(parent) = g.follows {
+                let ratio = g.len / self.groups[parent].len;
+                let expanded = values[parent].repeat_interleave_self_int(ratio, 0, None);
+                values[i] = &values[i] * expanded;
+            }
+        }
+        values
+    }
+
+    /// Masks for a forward in the model's `kind`.
+    pub fn masks(&self, mode: GateMode, kind: Kind) -> Masks {
+        let values = match mode {
+            GateMode::Sample => {
+                self.apply_follows(self.logits.iter().map(|l| self.sample(l)).collect())
+            }
+            GateMode::Hard => {
+                let keep = self.keep_set();
+                let device = self.vs.device();
+                return Masks::from_keep(&self.groups, &keep, (kind, device));
+            }
+        };
+        Masks(values.into_iter().map(|v| Some(v.to_kind(kind))).collect())
+    }
+
+    fn sample(&self, logit: &Tensor) -> Tensor {
+        let tau = self.options.temperature;
+        let u = logit.rand_like().clamp(1e-6, 1.0 - 1e-6);
+        let noise = u.log() - (-&u + 1.0).log();
+        match self.options.sampling {
+            GateSampling::HardConcrete => {
+                let s = ((noise + logit) / tau).sigmoid();
+                (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+            }
+            GateSampling::StraightThrough => {
+                let soft = ((noise + logit) / tau).sigmoid();
+                let hard = soft.gt(0.5).to_kind(Kind::Float);
+                &soft + (hard - soft.detach())
+            }
+        }
+    }
+
+    /// Kept unit indices per group: `logit > 0`, at least `min_keep` (top logits), and the
+    /// `follows` rule in both directions.
+    pub fn keep_set(&self) -> KeepSet {
+        let _guard = tch::no_grad_guard();
+        let logits: Vec<Vec<f32>> = self
+            .logits
+            .iter()
+            .map(|l| {
+                Vec::<f32>::try_from(&l.to_device(Device::Cpu))
+                    .expect("gate logits are a 1-D f32 tensor")
+            })
+            .collect();
+        keep_from_logits(&self.groups, &logits, self.options.min_keep)
+    }
+
+    /// Writes `gates.safetensors` and `gates.json` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tensors: BTreeMap<String, Tensor> = self
+            .groups
+            .iter()
+            .zip(&self.logits)
+            .map(|(g, l)| (g.name.clone(), l.detach()))
+            .collect();
+        crate::io::safetensors::write(&dir.join("gates.safetensors"), &tensors)?;
+        let desc = GatesDescription {
+            options: self.options.clone(),
+            groups: self.groups.clone(),
+        };
+        crate::io::hf_config::write(&dir.join("gates.json"), &desc)
+    }
+
+    /// Loads logits saved by [`Gates::save`]; the groups must match the model's exactly.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let json = dir.join("gates.json");
+        let desc: GatesDescription =
+            crate::io::hf_config::parse(&json, crate::io::hf_config::read_value(&json)?)?;
+        if desc.groups != self.groups {
+            return Err(Error::config(
+                &json,
+                "groups",
+                "saved gate groups do not match this model's groups (different model or config?)",
+            ));
+        }
+        let file = dir.join("gates.safetensors");
+        let tensors = crate::io::safetensors::read(&file)?;
+        let _guard = tch::no_grad_guard();
+        for (g, l) in self.groups.iter().zip(&self.logits) {
+            let src = tensors.get(&g.name).ok_or_else(|| Error::MissingTensor {
+                file: file.clone(),
+                name: g.name.clone(),
+            })?;
+            if src.size() != l.size() {
+                return Err(Error::ShapeMismatch {
+                    file: file.clone(),
+                    tensor: g.name.clone(),
+                    expected: l.size(),
+                    found: src.size(),
+                });
+            }
+            l.shallow_clone().copy_(src);
+        }
+        Ok(())
+    }
+}
+
+/// The keep rule on host values (see [`Gates::keep_set`]); separate so it is testable without
+/// tensors.
+pub fn keep_from_logits(groups: &[Group], logits: &[Vec<f32>], min_keep: i64) -> KeepSet {
+    let keep_group = |values: &[f32], allowed: &dyn Fn(usize) -> bool| -> Vec<i64> {
+        let mut kept: Vec<i64> = (0..values.len())
+            .filter(|&i| allowed(i) && values[i] > 0.0)
+            .map(|i| i as i64)
+            .collect();
+        let floor = (min_keep as usize).min(values.len());
+        if kept.len() < floor {
+            let mut order: Vec<usize> = (0..values.len()).filter(|&i| allowed(i)).collect();
+            order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+            kept = order.into_iter().take(floor).map(|i| i as i64).collect();
+            kept.sort_unstable();
+        }
+        kept
+    };
+    let mut keep: Vec<Vec<i64>> = groups
+        .iter()
+        .zip(logits)
+        .map(|(g, l)| {
+            if g.follows.is_some() {
+                Vec::new()
+            } else {
+                keep_group(l, &|_| true)
+            }
+        })
+        .collect();
+    for (i, g) in groups.iter().enumerate() {
+        if let Some(parent) = g.follows {
+            let ratio = (g.len / groups[parent].len) as usize;
+            let parent_kept = keep[parent].clone();
+            keep[i] = keep_group(&logits[i], &|u| parent_kept.contains(&((u / ratio) as i64)));
+            // A parent unit none of whose followers survive goes too.
+            let followers = keep[i].clone();
+            keep[parent].retain(|&p| followers.iter().any(|&u| u as usize / ratio == p as usize));
+        }
+    }
+    KeepSet(keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::UnitKind;
+
+    fn group(name: &str, len: i64, follows: Option<usize>) -> Group {
+        Group {
+            name: name.into(),
+            kind: UnitKind::Heads,
+            len,
+            unit_width: 1,
+            members: vec![],
+            follows,
+        }
+    }
+
+    #[test]
+    fn hard_keep_respects_min_keep_with_top_logits() {
+        let groups = [group("a", 4, None)];
+        let keep = keep_from_logits(&groups, &[vec![-3.0, -1.0, -2.0, -0.5]], 2);
+        assert_eq!(keep.0[0], vec![1, 3]);
+    }
+
+    #[test]
+    fn follower_needs_parent_and_parent_needs_a_follower() {
+        // 2 KV groups, 4 query heads (2 per group).
+        let groups = [group("kv", 2, None), group("q", 4, Some(0))];
+        // KV 0 closed → heads 0,1 go even with open logits; KV 1 open but its heads closed → goes.
+        let keep = keep_from_logits(&groups, &[vec![-1.0, 1.0], vec![1.0, 1.0, -1.0, -1.0]], 1);
+        // min_keep keeps the best allowed head of KV 1 (heads 2,3 tie: the first).
+        assert_eq!(keep.0[1], vec![2]);
+        assert_eq!(keep.0[0], vec![1]);
+    }
+
+    #[test]
+    fn expected_keep_has_gradient_and_init_value() {
+        let gates =
+            Gates::new(&[group("a", 3, None)], GateOptions::default(), Device::Cpu).unwrap();
+        let p = &gates.expected_keep()[0];
+        let expected = 1.0 / (1.0 + (-3.0f64 / (2.0 / 3.0)).exp());
+        assert!((p.double_value(&[0]) - expected).abs() < 1e-6);
+        p.sum(Kind::Float).backward();
+        assert!(
+            gates.logits()[0]
+                .grad()
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        );
+    }
+
+    #[test]
+    fn save_load_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let gates =
+            Gates::new(&[group("a", 3, None)], GateOptions::default(), Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            gates.logits()[0]
+                .shallow_clone()
+                .copy_(&Tensor::from_slice(&[1.0f32, -2.0, 0.5]))
+        });
+        gates.save(dir.path()).unwrap();
+        let mut other =
+            Gates::new(&[group("a", 3, None)], GateOptions::default(), Device::Cpu).unwrap();
+        other.load(dir.path()).unwrap();
+        assert_eq!(other.keep_set(), KeepSet(vec![vec![0, 2]]));
+    }
+}

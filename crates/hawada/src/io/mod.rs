@@ -1,0 +1,18 @@
+//! Strict file I/O: safetensors tensors and JSON configs. Builds no module.
+
+pub mod hf_config;
+pub mod safetensors;
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so a
+/// crash or a full disk mid-write leaves the previous file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,4 @@
+//! Latency: measured (the ground truth), then modelled by a differentiable proxy (DESIGN §4).
+
+pub mod measure;
+pub mod proxy;

@@ -1,0 +1,22 @@
+//! HawAda: adapt a pretrained network to one GPU. Gates learn what the model can lose under a
+//! latency budget measured on the target device; the model is then physically slimmed and
+//! fine-tuned by distillation from the original. See DESIGN.md for the algorithm.
+
+pub mod data;
+pub mod distill;
+pub mod error;
+pub mod eval;
+pub mod export;
+pub mod families;
+pub mod finetune;
+pub mod gates;
+pub mod io;
+pub mod latency;
+pub mod model;
+pub mod progress;
+pub mod recipe;
+pub mod report;
+pub mod run;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,182 @@
+//! The contract between the core and the model families: the `Family` trait and the data it
+//! declares (groups of prunable units and how they couple, cost sites for the latency model).
+//! No model code lives here; coupling is data, as in Torch-Pruning's dependency groups.
+
+use crate::error::Result;
+use std::path::Path;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+/// What kind of structural unit a gate group removes; the export search rounds per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitKind {
+    /// Convolution channels or FFN/MLP units (rounded to multiples of 8, 16, ...).
+    Channels,
+    /// Attention query heads.
+    Heads,
+    /// Whole KV groups (GQA).
+    KvGroups,
+    /// A whole sublayer (attention or MLP), one unit.
+    Sublayer,
+}
+
+/// One tensor axis that a group's units index: keeping unit `i` keeps
+/// `[i·block, (i+1)·block)` along `axis` of `tensor`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// Checkpoint name of the tensor, e.g. `layer1.0.conv1.weight`.
+    pub tensor: String,
+    pub axis: i64,
+    /// Elements per unit along `axis` (channels per gate group, head_dim for a head).
+    pub block: i64,
+}
+
+/// A set of units pruned together: one gate logit per unit, and every tensor axis the units index.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Group {
+    /// Stable name, e.g. `layer2.1.inner` or `stage3.stream`.
+    pub name: String,
+    pub kind: UnitKind,
+    /// Number of units (gates).
+    pub len: i64,
+    /// Width of one unit in elements (channels per unit); a kept count `k` is `k·unit_width` wide.
+    pub unit_width: i64,
+    pub members: Vec<Member>,
+    /// Index of the group this one follows: unit `i` here needs unit `i / (len / parent.len)` of
+    /// the parent (a query head and its KV group); a parent unit with no kept follower goes too.
+    pub follows: Option<usize>,
+}
+
+/// Kept unit indices per group, ascending; same order as `Family::groups`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeepSet(pub Vec<Vec<i64>>);
+
+impl KeepSet {
+    /// Keeps every unit of every group.
+    pub fn all(groups: &[Group]) -> Self {
+        KeepSet(groups.iter().map(|g| (0..g.len).collect()).collect())
+    }
+}
+
+/// Per-group multiplicative masks `[len]` (one value per unit), in the model's dtype and device.
+/// `None` for a group means "all kept".
+pub struct Masks(pub Vec<Option<Tensor>>);
+
+impl Masks {
+    /// No gating at all: the teacher's forward.
+    pub fn none(n_groups: usize) -> Self {
+        Masks((0..n_groups).map(|_| None).collect())
+    }
+
+    /// The mask of group `g`, expanded to channels (`unit_width` per unit), or `None`.
+    pub fn channels(&self, g: usize, unit_width: i64) -> Option<Tensor> {
+        self.0.get(g).and_then(|m| m.as_ref()).map(|m| {
+            if unit_width == 1 {
+                m.shallow_clone()
+            } else {
+                m.repeat_interleave_self_int(unit_width, 0, None)
+            }
+        })
+    }
+
+    /// Hard 0/1 masks from a keep-set.
+    pub fn from_keep(groups: &[Group], keep: &KeepSet, options: (Kind, Device)) -> Self {
+        Masks(
+            groups
+                .iter()
+                .zip(&keep.0)
+                .map(|(g, kept)| {
+                    let mut m = Tensor::zeros([g.len], options);
+                    if !kept.is_empty() {
+                        let idx = Tensor::from_slice(kept).to_device(options.1);
+                        let _ = m.index_fill_(0, &idx, 1.0);
+                    }
+                    Some(m)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// How batch-norm style layers behave in a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Running statistics are used (inference, gate training, distillation targets).
+    Eval,
+    /// Batch statistics are used and running statistics are updated (teacher training, finetune).
+    Train,
+}
+
+/// The width of one side of a cost site: fixed, or set by a gate group.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Width {
+    Fixed(i64),
+    /// Width = kept units of this group × its `unit_width`.
+    Group(usize),
+}
+
+/// One operator whose cost the latency model tabulates, e.g. a convolution or a projection.
+/// Its FLOP count is `2 · macs_per_in_out · w_in · w_out`, and it touches
+/// `elems_per_out · w_out` output elements (elementwise work: norms, activations).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CostSite {
+    pub name: String,
+    pub input: Width,
+    pub output: Width,
+    pub macs_per_in_out: f64,
+    pub elems_per_out: f64,
+}
+
+/// Shape of the example input a model is timed and trained with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    /// Full input shape including the batch, e.g. `[256, 3, 224, 224]`.
+    pub shape: Vec<i64>,
+}
+
+/// A model family: built from a config and weights, gated, tabulated, and slimmed.
+/// The core speaks only this trait.
+pub trait Family: Send {
+    /// Family registry key, e.g. the value of `model_type`.
+    fn family(&self) -> &'static str;
+    /// The groups of prunable units and their coupling.
+    fn groups(&self) -> &[Group];
+    /// Logits `[batch, classes]` for input `x`, with gates applied as multiplicative masks.
+    fn forward(&self, x: &Tensor, masks: &Masks, phase: Phase) -> Tensor;
+    /// Cost sites for the latency proxy.
+    fn cost_sites(&self) -> Vec<CostSite>;
+    /// The store holding all weights; the unit of trainability.
+    fn var_store(&self) -> &VarStore;
+    fn var_store_mut(&mut self) -> &mut VarStore;
+    /// The model's `config.json` content.
+    fn config_json(&self) -> serde_json::Value;
+    /// Physically smaller model keeping only `keep`.
+    fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>>;
+    /// Input shape for a given batch size.
+    fn input_shape(&self, batch: i64) -> Vec<i64>;
+    /// Rewrites the weights for inference where that changes no output (e.g. folding batch-norm
+    /// into the preceding convolution). Default: nothing to fold.
+    fn fuse_for_inference(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Number of parameters (excluding buffers such as batch-norm running statistics).
+    fn num_params(&self) -> i64 {
+        self.var_store()
+            .variables()
+            .iter()
+            .filter(|(name, _)| !name.contains("running_"))
+            .map(|(_, t)| t.numel() as i64)
+            .sum()
+    }
+
+    /// Writes `config.json` + `model.safetensors` into `dir`.
+    fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
+        crate::io::hf_config::write(&dir.join("config.json"), &self.config_json())?;
+        crate::io::safetensors::write(
+            &dir.join("model.safetensors"),
+            &crate::io::safetensors::named_tensors(self.var_store()),
+        )
+    }
+}

@@ -1,0 +1,349 @@
+//! Recipes: TOML parsed, defaulted and validated once into typed structs (ripgrep's low → high
+//! args). Unknown keys are errors. Downstream code takes typed fields, never a path to re-parse.
+
+use crate::error::{Error, Result};
+use crate::gates::GateOptions;
+use crate::latency::measure::TimingProtocol;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run name; the run directory defaults to `runs/<name>`.
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// `auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `f32`, `bf16` or `f16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    pub model: ModelSection,
+    #[serde(default)]
+    pub teacher_training: Option<TeacherTraining>,
+    pub data: DataSection,
+    pub latency: LatencySection,
+    pub target: TargetSection,
+    #[serde(default)]
+    pub gates: GateOptions,
+    pub adapt: AdaptSection,
+    pub finetune: FinetuneSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A model directory: `config.json` + `model.safetensors`.
+    pub dir: PathBuf,
+    /// Ignore the weights file and use random weights (latency studies).
+    #[serde(default)]
+    pub random_init: bool,
+}
+
+/// Trains the teacher on the labelled data when `model.dir` holds no model yet (self-trained
+/// teachers); the result is cached in `model.dir`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherTraining {
+    /// A config.json body (family-specific) for the model to train.
+    pub config: serde_json::Value,
+    pub epochs: f64,
+    pub batch: i64,
+    pub lr: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// gzipped IDX files `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`.
+    Idx,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub format: DataFormat,
+    pub dir: PathBuf,
+    /// Asset name for `scripts/fetch-assets.sh` when `dir` is missing.
+    #[serde(default)]
+    pub asset: Option<String>,
+    /// Training examples held out (from the end of the training split) as the calibration batch
+    /// for probes and quality checks during adaptation.
+    #[serde(default = "default_holdout")]
+    pub holdout: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencySection {
+    /// Batch size the target latency applies to.
+    pub batch: i64,
+    #[serde(default = "default_warmup_runs")]
+    pub warmup_runs: usize,
+    #[serde(default = "default_timed_runs")]
+    pub timed_runs: usize,
+    /// Random sub-architectures measured to fit the proxy's `(a, b)`.
+    #[serde(default = "default_fit_archs")]
+    pub fit_archs: usize,
+    /// Further random sub-architectures held out to report proxy fidelity.
+    #[serde(default = "default_fit_archs")]
+    pub holdout_archs: usize,
+}
+
+impl LatencySection {
+    pub fn protocol(&self) -> TimingProtocol {
+        TimingProtocol {
+            warmup_runs: self.warmup_runs,
+            timed_runs: self.timed_runs,
+        }
+    }
+}
+
+/// Target latency: absolute or relative to keep-all; exactly one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    #[serde(default)]
+    pub ms: Option<f64>,
+    #[serde(default)]
+    pub fraction: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptSection {
+    pub steps: i64,
+    pub batch: i64,
+    #[serde(default = "default_gate_lr")]
+    pub lr: f64,
+    #[serde(default = "default_kd_temperature")]
+    pub kd_temperature: f64,
+    /// Weight of an MSE term on logits, added to the KL.
+    #[serde(default)]
+    pub mse_weight: f64,
+    /// Dual step size η_λ.
+    #[serde(default = "default_lambda_lr")]
+    pub lambda_lr: f64,
+    #[serde(default = "default_lambda_max")]
+    pub lambda_max: f64,
+    /// Quadratic penalty ρ.
+    #[serde(default = "default_rho")]
+    pub rho: f64,
+    pub probe_every: i64,
+    pub checkpoint_every: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSection {
+    pub steps: i64,
+    pub batch: i64,
+    pub lr: f64,
+    #[serde(default = "default_kd_temperature")]
+    pub kd_temperature: f64,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    #[serde(default = "default_eval_batch")]
+    pub batch: i64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            batch: default_eval_batch(),
+        }
+    }
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_holdout() -> i64 {
+    2000
+}
+fn default_warmup_runs() -> usize {
+    TimingProtocol::default().warmup_runs
+}
+fn default_timed_runs() -> usize {
+    TimingProtocol::default().timed_runs
+}
+fn default_fit_archs() -> usize {
+    4
+}
+fn default_gate_lr() -> f64 {
+    0.1
+}
+fn default_kd_temperature() -> f64 {
+    2.0
+}
+fn default_lambda_lr() -> f64 {
+    1.0
+}
+fn default_lambda_max() -> f64 {
+    100.0
+}
+fn default_rho() -> f64 {
+    10.0
+}
+fn default_checkpoint_every() -> i64 {
+    100
+}
+fn default_eval_batch() -> i64 {
+    1000
+}
+
+/// The embedded default: a self-trained ResNet on Fashion-MNIST, adapted to 0.6× keep-all latency.
+pub const DEFAULT_RECIPE: &str = include_str!("../../../recipes/cpu/fmnist-resnet18-small.toml");
+
+impl Recipe {
+    /// Parses and validates recipe text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Self> {
+        let recipe: Recipe = toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| text[s].trim().to_string())
+                .unwrap_or_else(|| "<recipe>".into());
+            Error::config(file, &field, e.message().to_string())
+        })?;
+        recipe.validate(file)?;
+        Ok(recipe)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    fn validate(&self, file: &Path) -> Result<()> {
+        let positive = |field: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::config(
+                    file,
+                    field,
+                    format!("must be a positive number, found {v}"),
+                ))
+            }
+        };
+        match (self.target.ms, self.target.fraction) {
+            (Some(ms), None) => positive("target.ms", ms)?,
+            (None, Some(f)) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(Error::config(
+                        file,
+                        "target.fraction",
+                        format!("must be in (0, 1] of keep-all latency, found {f}"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(Error::config(
+                    file,
+                    "target",
+                    "give exactly one of `ms` or `fraction`",
+                ))
+            }
+        }
+        positive("latency.batch", self.latency.batch as f64)?;
+        positive("latency.timed_runs", self.latency.timed_runs as f64)?;
+        positive("adapt.steps", self.adapt.steps as f64)?;
+        positive("adapt.batch", self.adapt.batch as f64)?;
+        positive("adapt.lr", self.adapt.lr)?;
+        positive("adapt.probe_every", self.adapt.probe_every as f64)?;
+        positive("adapt.checkpoint_every", self.adapt.checkpoint_every as f64)?;
+        positive("adapt.kd_temperature", self.adapt.kd_temperature)?;
+        positive("finetune.batch", self.finetune.batch as f64)?;
+        positive(
+            "finetune.checkpoint_every",
+            self.finetune.checkpoint_every as f64,
+        )?;
+        positive("eval.batch", self.eval.batch as f64)?;
+        if self.finetune.steps < 0 {
+            return Err(Error::config(file, "finetune.steps", "must be ≥ 0"));
+        }
+        self.kind(file)?;
+        self.device(file)?;
+        Ok(())
+    }
+
+    /// The dtype as a tch kind.
+    pub fn kind(&self, file: &Path) -> Result<Kind> {
+        match self.dtype.as_str() {
+            "f32" => Ok(Kind::Float),
+            "bf16" => Ok(Kind::BFloat16),
+            "f16" => Ok(Kind::Half),
+            other => Err(Error::config(
+                file,
+                "dtype",
+                format!("unknown dtype `{other}`; expected f32, bf16 or f16"),
+            )),
+        }
+    }
+
+    /// The device, resolved: `auto` picks CUDA when present. Asking for CUDA without one is an error.
+    pub fn device(&self, file: &Path) -> Result<Device> {
+        let cuda = |index: usize| {
+            if tch::Cuda::is_available() && index < tch::Cuda::device_count() as usize {
+                Ok(Device::Cuda(index))
+            } else {
+                Err(Error::Device { device: self.device.clone(), reason: format!("CUDA device {index} requested but libtorch sees {} CUDA device(s); use device = \"cpu\" or run on the GPU machine", tch::Cuda::device_count()) })
+            }
+        };
+        match self.device.as_str() {
+            "auto" => Ok(Device::cuda_if_available()),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => cuda(0),
+            other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+                Some(i) => cuda(i),
+                None => Err(Error::config(
+                    file,
+                    "device",
+                    format!("unknown device `{other}`; expected auto, cpu, cuda or cuda:N"),
+                )),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_recipe_parses() {
+        let r = Recipe::parse(DEFAULT_RECIPE, Path::new("default")).unwrap();
+        assert_eq!(r.target.fraction, Some(0.6));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let text = format!("{DEFAULT_RECIPE}\nbogus_key = 1\n");
+        let err = Recipe::parse(&text, Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("r.toml") && err.contains("bogus_key"), "{err}");
+    }
+
+    #[test]
+    fn both_targets_is_an_error() {
+        let text = DEFAULT_RECIPE.replace("fraction = 0.6", "fraction = 0.6\nms = 3.0");
+        let err = Recipe::parse(&text, Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one"), "{err}");
+    }
+}

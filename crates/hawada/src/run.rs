@@ -1,0 +1,364 @@
+//! `hawada run`: chains the stages of DESIGN §1 over a run directory and resumes after a crash
+//! (each stage either reloads its recorded output or resumes from its checkpoint). With the CLI,
+//! the only caller of `families::load`.
+
+use crate::data::ImageDataset;
+use crate::error::{Error, Result};
+use crate::eval;
+use crate::families;
+use crate::finetune::{train_weights, Objective, WeightTraining};
+use crate::gates::Gates;
+use crate::latency::measure::{device_name, measure, LatencyStats, TimingProtocol};
+use crate::latency::proxy::{Fidelity, FlopCost, LatencyProxy, Sample};
+use crate::model::{Family, KeepSet, Masks, Phase};
+use crate::progress::Observer;
+use crate::recipe::{DataFormat, Recipe};
+use crate::report::{Candidate, LatencyPair, Params, ProxySummary, Quality, Summary};
+use crate::train::{adapt, AdaptContext, MetricsLog};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// The profile stage's record (`profile.json`), reused on resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Profile {
+    pub device: String,
+    pub keep_all: LatencyStats,
+    pub target_ms: f64,
+    pub fit_samples: Vec<Sample>,
+    pub holdout_samples: Vec<Sample>,
+    pub fidelity: Fidelity,
+    pub a: f64,
+    pub b: f64,
+}
+
+/// Times the ungated forward of `model` on a random input of `batch`.
+pub fn measure_model(model: &dyn Family, batch: i64, protocol: TimingProtocol) -> LatencyStats {
+    let device = model.var_store().device();
+    let kind = model.var_store().kind();
+    let x = Tensor::randn(model.input_shape(batch), (kind, device));
+    let masks = Masks::none(model.groups().len());
+    measure(device, protocol, || {
+        let _ = model.forward(&x, &masks, Phase::Eval);
+    })
+}
+
+/// A random sub-architecture keeping a fraction in [0.25, 1] of each group's units.
+fn random_keep(model: &dyn Family, min_keep: i64) -> KeepSet {
+    KeepSet(
+        model
+            .groups()
+            .iter()
+            .map(|g| {
+                let fraction =
+                    0.25 + 0.75 * Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]);
+                let k =
+                    ((g.len as f64 * fraction).round() as i64).clamp(min_keep.min(g.len), g.len);
+                let mut kept = Vec::<i64>::try_from(
+                    &Tensor::randperm(g.len, (Kind::Int64, Device::Cpu)).narrow(0, 0, k),
+                )
+                .expect("randperm gives i64");
+                kept.sort_unstable();
+                kept
+            })
+            .collect(),
+    )
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    crate::io::hf_config::parse(path, crate::io::hf_config::read_value(path)?)
+}
+
+/// Loads the teacher, training it first when the recipe says so and no cached model exists.
+fn teacher(
+    recipe: &Recipe,
+    recipe_file: &Path,
+    train: &ImageDataset,
+    run_dir: &Path,
+    device: Device,
+    kind: Kind,
+    metrics: &MetricsLog,
+    observer: &dyn Observer,
+) -> Result<Box<dyn Family>> {
+    let dir = &recipe.model.dir;
+    let has_weights = dir.join("model.safetensors").exists();
+    if !has_weights && !recipe.model.random_init {
+        let Some(spec) = &recipe.teacher_training else {
+            return Err(Error::config(recipe_file, "model.dir", format!("{} holds no model.safetensors; give a model directory, set model.random_init, or add [teacher_training]", dir.display())));
+        };
+        tracing::info!(dir = %dir.display(), "training the teacher (self-trained, cached for later runs)");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::io::hf_config::write(&dir.join("config.json"), &spec.config)?;
+        let mut model = families::load(dir, device, Kind::Float, true)?;
+        let steps = (spec.epochs * train.len() as f64 / spec.batch as f64).ceil() as i64;
+        let mut next = || train.random_batch(spec.batch, Kind::Float);
+        let opts = WeightTraining {
+            stage: "teacher",
+            steps,
+            lr: spec.lr,
+            checkpoint_every: 200,
+            checkpoint_dir: &run_dir.join("checkpoints/teacher"),
+        };
+        train_weights(
+            model.as_mut(),
+            Objective::Labels,
+            &mut next,
+            &opts,
+            metrics,
+            observer,
+        )?;
+        model.save(dir)?;
+    }
+    let mut model = families::load(dir, device, kind, recipe.model.random_init)?;
+    model.var_store_mut().freeze();
+    Ok(model)
+}
+
+/// Runs every stage of `recipe` in `run_dir` (created if needed); returns the summary, also written
+/// as `summary.json` with `report.html` beside it.
+pub fn run(
+    recipe: &Recipe,
+    recipe_file: &Path,
+    run_dir: &Path,
+    observer: &dyn Observer,
+) -> Result<Summary> {
+    let started = Instant::now();
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let resolved = toml::to_string(recipe)
+        .map_err(|e| Error::Invalid(format!("recipe does not serialise: {e}")))?;
+    crate::io::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+    let device = recipe.device(recipe_file)?;
+    let kind = recipe.kind(recipe_file)?;
+    tch::manual_seed(recipe.seed as i64);
+    if let Device::Cuda(_) = device {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let metrics = MetricsLog::new(run_dir.join("metrics.jsonl"));
+
+    // Data: the training split minus a held-out calibration tail; the test split for quality.
+    let DataFormat::Idx = recipe.data.format;
+    let full_train = ImageDataset::load_idx(&recipe.data.dir, "train", device)?;
+    let test = ImageDataset::load_idx(&recipe.data.dir, "t10k", device)?;
+    let holdout = recipe.data.holdout.clamp(1, full_train.len() - 1);
+    let train = full_train.take(full_train.len() - holdout);
+    let calibration = full_train.slice(full_train.len() - holdout, holdout);
+
+    let model = teacher(
+        recipe,
+        recipe_file,
+        &train,
+        run_dir,
+        device,
+        kind,
+        &metrics,
+        observer,
+    )?;
+    let n_groups = model.groups().len();
+    tracing::info!(
+        family = model.family(),
+        groups = n_groups,
+        params = model.num_params(),
+        "teacher loaded"
+    );
+    let teacher_accuracy = eval::accuracy(model.as_ref(), &test, recipe.eval.batch, kind);
+    tracing::info!(teacher_accuracy, "teacher evaluated");
+
+    // Profile: keep-all latency, proxy fit and fidelity.
+    let protocol = recipe.latency.protocol();
+    let batch = recipe.latency.batch;
+    let mut proxy = LatencyProxy::new(model.cost_sites(), model.groups(), Box::new(FlopCost));
+    let profile_path = run_dir.join("profile.json");
+    let profile: Profile = if profile_path.exists() {
+        read_json(&profile_path)?
+    } else {
+        let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
+        observer.begin("profile", n_archs as u64 + 1);
+        let keep_all = measure_model(model.as_ref(), batch, protocol);
+        observer.advance(1, &format!("keep-all {:.2} ms", keep_all.mean));
+        let mut samples = vec![Sample {
+            cost: proxy.cost_of_keep(&KeepSet::all(model.groups())),
+            ms: keep_all.mean,
+        }];
+        for i in 0..n_archs {
+            let keep = random_keep(model.as_ref(), recipe.gates.min_keep);
+            let slim = model.slim(&keep)?;
+            let ms = measure_model(slim.as_ref(), batch, protocol).mean;
+            samples.push(Sample {
+                cost: proxy.cost_of_keep(&keep),
+                ms,
+            });
+            observer.advance(i as u64 + 2, &format!("sub-architecture {:.2} ms", ms));
+        }
+        observer.end();
+        let holdout_samples = samples.split_off(recipe.latency.fit_archs + 1);
+        let target_ms = match (recipe.target.ms, recipe.target.fraction) {
+            (Some(ms), _) => ms,
+            (None, Some(f)) => f * keep_all.mean,
+            (None, None) => unreachable!("validated: exactly one target"),
+        };
+        for &s in &samples {
+            proxy.add_sample(s);
+        }
+        let fidelity = proxy.fidelity(&holdout_samples);
+        let profile = Profile {
+            device: device_name(device),
+            keep_all,
+            target_ms,
+            fit_samples: samples,
+            holdout_samples,
+            fidelity,
+            a: proxy.a,
+            b: proxy.b,
+        };
+        crate::io::hf_config::write(&profile_path, &profile)?;
+        profile
+    };
+    if proxy.samples().is_empty() {
+        for &s in &profile.fit_samples {
+            proxy.add_sample(s);
+        }
+    }
+    tracing::info!(
+        keep_all_ms = profile.keep_all.mean,
+        target_ms = profile.target_ms,
+        mape = profile.fidelity.mape,
+        spearman = profile.fidelity.spearman,
+        "profiled"
+    );
+
+    // Adapt.
+    let mut gates = Gates::new(model.groups(), recipe.gates.clone(), device)?;
+    let mut next_input = || train.random_batch(recipe.adapt.batch, kind).0;
+    let mut measure_keep = |keep: &KeepSet| -> Result<LatencyStats> {
+        Ok(measure_model(model.slim(keep)?.as_ref(), batch, protocol))
+    };
+    let outcome = adapt(
+        model.as_ref(),
+        &mut gates,
+        &mut proxy,
+        &recipe.adapt,
+        profile.target_ms,
+        AdaptContext {
+            next_batch: &mut next_input,
+            measure_keep: &mut measure_keep,
+            checkpoint_dir: &run_dir.join("checkpoints/adapt"),
+            metrics: &metrics,
+            observer,
+        },
+    )?;
+    gates.save(run_dir)?;
+
+    // Export.
+    let keep = outcome.keep.clone();
+    let mut slim = model.slim(&keep)?;
+    slim.save(&run_dir.join("slim-before-finetune"))?;
+    let slim_before = eval::accuracy(slim.as_ref(), &test, recipe.eval.batch, kind);
+    let hard = Masks::from_keep(model.groups(), &keep, (kind, device));
+    let calibration_agreement = eval::agreement(
+        model.as_ref(),
+        &hard,
+        model.as_ref(),
+        &calibration,
+        recipe.eval.batch,
+        kind,
+    );
+    tracing::info!(slim_before, calibration_agreement, "exported");
+
+    // Fine-tune by distillation.
+    if recipe.finetune.steps > 0 {
+        let mut next = || train.random_batch(recipe.finetune.batch, kind);
+        let opts = WeightTraining {
+            stage: "finetune",
+            steps: recipe.finetune.steps,
+            lr: recipe.finetune.lr,
+            checkpoint_every: recipe.finetune.checkpoint_every,
+            checkpoint_dir: &run_dir.join("checkpoints/finetune"),
+        };
+        train_weights(
+            slim.as_mut(),
+            Objective::Distill {
+                teacher: model.as_ref(),
+                temperature: recipe.finetune.kd_temperature,
+            },
+            &mut next,
+            &opts,
+            &metrics,
+            observer,
+        )?;
+    }
+    slim.save(&run_dir.join("slim"))?;
+    let slim_accuracy = eval::accuracy(slim.as_ref(), &test, recipe.eval.batch, kind);
+
+    // Final measurement: keep-all and slim in the same process, back to back.
+    observer.begin("measure", 2);
+    let keep_all = measure_model(model.as_ref(), batch, protocol);
+    observer.advance(1, "keep-all");
+    let slim_latency = measure_model(slim.as_ref(), batch, protocol);
+    observer.advance(2, "slim");
+    observer.end();
+    let widths: Vec<i64> = model
+        .groups()
+        .iter()
+        .zip(&keep.0)
+        .map(|(g, k)| k.len() as i64 * g.unit_width)
+        .collect();
+    let summary = Summary {
+        family: model.family().to_string(),
+        model: recipe
+            .model
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| recipe.name.clone()),
+        device: device_name(device),
+        dtype: recipe.dtype.clone(),
+        target_ms: profile.target_ms,
+        latency_ms: LatencyPair {
+            keep_all,
+            slim: slim_latency,
+        },
+        speedup: keep_all.mean / slim_latency.mean,
+        params: Params {
+            teacher: model.num_params(),
+            slim: slim.num_params(),
+        },
+        quality: Quality {
+            metric: "test_top1_accuracy_percent".into(),
+            teacher: teacher_accuracy,
+            slim_before_finetune: slim_before,
+            slim: slim_accuracy,
+        },
+        proxy: ProxySummary {
+            mape: profile.fidelity.mape,
+            spearman: profile.fidelity.spearman,
+            n: profile.fidelity.n,
+            cost: proxy.cost_name().into(),
+        },
+        search: vec![Candidate {
+            name: "gates (logit > 0)".into(),
+            latency_ms: slim_latency,
+            params: slim.num_params(),
+            agreement: calibration_agreement,
+            widths: widths.clone(),
+        }],
+        wall_s: started.elapsed().as_secs_f64(),
+        slim_widths: model
+            .groups()
+            .iter()
+            .map(|g| g.name.clone())
+            .zip(widths)
+            .collect(),
+        adapt_steps: outcome.steps,
+    };
+    let latency_json = serde_json::json!({ "profile": profile, "probes": outcome.probes, "final": { "keep_all": keep_all, "slim": slim_latency } });
+    crate::io::hf_config::write(&run_dir.join("latency.json"), &latency_json)?;
+    summary.write(&run_dir.join("summary.json"))?;
+    crate::report::write_html(run_dir)?;
+    Ok(summary)
+}
+
+/// Default run directory of a recipe: `runs/<name>`.
+pub fn default_run_dir(recipe: &Recipe) -> PathBuf {
+    PathBuf::from("runs").join(&recipe.name)
+}

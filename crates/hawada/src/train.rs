@@ -1,0 +1,296 @@
+//! The adaptation loop (DESIGN §5): gate logits learn against the frozen teacher under
+//! `loss = KD + λ·v + (ρ/2)·v²`, `v = (L̂ − T)/T`, with clipped dual ascent on λ. Every
+//! `probe_every` steps the current hard architecture is measured for real; that measurement is
+//! used for `v` and refits the proxy. Checkpoints (atomic) every `checkpoint_every` steps; a rerun
+//! resumes from the last one and continues `metrics.jsonl`. Contains no family code and no slicing.
+
+use crate::distill;
+use crate::error::{Error, Result};
+use crate::gates::{GateMode, Gates};
+use crate::latency::measure::LatencyStats;
+use crate::latency::proxy::{LatencyProxy, Sample};
+use crate::model::{Family, KeepSet, Masks, Phase};
+use crate::progress::Observer;
+use crate::recipe::AdaptSection;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{nn, nn::OptimizerConfig, Tensor};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub stage: String,
+    pub step: i64,
+    pub loss: f64,
+    pub kd: f64,
+    pub v: f64,
+    pub lambda: f64,
+    pub proxy_ms: f64,
+    /// Measured at this step (a probe), if any.
+    pub real_ms: Option<f64>,
+    pub last_real_ms: Option<f64>,
+    /// Kept units per group under hard masks (probe steps only: reading them syncs the device).
+    pub kept: Option<Vec<usize>>,
+}
+
+/// What survives a crash: everything the loop needs to continue where it was.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdaptState {
+    /// The next step to run.
+    pub step: i64,
+    pub lambda: f64,
+    pub last_real_ms: Option<f64>,
+    pub kd_at_last_probe: Option<f64>,
+    pub probe_samples: Vec<Sample>,
+    pub finished: bool,
+}
+
+/// Result of adaptation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdaptOutcome {
+    pub steps: i64,
+    pub final_lambda: f64,
+    pub last_real_ms: Option<f64>,
+    pub keep: KeepSet,
+    /// Each probe: step, measured stats, proxy prediction before refit.
+    pub probes: Vec<Probe>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Probe {
+    pub step: i64,
+    pub measured: LatencyStats,
+    pub proxy_ms: f64,
+}
+
+/// Appends metric lines to `metrics.jsonl`, one JSON object per line.
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn new(path: PathBuf) -> Self {
+        MetricsLog { path }
+    }
+
+    /// Drops lines of `stage` at or after `step` (written after the checkpoint a resume starts
+    /// from), so the resumed run continues the file without duplicates.
+    pub fn truncate_from(&self, stage: &str, step: i64) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(&self.path) else {
+            return Ok(());
+        };
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(
+                |line| match serde_json::from_str::<serde_json::Value>(line) {
+                    Ok(v) => {
+                        !(v["stage"] == stage && v["step"].as_i64().is_some_and(|s| s >= step))
+                    }
+                    Err(_) => false, // a line cut by a crash
+                },
+            )
+            .collect();
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        crate::io::write_atomic(&self.path, body.as_bytes())
+    }
+
+    pub fn append<T: Serialize>(&self, line: &T) -> Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        let text = serde_json::to_string(line).map_err(|e| Error::Invalid(e.to_string()))?;
+        writeln!(file, "{text}").map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Every line of a stage, parsed.
+    pub fn read(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// What the loop needs from its caller besides the model and gates.
+pub struct AdaptContext<'a> {
+    /// Next training batch of inputs, on the model's device and dtype.
+    pub next_batch: &'a mut dyn FnMut() -> Tensor,
+    /// Builds and measures the slim model of a keep-set (the real probe).
+    pub measure_keep: &'a mut dyn FnMut(&KeepSet) -> Result<LatencyStats>,
+    pub checkpoint_dir: &'a Path,
+    pub metrics: &'a MetricsLog,
+    pub observer: &'a dyn Observer,
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("adapt_state.json")
+}
+
+/// Runs (or resumes) gate training. `model` must be frozen; only `gates` learn.
+pub fn adapt(
+    model: &dyn Family,
+    gates: &mut Gates,
+    proxy: &mut LatencyProxy,
+    cfg: &AdaptSection,
+    target_ms: f64,
+    ctx: AdaptContext<'_>,
+) -> Result<AdaptOutcome> {
+    std::fs::create_dir_all(ctx.checkpoint_dir).map_err(|e| Error::io(ctx.checkpoint_dir, e))?;
+    let kind = model.var_store().kind();
+    let n_groups = model.groups().len();
+    let mut state = AdaptState {
+        step: 0,
+        lambda: 0.0,
+        last_real_ms: None,
+        kd_at_last_probe: None,
+        probe_samples: Vec::new(),
+        finished: false,
+    };
+    let saved_state = state_path(ctx.checkpoint_dir);
+    if saved_state.exists() {
+        state = crate::io::hf_config::parse(
+            &saved_state,
+            crate::io::hf_config::read_value(&saved_state)?,
+        )?;
+        gates.load(ctx.checkpoint_dir)?;
+        for &sample in &state.probe_samples {
+            proxy.add_sample(sample);
+        }
+        tracing::info!(
+            step = state.step,
+            lambda = state.lambda,
+            "resuming adaptation from checkpoint"
+        );
+    }
+    ctx.metrics.truncate_from("adapt", state.step)?;
+    let mut probes = Vec::new();
+    let mut opt = nn::Adam::default()
+        .build(gates.var_store(), cfg.lr)
+        .map_err(|e| Error::torch("adam", "gates", e))?;
+    ctx.observer.begin("adapt", cfg.steps as u64);
+    let mut kd_ema: Option<f64> = None;
+    while state.step < cfg.steps && !state.finished {
+        let step = state.step;
+        let x = (ctx.next_batch)();
+        let teacher = tch::no_grad(|| model.forward(&x, &Masks::none(n_groups), Phase::Eval));
+        let student = model.forward(&x, &gates.masks(GateMode::Sample, kind), Phase::Eval);
+        let mut kd = distill::kd_kl(&student, &teacher, cfg.kd_temperature);
+        if cfg.mse_weight > 0.0 {
+            kd = kd + distill::mse(&student, &teacher) * cfg.mse_weight;
+        }
+        let proxy_ms = proxy.predict_ms(&gates.expected_keep());
+        let proxy_v = (&proxy_ms - target_ms) / target_ms;
+        let probe_now = (step + 1) % cfg.probe_every == 0 || step + 1 == cfg.steps;
+        let mut real_ms = None;
+        let mut kept = None;
+        let v = if probe_now {
+            let keep = gates.keep_set();
+            let measured = (ctx.measure_keep)(&keep)?;
+            let predicted = proxy.predict_keep_ms(&keep);
+            probes.push(Probe {
+                step,
+                measured,
+                proxy_ms: predicted,
+            });
+            let sample = Sample {
+                cost: proxy.cost_of_keep(&keep),
+                ms: measured.mean,
+            };
+            proxy.add_sample(sample);
+            state.probe_samples.push(sample);
+            state.last_real_ms = Some(measured.mean);
+            real_ms = Some(measured.mean);
+            kept = Some(keep.0.iter().map(Vec::len).collect());
+            tracing::info!(
+                step,
+                real_ms = measured.mean,
+                proxy_ms = predicted,
+                target_ms,
+                "probe"
+            );
+            // The measured value with the proxy's gradient.
+            let measured_v = (measured.mean - target_ms) / target_ms;
+            &proxy_v + (Tensor::from(measured_v).to_device(proxy_v.device()) - proxy_v.detach())
+        } else {
+            proxy_v
+        };
+        let loss = &kd + &v * state.lambda + v.square() * (cfg.rho / 2.0);
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        let (kd_value, v_value, loss_value) = (
+            kd.double_value(&[]),
+            v.double_value(&[]),
+            loss.double_value(&[]),
+        );
+        if !loss_value.is_finite() {
+            return Err(Error::Training { step, reason: format!("loss is {loss_value} (KD {kd_value}, v {v_value}); the last good checkpoint is in {}", ctx.checkpoint_dir.display()) });
+        }
+        state.lambda = (state.lambda + cfg.lambda_lr * v_value).clamp(0.0, cfg.lambda_max);
+        kd_ema = Some(kd_ema.map_or(kd_value, |e| 0.9 * e + 0.1 * kd_value));
+        ctx.metrics.append(&StepMetrics {
+            stage: "adapt".into(),
+            step,
+            loss: loss_value,
+            kd: kd_value,
+            v: v_value,
+            lambda: state.lambda,
+            proxy_ms: proxy_ms.double_value(&[]),
+            real_ms,
+            last_real_ms: state.last_real_ms,
+            kept,
+        })?;
+        if let Some(real) = real_ms {
+            let kd_now = kd_ema.unwrap_or(kd_value);
+            let plateau = state
+                .kd_at_last_probe
+                .is_some_and(|prev| (prev - kd_now).abs() <= 0.05 * prev.abs().max(1e-6));
+            if real <= target_ms && plateau {
+                tracing::info!(
+                    step,
+                    real_ms = real,
+                    "target met and KD plateaued: stopping"
+                );
+                state.finished = true;
+            }
+            state.kd_at_last_probe = Some(kd_now);
+        }
+        state.step += 1;
+        ctx.observer.advance(
+            state.step as u64,
+            &format!(
+                "kd {kd_value:.4} λ {:.3} proxy {:.2}ms real {}",
+                state.lambda,
+                proxy_ms.double_value(&[]),
+                state
+                    .last_real_ms
+                    .map_or("-".into(), |m| format!("{m:.2}ms"))
+            ),
+        );
+        if state.step % cfg.checkpoint_every == 0 || state.finished || state.step == cfg.steps {
+            save_checkpoint(gates, &state, ctx.checkpoint_dir)?;
+        }
+    }
+    ctx.observer.end();
+    Ok(AdaptOutcome {
+        steps: state.step,
+        final_lambda: state.lambda,
+        last_real_ms: state.last_real_ms,
+        keep: gates.keep_set(),
+        probes,
+    })
+}
+
+fn save_checkpoint(gates: &Gates, state: &AdaptState, dir: &Path) -> Result<()> {
+    // Gates first, then the state that points at them: a crash between the two resumes from the
+    // older state with newer gates, which loses at most one interval.
+    gates.save(dir)?;
+    crate::io::hf_config::write(&state_path(dir), state)
+}

