@@ -15,6 +15,12 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.s
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" >&2
 fi
 
+# The CUDA C runtime headers (crt/) that the CUDA-graph shim compiles against; PyPI's torch
+# brings the CUDA libraries and most headers, but not these.
+if ! "$VENV/bin/pip" show -q nvidia-cuda-crt >/dev/null 2>&1; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "nvidia-cuda-crt==13.0.88" >&2
+fi
+
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 LIBS="$SITE/torch/lib"
 for d in "$SITE"/nvidia/*/lib "$SITE"/nvidia/cu13/lib; do

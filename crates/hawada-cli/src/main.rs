@@ -37,6 +37,15 @@ enum Command {
     },
     /// Print the device, libtorch and CUDA facts this binary sees.
     Info,
+    /// Time HawAda's hot paths for a recipe's model (keep-all forward eager and CUDA graph,
+    /// gate-training step, slim forward) and write the JSON rows plus the slim model the PyTorch
+    /// baseline (`bench/torch_baseline.py`) times in the same call.
+    Bench {
+        recipe: PathBuf,
+        /// Output folder: bench.json and slim/ (config.json + model.safetensors).
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+    },
     /// Rewrite report.html of a finished run directory.
     Report { run_dir: PathBuf },
 }
@@ -84,7 +93,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("run `{}` in {}", recipe.name, run_dir.display()))?;
             print_table(&summary, &run_dir);
         }
-        Command::Info => print_info(),
+        Command::Info => print_info()?,
+        Command::Bench { recipe, out } => bench(&recipe, &out)?,
         Command::Report { run_dir } => {
             hawada::report::write_html(&run_dir)
                 .with_context(|| format!("writing the report of {}", run_dir.display()))?;
@@ -162,10 +172,82 @@ fn print_table(s: &Summary, run_dir: &Path) {
     );
 }
 
-fn print_info() {
-    println!("hawada {}", env!("CARGO_PKG_VERSION"));
-    println!("cuda available: {}", tch::Cuda::is_available());
-    println!("cuda devices: {}", tch::Cuda::device_count());
-    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+fn print_info() -> anyhow::Result<()> {
+    println!(
+        "hawada {} (tch 0.24.0, libtorch 2.11.0)",
+        env!("CARGO_PKG_VERSION")
+    );
     println!("cpu threads: {}", tch::get_num_threads());
+    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+    let count = tch::Cuda::device_count();
+    if count == 0 {
+        println!("cuda devices: none (CPU only)");
+    }
+    for index in 0..count as usize {
+        let info = hawada::cuda::device_info(index)?;
+        println!(
+            "cuda:{index}: {} | {:.1} GiB | compute capability {}.{} | {} SMs | CUDA runtime {}.{} | driver {}.{}",
+            info.name,
+            info.total_memory_bytes as f64 / (1u64 << 30) as f64,
+            info.compute_capability.0,
+            info.compute_capability.1,
+            info.multiprocessors,
+            info.cuda_runtime / 1000,
+            info.cuda_runtime % 1000 / 10,
+            info.cuda_driver / 1000,
+            info.cuda_driver % 1000 / 10
+        );
+    }
+    Ok(())
+}
+
+fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
+    let recipe = Recipe::from_file(recipe_path)
+        .with_context(|| format!("reading recipe {}", recipe_path.display()))?;
+    let device = recipe.device(recipe_path)?;
+    let kind = recipe.kind(recipe_path)?;
+    tch::manual_seed(recipe.seed as i64);
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let mut model =
+        hawada::families::load(&recipe.model.dir, device, kind, recipe.model.random_init)?;
+    model.var_store_mut().freeze();
+    let slim_keep = hawada::bench::half_keep(model.as_ref());
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    model.slim(&slim_keep)?.save(&out.join("slim"))?;
+    let plan = hawada::bench::BenchPlan {
+        forward_batch: recipe.latency.batch,
+        step_batch: recipe.adapt.batch,
+        protocol: recipe.latency.protocol(),
+        gates: &recipe.gates,
+        slim_keep: &slim_keep,
+    };
+    let rows = hawada::bench::run_bench(model.as_ref(), &plan)?;
+    let device_name = match device {
+        tch::Device::Cuda(i) => hawada::cuda::device_info(i)?.name,
+        other => hawada::latency::measure::device_name(other),
+    };
+    let report = serde_json::json!({ "device": device_name, "dtype": recipe.dtype, "recipe": recipe.name, "rows": rows });
+    std::fs::write(
+        out.join("bench.json"),
+        serde_json::to_string_pretty(&report)?,
+    )
+    .with_context(|| format!("writing {}", out.join("bench.json").display()))?;
+    println!("HawAda bench on {device_name} [{}]", recipe.dtype);
+    println!(
+        "{:<34} {:>6} {:>10} {:>10} {:>10}",
+        "", "batch", "mean ms", "p50 ms", "p95 ms"
+    );
+    for row in &rows {
+        let diff = row
+            .max_abs_diff_vs_eager
+            .map(|d| format!("  (max |graph−eager| {d:.2e})"))
+            .unwrap_or_default();
+        println!(
+            "{:<34} {:>6} {:>10.3} {:>10.3} {:>10.3}{diff}",
+            row.name, row.batch, row.latency_ms.mean, row.latency_ms.p50, row.latency_ms.p95
+        );
+    }
+    Ok(())
 }

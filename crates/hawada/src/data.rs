@@ -13,6 +13,16 @@ pub struct ImageDataset {
     pub images: Tensor,
     pub labels: Tensor,
     pub num_classes: i64,
+    /// Applied to every batch: resize to this square size (bilinear) and repeat grey to this
+    /// many channels, e.g. Fashion-MNIST as 3×224×224 for ImageNet-shaped models.
+    pub batch_shape: Option<BatchShape>,
+}
+
+/// Spatial size and channel count batches are brought to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    pub image_size: i64,
+    pub channels: i64,
 }
 
 // Fashion-MNIST's training-set pixel mean and std (of x/255).
@@ -101,6 +111,7 @@ impl ImageDataset {
             images,
             labels,
             num_classes,
+            batch_shape: None,
         })
     }
 
@@ -114,12 +125,7 @@ impl ImageDataset {
 
     /// The first `n` examples (a view).
     pub fn take(&self, n: i64) -> ImageDataset {
-        let n = n.min(self.len());
-        ImageDataset {
-            images: self.images.narrow(0, 0, n),
-            labels: self.labels.narrow(0, 0, n),
-            num_classes: self.num_classes,
-        }
+        self.slice(0, n)
     }
 
     /// Examples `[start, start + n)` (a view).
@@ -129,14 +135,33 @@ impl ImageDataset {
             images: self.images.narrow(0, start, n),
             labels: self.labels.narrow(0, start, n),
             num_classes: self.num_classes,
+            batch_shape: self.batch_shape,
         }
+    }
+
+    fn shape_batch(&self, x: Tensor, kind: Kind) -> Tensor {
+        let x = match self.batch_shape {
+            Some(BatchShape {
+                image_size,
+                channels,
+            }) => {
+                let sized = if x.size()[2] == image_size {
+                    x
+                } else {
+                    x.upsample_bilinear2d([image_size, image_size], false, None, None)
+                };
+                sized.expand([-1, channels, -1, -1], false).contiguous()
+            }
+            None => x,
+        };
+        x.to_kind(kind)
     }
 
     /// A random batch of `batch` examples drawn by the global (seeded) generator, in `kind`.
     pub fn random_batch(&self, batch: i64, kind: Kind) -> (Tensor, Tensor) {
         let idx = Tensor::randint(self.len(), [batch], (Kind::Int64, self.images.device()));
         (
-            self.images.index_select(0, &idx).to_kind(kind),
+            self.shape_batch(self.images.index_select(0, &idx), kind),
             self.labels.index_select(0, &idx),
         )
     }
@@ -147,7 +172,7 @@ impl ImageDataset {
         (0..n).step_by(batch.max(1) as usize).map(move |start| {
             let len = batch.min(n - start);
             (
-                self.images.narrow(0, start, len).to_kind(kind),
+                self.shape_batch(self.images.narrow(0, start, len), kind),
                 self.labels.narrow(0, start, len),
             )
         })

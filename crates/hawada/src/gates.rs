@@ -107,8 +107,13 @@ impl Gates {
         let logits = groups
             .iter()
             .map(|g| {
+                // VarStore names cannot hold '.', group names do (they follow tensor names).
                 let p = vs.root() / "gates";
-                p.var(&g.name, &[g.len], nn::Init::Const(options.init_logit))
+                p.var(
+                    &g.name.replace('.', "_"),
+                    &[g.len],
+                    nn::Init::Const(options.init_logit),
+                )
             })
             .collect();
         Ok(Gates {
@@ -330,8 +335,12 @@ mod tests {
 
     #[test]
     fn expected_keep_has_gradient_and_init_value() {
-        let gates =
-            Gates::new(&[group("a", 3, None)], GateOptions::default(), Device::Cpu).unwrap();
+        let gates = Gates::new(
+            &[group("layer1.a", 3, None)],
+            GateOptions::default(),
+            Device::Cpu,
+        )
+        .unwrap();
         let p = &gates.expected_keep()[0];
         let expected = 1.0 / (1.0 + (-3.0f64 / (2.0 / 3.0)).exp());
         assert!((p.double_value(&[0]) - expected).abs() < 1e-6);
@@ -349,16 +358,24 @@ mod tests {
     #[test]
     fn save_load_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
-        let gates =
-            Gates::new(&[group("a", 3, None)], GateOptions::default(), Device::Cpu).unwrap();
+        let gates = Gates::new(
+            &[group("layer1.a", 3, None)],
+            GateOptions::default(),
+            Device::Cpu,
+        )
+        .unwrap();
         tch::no_grad(|| {
             gates.logits()[0]
                 .shallow_clone()
                 .copy_(&Tensor::from_slice(&[1.0f32, -2.0, 0.5]))
         });
         gates.save(dir.path()).unwrap();
-        let mut other =
-            Gates::new(&[group("a", 3, None)], GateOptions::default(), Device::Cpu).unwrap();
+        let mut other = Gates::new(
+            &[group("layer1.a", 3, None)],
+            GateOptions::default(),
+            Device::Cpu,
+        )
+        .unwrap();
         other.load(dir.path()).unwrap();
         assert_eq!(other.keep_set(), KeepSet(vec![vec![0, 2]]));
     }

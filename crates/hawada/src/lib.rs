@@ -2,6 +2,8 @@
 //! latency budget measured on the target device; the model is then physically slimmed and
 //! fine-tuned by distillation from the original. See DESIGN.md for the algorithm.
 
+pub mod bench;
+pub mod cuda;
 pub mod data;
 pub mod distill;
 pub mod error;

@@ -154,10 +154,17 @@ pub trait Family: Send {
     fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>>;
     /// Input shape for a given batch size.
     fn input_shape(&self, batch: i64) -> Vec<i64>;
-    /// Rewrites the weights for inference where that changes no output (e.g. folding batch-norm
-    /// into the preceding convolution). Default: nothing to fold.
+    /// Rewrites the forward for inference where that changes no output beyond rounding: folds
+    /// batch-norm into the preceding convolution, picks the device's preferred memory layout.
+    /// Only for inference copies (timing, deployment): the VarStore keeps the checkpoint layout,
+    /// so training after this is wrong. Default: nothing to do.
     fn fuse_for_inference(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    /// Puts an input into the layout the (fused) model wants, once, outside the timed forward.
+    fn prepare_input(&self, x: Tensor) -> Tensor {
+        x
     }
 
     /// Number of parameters (excluding buffers such as batch-norm running statistics).

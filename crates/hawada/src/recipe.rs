@@ -76,6 +76,15 @@ pub struct DataSection {
     /// for probes and quality checks during adaptation.
     #[serde(default = "default_holdout")]
     pub holdout: i64,
+    /// Resize images to this square size for the model (bilinear); default: as stored.
+    #[serde(default)]
+    pub image_size: Option<i64>,
+    /// Repeat grey images to this many channels; default: as stored.
+    #[serde(default)]
+    pub channels: Option<i64>,
+    /// Use only the first `limit` test examples for evaluation (long GPU runs); default: all.
+    #[serde(default)]
+    pub test_limit: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +145,12 @@ pub struct AdaptSection {
     pub rho: f64,
     pub probe_every: i64,
     pub checkpoint_every: i64,
+    /// Also train the student's weights (a copy of the teacher's) with a second optimizer, so the
+    /// weights adapt to the units being removed (the two-phase scheme's joint variant).
+    #[serde(default)]
+    pub train_weights: bool,
+    #[serde(default = "default_weight_lr")]
+    pub weight_lr: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,6 +203,9 @@ fn default_gate_lr() -> f64 {
 }
 fn default_kd_temperature() -> f64 {
     2.0
+}
+fn default_weight_lr() -> f64 {
+    1e-3
 }
 fn default_lambda_lr() -> f64 {
     1.0

@@ -2,19 +2,20 @@
 //! (each stage either reloads its recorded output or resumes from its checkpoint). With the CLI,
 //! the only caller of `families::load`.
 
-use crate::data::ImageDataset;
+use crate::data::{BatchShape, ImageDataset};
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::families;
 use crate::finetune::{train_weights, Objective, WeightTraining};
 use crate::gates::Gates;
-use crate::latency::measure::{device_name, measure, LatencyStats, TimingProtocol};
+use crate::latency::forward::{inference_copy, measure_model, measure_pair};
+use crate::latency::measure::{device_name, LatencyStats};
 use crate::latency::proxy::{Fidelity, FlopCost, LatencyProxy, Sample};
-use crate::model::{Family, KeepSet, Masks, Phase};
+use crate::model::{Family, KeepSet, Masks};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
 use crate::report::{Candidate, LatencyPair, Params, ProxySummary, Quality, Summary};
-use crate::train::{adapt, AdaptContext, MetricsLog};
+use crate::train::{adapt, AdaptContext, MetricsLog, Models};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,17 +32,6 @@ pub struct Profile {
     pub fidelity: Fidelity,
     pub a: f64,
     pub b: f64,
-}
-
-/// Times the ungated forward of `model` on a random input of `batch`.
-pub fn measure_model(model: &dyn Family, batch: i64, protocol: TimingProtocol) -> LatencyStats {
-    let device = model.var_store().device();
-    let kind = model.var_store().kind();
-    let x = Tensor::randn(model.input_shape(batch), (kind, device));
-    let masks = Masks::none(model.groups().len());
-    measure(device, protocol, || {
-        let _ = model.forward(&x, &masks, Phase::Eval);
-    })
 }
 
 /// A random sub-architecture keeping a fraction in [0.25, 1] of each group's units.
@@ -70,17 +60,29 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     crate::io::hf_config::parse(path, crate::io::hf_config::read_value(path)?)
 }
 
+/// What every stage of one run shares.
+struct RunEnv<'a> {
+    run_dir: &'a Path,
+    device: Device,
+    kind: Kind,
+    metrics: &'a MetricsLog,
+    observer: &'a dyn Observer,
+}
+
 /// Loads the teacher, training it first when the recipe says so and no cached model exists.
 fn teacher(
     recipe: &Recipe,
     recipe_file: &Path,
     train: &ImageDataset,
-    run_dir: &Path,
-    device: Device,
-    kind: Kind,
-    metrics: &MetricsLog,
-    observer: &dyn Observer,
+    env: &RunEnv<'_>,
 ) -> Result<Box<dyn Family>> {
+    let RunEnv {
+        run_dir,
+        device,
+        kind,
+        metrics,
+        observer,
+    } = *env;
     let dir = &recipe.model.dir;
     let has_weights = dir.join("model.safetensors").exists();
     if !has_weights && !recipe.model.random_init {
@@ -138,22 +140,34 @@ pub fn run(
 
     // Data: the training split minus a held-out calibration tail; the test split for quality.
     let DataFormat::Idx = recipe.data.format;
-    let full_train = ImageDataset::load_idx(&recipe.data.dir, "train", device)?;
-    let test = ImageDataset::load_idx(&recipe.data.dir, "t10k", device)?;
+    let mut full_train = ImageDataset::load_idx(&recipe.data.dir, "train", device)?;
+    let mut test = ImageDataset::load_idx(&recipe.data.dir, "t10k", device)?;
+    if recipe.data.image_size.is_some() || recipe.data.channels.is_some() {
+        let shape = BatchShape {
+            image_size: recipe
+                .data
+                .image_size
+                .unwrap_or(full_train.images.size()[2]),
+            channels: recipe.data.channels.unwrap_or(1),
+        };
+        full_train.batch_shape = Some(shape);
+        test.batch_shape = Some(shape);
+    }
+    if let Some(limit) = recipe.data.test_limit {
+        test = test.take(limit);
+    }
     let holdout = recipe.data.holdout.clamp(1, full_train.len() - 1);
     let train = full_train.take(full_train.len() - holdout);
     let calibration = full_train.slice(full_train.len() - holdout, holdout);
 
-    let model = teacher(
-        recipe,
-        recipe_file,
-        &train,
+    let env = RunEnv {
         run_dir,
         device,
         kind,
-        &metrics,
+        metrics: &metrics,
         observer,
-    )?;
+    };
+    let model = teacher(recipe, recipe_file, &train, &env)?;
     let n_groups = model.groups().len();
     tracing::info!(
         family = model.family(),
@@ -174,7 +188,8 @@ pub fn run(
     } else {
         let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
         observer.begin("profile", n_archs as u64 + 1);
-        let keep_all = measure_model(model.as_ref(), batch, protocol);
+        let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()))?;
+        let keep_all = measure_model(keep_all_model.as_ref(), batch, protocol);
         observer.advance(1, &format!("keep-all {:.2} ms", keep_all.mean));
         let mut samples = vec![Sample {
             cost: proxy.cost_of_keep(&KeepSet::all(model.groups())),
@@ -182,13 +197,16 @@ pub fn run(
         }];
         for i in 0..n_archs {
             let keep = random_keep(model.as_ref(), recipe.gates.min_keep);
-            let slim = model.slim(&keep)?;
-            let ms = measure_model(slim.as_ref(), batch, protocol).mean;
+            let sub = inference_copy(model.as_ref(), &keep)?;
+            // Round-robin with keep-all and rescaled to its first measurement: drift cancels.
+            let [keep_all_now, sub_now] =
+                measure_pair(keep_all_model.as_ref(), sub.as_ref(), batch, protocol);
+            let ms = sub_now.mean * keep_all.mean / keep_all_now.mean;
             samples.push(Sample {
                 cost: proxy.cost_of_keep(&keep),
                 ms,
             });
-            observer.advance(i as u64 + 2, &format!("sub-architecture {:.2} ms", ms));
+            observer.advance(i as u64 + 2, &format!("sub-architecture {ms:.2} ms"));
         }
         observer.end();
         let holdout_samples = samples.split_off(recipe.latency.fit_archs + 1);
@@ -227,14 +245,48 @@ pub fn run(
         "profiled"
     );
 
-    // Adapt.
+    // Adapt. The student is the teacher itself, or a copy when its weights train too.
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), device)?;
+    let student_copy = if recipe.adapt.train_weights {
+        let mut copy = model.slim(&KeepSet::all(model.groups()))?;
+        copy.var_store_mut().unfreeze();
+        Some(copy)
+    } else {
+        None
+    };
+    let student: &dyn Family = student_copy.as_deref().unwrap_or(model.as_ref());
     let mut next_input = || train.random_batch(recipe.adapt.batch, kind).0;
+    let relative_target = recipe.target.fraction.is_some();
+    let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()))?;
     let mut measure_keep = |keep: &KeepSet| -> Result<LatencyStats> {
-        Ok(measure_model(model.slim(keep)?.as_ref(), batch, protocol))
+        let slim = inference_copy(model.as_ref(), keep)?;
+        if !relative_target {
+            return Ok(measure_model(slim.as_ref(), batch, protocol));
+        }
+        // A relative target is checked against keep-all measured alongside, round-robin, and
+        // rescaled to the profile's keep-all: drift of a shared machine's speed cancels out.
+        let [keep_all_now, slim_now] =
+            measure_pair(keep_all_model.as_ref(), slim.as_ref(), batch, protocol);
+        let scale = profile.keep_all.mean / keep_all_now.mean;
+        tracing::debug!(
+            keep_all_now = keep_all_now.mean,
+            slim_now = slim_now.mean,
+            scale,
+            "probe pair"
+        );
+        Ok(LatencyStats {
+            mean: slim_now.mean * scale,
+            p50: slim_now.p50 * scale,
+            p95: slim_now.p95 * scale,
+            std: slim_now.std * scale,
+            runs: slim_now.runs,
+        })
     };
     let outcome = adapt(
-        model.as_ref(),
+        Models {
+            teacher: model.as_ref(),
+            student,
+        },
         &mut gates,
         &mut proxy,
         &recipe.adapt,
@@ -251,12 +303,12 @@ pub fn run(
 
     // Export.
     let keep = outcome.keep.clone();
-    let mut slim = model.slim(&keep)?;
+    let mut slim = student.slim(&keep)?;
     slim.save(&run_dir.join("slim-before-finetune"))?;
     let slim_before = eval::accuracy(slim.as_ref(), &test, recipe.eval.batch, kind);
     let hard = Masks::from_keep(model.groups(), &keep, (kind, device));
     let calibration_agreement = eval::agreement(
-        model.as_ref(),
+        student,
         &hard,
         model.as_ref(),
         &calibration,
@@ -292,10 +344,14 @@ pub fn run(
 
     // Final measurement: keep-all and slim in the same process, back to back.
     observer.begin("measure", 2);
-    let keep_all = measure_model(model.as_ref(), batch, protocol);
-    observer.advance(1, "keep-all");
-    let slim_latency = measure_model(slim.as_ref(), batch, protocol);
-    observer.advance(2, "slim");
+    let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()))?;
+    let [keep_all, slim_latency] = measure_pair(
+        keep_all_model.as_ref(),
+        slim_inference.as_ref(),
+        batch,
+        protocol,
+    );
+    observer.advance(2, "keep-all and slim, interleaved");
     observer.end();
     let widths: Vec<i64> = model
         .groups()

@@ -133,18 +133,90 @@ fn state_path(dir: &Path) -> PathBuf {
     dir.join("adapt_state.json")
 }
 
-/// Runs (or resumes) gate training. `model` must be frozen; only `gates` learn.
+/// The terms of `loss = KD + λ·v + (ρ/2)·v²`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lagrangian {
+    pub target_ms: f64,
+    pub lambda: f64,
+    pub rho: f64,
+    pub kd_temperature: f64,
+    pub mse_weight: f64,
+}
+
+/// The forward half of one adaptation step (scalars, graph attached).
+pub struct StepLosses {
+    pub loss: Tensor,
+    pub kd: Tensor,
+    pub proxy_ms: Tensor,
+    pub v: Tensor,
+}
+
+/// Teacher forward (no grad), gated student forward with sampled masks, KD, latency proxy and
+/// the Lagrangian. With `measured_ms` (a probe this step), `v` takes the measured value and keeps
+/// the proxy's gradient. Shared by the training loop and the benchmark.
+pub fn step_losses(
+    models: Models<'_>,
+    gates: &Gates,
+    proxy: &LatencyProxy,
+    x: &Tensor,
+    terms: &Lagrangian,
+    measured_ms: Option<f64>,
+) -> StepLosses {
+    let kind = models.student.var_store().kind();
+    let teacher = tch::no_grad(|| {
+        models
+            .teacher
+            .forward(x, &Masks::none(models.teacher.groups().len()), Phase::Eval)
+    });
+    let student = models
+        .student
+        .forward(x, &gates.masks(GateMode::Sample, kind), Phase::Eval);
+    let mut kd = distill::kd_kl(&student, &teacher, terms.kd_temperature);
+    if terms.mse_weight > 0.0 {
+        kd += distill::mse(&student, &teacher) * terms.mse_weight;
+    }
+    let proxy_ms = proxy.predict_ms(&gates.expected_keep());
+    let proxy_v = (&proxy_ms - terms.target_ms) / terms.target_ms;
+    let v = match measured_ms {
+        Some(ms) => {
+            let measured_v = (ms - terms.target_ms) / terms.target_ms;
+            &proxy_v + (Tensor::from(measured_v).to_device(proxy_v.device()) - proxy_v.detach())
+        }
+        None => proxy_v,
+    };
+    let loss = &kd + &v * terms.lambda + v.square() * (terms.rho / 2.0);
+    StepLosses {
+        loss,
+        kd,
+        proxy_ms,
+        v,
+    }
+}
+
+/// The two models of adaptation: the frozen teacher, and the gated student. The student is the
+/// teacher itself when only gates learn, or a copy whose weights train too
+/// (`cfg.train_weights`).
+#[derive(Clone, Copy)]
+pub struct Models<'a> {
+    pub teacher: &'a dyn Family,
+    pub student: &'a dyn Family,
+}
+
+/// Runs (or resumes) gate training. The teacher must be frozen; the gates learn, and the
+/// student's weights too when `cfg.train_weights`.
 pub fn adapt(
-    model: &dyn Family,
+    models: Models<'_>,
     gates: &mut Gates,
     proxy: &mut LatencyProxy,
     cfg: &AdaptSection,
     target_ms: f64,
     ctx: AdaptContext<'_>,
 ) -> Result<AdaptOutcome> {
+    let Models {
+        teacher: model,
+        student,
+    } = models;
     std::fs::create_dir_all(ctx.checkpoint_dir).map_err(|e| Error::io(ctx.checkpoint_dir, e))?;
-    let kind = model.var_store().kind();
-    let n_groups = model.groups().len();
     let mut state = AdaptState {
         step: 0,
         lambda: 0.0,
@@ -160,6 +232,14 @@ pub fn adapt(
             crate::io::hf_config::read_value(&saved_state)?,
         )?;
         gates.load(ctx.checkpoint_dir)?;
+        let weights = ctx.checkpoint_dir.join("student.safetensors");
+        if cfg.train_weights && weights.exists() {
+            crate::io::safetensors::load_into(
+                student.var_store(),
+                &crate::io::safetensors::read(&weights)?,
+                &weights,
+            )?;
+        }
         for &sample in &state.probe_samples {
             proxy.add_sample(sample);
         }
@@ -174,23 +254,23 @@ pub fn adapt(
     let mut opt = nn::Adam::default()
         .build(gates.var_store(), cfg.lr)
         .map_err(|e| Error::torch("adam", "gates", e))?;
+    let mut weight_opt = if cfg.train_weights {
+        Some(
+            nn::Adam::default()
+                .build(student.var_store(), cfg.weight_lr)
+                .map_err(|e| Error::torch("adam", "student weights", e))?,
+        )
+    } else {
+        None
+    };
     ctx.observer.begin("adapt", cfg.steps as u64);
     let mut kd_ema: Option<f64> = None;
     while state.step < cfg.steps && !state.finished {
         let step = state.step;
-        let x = (ctx.next_batch)();
-        let teacher = tch::no_grad(|| model.forward(&x, &Masks::none(n_groups), Phase::Eval));
-        let student = model.forward(&x, &gates.masks(GateMode::Sample, kind), Phase::Eval);
-        let mut kd = distill::kd_kl(&student, &teacher, cfg.kd_temperature);
-        if cfg.mse_weight > 0.0 {
-            kd = kd + distill::mse(&student, &teacher) * cfg.mse_weight;
-        }
-        let proxy_ms = proxy.predict_ms(&gates.expected_keep());
-        let proxy_v = (&proxy_ms - target_ms) / target_ms;
         let probe_now = (step + 1) % cfg.probe_every == 0 || step + 1 == cfg.steps;
         let mut real_ms = None;
         let mut kept = None;
-        let v = if probe_now {
+        if probe_now {
             let keep = gates.keep_set();
             let measured = (ctx.measure_keep)(&keep)?;
             let predicted = proxy.predict_keep_ms(&keep);
@@ -215,16 +295,40 @@ pub fn adapt(
                 target_ms,
                 "probe"
             );
-            // The measured value with the proxy's gradient.
-            let measured_v = (measured.mean - target_ms) / target_ms;
-            &proxy_v + (Tensor::from(measured_v).to_device(proxy_v.device()) - proxy_v.detach())
-        } else {
-            proxy_v
+        }
+        let x = (ctx.next_batch)();
+        let terms = Lagrangian {
+            target_ms,
+            lambda: state.lambda,
+            rho: cfg.rho,
+            kd_temperature: cfg.kd_temperature,
+            mse_weight: cfg.mse_weight,
         };
-        let loss = &kd + &v * state.lambda + v.square() * (cfg.rho / 2.0);
+        let StepLosses {
+            loss,
+            kd,
+            proxy_ms,
+            v,
+        } = step_losses(
+            Models {
+                teacher: model,
+                student,
+            },
+            gates,
+            proxy,
+            &x,
+            &terms,
+            real_ms,
+        );
         opt.zero_grad();
+        if let Some(weight_opt) = weight_opt.as_mut() {
+            weight_opt.zero_grad();
+        }
         loss.backward();
         opt.step();
+        if let Some(weight_opt) = weight_opt.as_mut() {
+            weight_opt.step();
+        }
         let (kd_value, v_value, loss_value) = (
             kd.double_value(&[]),
             v.double_value(&[]),
@@ -275,6 +379,12 @@ pub fn adapt(
             ),
         );
         if state.step % cfg.checkpoint_every == 0 || state.finished || state.step == cfg.steps {
+            if cfg.train_weights {
+                crate::io::safetensors::write(
+                    &ctx.checkpoint_dir.join("student.safetensors"),
+                    &crate::io::safetensors::named_tensors(student.var_store()),
+                )?;
+            }
             save_checkpoint(gates, &state, ctx.checkpoint_dir)?;
         }
     }

@@ -2,6 +2,8 @@
 //! slim == gated under the same hard mask (random keep-sets), export → load → export identity,
 //! coupling declared once per width-changing axis, torchvision tensor names.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use hawada::families::{
     self,
     resnet::{BlockType, Resnet, ResnetConfig},
@@ -281,3 +283,23 @@ fn unknown_family_is_a_clear_error() {
         .to_string();
     assert!(err.contains("config.json") && err.contains("gpt9"), "{err}");
 }
+
+#[test]
+fn folded_batch_norm_matches_the_unfolded_forward() {
+    for cfg in configs() {
+        let model = model(cfg, 5);
+        let x = input(&model, 2);
+        let none = Masks::none(model.groups().len());
+        let reference = model.forward(&x, &none, Phase::Eval);
+        let mut fused = model.slim(&KeepSet::all(model.groups())).unwrap();
+        fused.fuse_for_inference().unwrap();
+        let out = fused.forward(&fused.prepare_input(x.shallow_clone()), &none, Phase::Eval);
+        let scale = reference.abs().max().double_value(&[]);
+        assert!(
+            max_abs(&reference, &out) <= 1e-4 * scale,
+            "{} vs scale {scale}",
+            max_abs(&reference, &out)
+        );
+    }
+}
+

@@ -225,6 +225,8 @@ impl ResnetConfig {
 #[derive(Debug)]
 struct Conv2d {
     weight: Tensor,
+    /// Only after batch-norm folding (torchvision's convs have none).
+    bias: Option<Tensor>,
     stride: i64,
     padding: i64,
 }
@@ -240,6 +242,7 @@ impl Conv2d {
         );
         Conv2d {
             weight,
+            bias: None,
             stride,
             padding: kernel / 2,
         }
@@ -247,7 +250,7 @@ impl Conv2d {
     fn forward(&self, x: &Tensor) -> Tensor {
         x.conv2d(
             &self.weight,
-            None::<Tensor>,
+            self.bias.as_ref(),
             [self.stride],
             [self.padding],
             [1],
@@ -262,6 +265,8 @@ struct BatchNorm2d {
     bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
+    /// Folded into the preceding convolution: the identity.
+    folded: bool,
 }
 
 impl BatchNorm2d {
@@ -271,9 +276,13 @@ impl BatchNorm2d {
             bias: p.zeros("bias", &[c]),
             running_mean: p.zeros_no_train("running_mean", &[c]),
             running_var: p.ones_no_train("running_var", &[c]),
+            folded: false,
         }
     }
     fn forward(&self, x: &Tensor, phase: Phase) -> Tensor {
+        if self.folded {
+            return x.shallow_clone();
+        }
         x.batch_norm(
             Some(&self.weight),
             Some(&self.bias),
@@ -301,6 +310,27 @@ impl Linear {
             bias: p.uniform("bias", &[c_out], -bound, bound),
         }
     }
+}
+
+/// `[n, c, h, w]` with NHWC strides: PyTorch's channels-last memory format, which cuDNN runs
+/// natively on tensor cores.
+fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Folds eval-mode batch-norm into the convolution before it: `w·s`, bias `β − μ·s`,
+/// `s = γ/√(σ² + ε)`. The new tensors are not the VarStore's, which keeps the checkpoint layout.
+fn fold(conv: &mut Conv2d, bn: &mut BatchNorm2d, to_channels_last: bool) {
+    let _guard = tch::no_grad_guard();
+    let scale = &bn.weight / (&bn.running_var + BN_EPS).sqrt();
+    let weight = &conv.weight * scale.view([-1, 1, 1, 1]);
+    conv.weight = if to_channels_last {
+        channels_last(&weight)
+    } else {
+        weight
+    };
+    conv.bias = Some(&bn.bias - &bn.running_mean * &scale);
+    bn.folded = true;
 }
 
 /// BasicBlock (conv1, conv2) or Bottleneck (conv1 1×1, conv2 3×3 strided, conv3 1×1).
@@ -334,6 +364,8 @@ pub struct Resnet {
     gate_index: GateIndex,
     stem_width: i64,
     stream_widths: Vec<i64>,
+    /// Set by `fuse_for_inference` on CUDA: weights and inputs in channels-last.
+    channels_last: bool,
 }
 
 fn mask(x: Tensor, masks: &Masks, group: Option<usize>, groups: &[Group]) -> Tensor {
@@ -597,6 +629,7 @@ impl Resnet {
             gate_index,
             stem_width,
             stream_widths,
+            channels_last: false,
         })
     }
 
@@ -848,6 +881,31 @@ impl Family for Resnet {
         slim.vs.set_kind(kind);
         load_into(&slim.vs, &tensors, Path::new("<sliced tensors>"))?;
         Ok(Box::new(slim))
+    }
+
+    fn fuse_for_inference(&mut self) -> Result<()> {
+        let to_channels_last = self.vs.device().is_cuda();
+        fold(&mut self.conv1, &mut self.bn1, to_channels_last);
+        for block in self.layers.iter_mut().flatten() {
+            fold(&mut block.conv1, &mut block.bn1, to_channels_last);
+            fold(&mut block.conv2, &mut block.bn2, to_channels_last);
+            if let Some((conv, bn)) = block.conv3.as_mut() {
+                fold(conv, bn, to_channels_last);
+            }
+            if let Some((conv, bn)) = block.downsample.as_mut() {
+                fold(conv, bn, to_channels_last);
+            }
+        }
+        self.channels_last = to_channels_last;
+        Ok(())
+    }
+
+    fn prepare_input(&self, x: Tensor) -> Tensor {
+        if self.channels_last {
+            channels_last(&x)
+        } else {
+            x
+        }
     }
 
     fn input_shape(&self, batch: i64) -> Vec<i64> {

@@ -72,9 +72,9 @@ fn synchronize(device: Device) {
     }
 }
 
-/// Times `run` under `protocol` on `device`, synchronising before and after every run.
+/// Times `run` under `protocol` on `device`, synchronising before and after every run. Gradient
+/// mode is the caller's: inference callers hold a `no_grad_guard`, training-step benchmarks not.
 pub fn measure(device: Device, protocol: TimingProtocol, mut run: impl FnMut()) -> LatencyStats {
-    let _guard = tch::no_grad_guard();
     for _ in 0..protocol.warmup_runs {
         run();
     }
@@ -88,6 +88,35 @@ pub fn measure(device: Device, protocol: TimingProtocol, mut run: impl FnMut()) 
         samples.push(start.elapsed().as_secs_f64() * 1e3);
     }
     LatencyStats::from_samples(&samples)
+}
+
+/// Times several workloads round-robin (one run of each per round), so that drift of the
+/// machine's speed (shared hosts, clocks) affects all of them alike; for A/B comparisons.
+pub fn measure_interleaved(
+    device: Device,
+    protocol: TimingProtocol,
+    runs: &mut [&mut dyn FnMut()],
+) -> Vec<LatencyStats> {
+    for run in runs.iter_mut() {
+        for _ in 0..protocol.warmup_runs {
+            run();
+        }
+    }
+    synchronize(device);
+    let mut samples = vec![Vec::with_capacity(protocol.timed_runs); runs.len()];
+    for _ in 0..protocol.timed_runs.max(1) {
+        for (run, samples) in runs.iter_mut().zip(&mut samples) {
+            synchronize(device);
+            let start = Instant::now();
+            run();
+            synchronize(device);
+            samples.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    samples
+        .iter()
+        .map(|s| LatencyStats::from_samples(s))
+        .collect()
 }
 
 /// The device's own name: "cpu", or the CUDA device as libtorch reports it.

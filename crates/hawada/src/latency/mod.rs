@@ -1,4 +1,5 @@
 //! Latency: measured (the ground truth), then modelled by a differentiable proxy (DESIGN §4).
 
+pub mod forward;
 pub mod measure;
 pub mod proxy;

@@ -1,0 +1,207 @@
+//! The binary end to end in a temp dir: a tiny recipe through every stage, the run directory of
+//! DESIGN §7, resume of a finished run, and clear errors on bad input.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn hawada() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hawada"))
+}
+
+fn fashion_mnist() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/assets/fashion-mnist")
+}
+
+fn tiny_recipe(dir: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+name = "tiny"
+device = "cpu"
+[model]
+dir = "{teacher}"
+[teacher_training]
+epochs = 0.02
+batch = 64
+lr = 0.003
+[teacher_training.config]
+architectures = ["ResNet"]
+model_type = "resnet"
+block_type = "basic"
+layers = [1, 1]
+stem = "small"
+num_channels = 1
+image_size = 28
+num_labels = 10
+base_width = 8
+channels_per_gate = 2
+[data]
+format = "idx"
+dir = "{data}"
+holdout = 500
+[latency]
+batch = 32
+warmup_runs = 2
+timed_runs = 5
+fit_archs = 3
+holdout_archs = 3
+[target]
+fraction = 0.7
+[adapt]
+steps = 12
+batch = 32
+probe_every = 5
+checkpoint_every = 4
+[finetune]
+steps = 6
+batch = 32
+lr = 0.001
+checkpoint_every = 3
+[eval]
+batch = 2000
+"#,
+        teacher = dir.join("teacher").display(),
+        data = fashion_mnist().display()
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn tiny_recipe_runs_every_stage_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let run_dir = tmp.path().join("run");
+    let out = hawada()
+        .arg("run")
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("latency mean (ms)") && stdout.contains("test accuracy"),
+        "{stdout}"
+    );
+    for file in [
+        "recipe.toml",
+        "gates.safetensors",
+        "gates.json",
+        "slim/config.json",
+        "slim/model.safetensors",
+        "metrics.jsonl",
+        "latency.json",
+        "report.html",
+        "summary.json",
+    ] {
+        assert!(run_dir.join(file).exists(), "missing {file}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    for key in [
+        "family",
+        "model",
+        "device",
+        "dtype",
+        "target_ms",
+        "speedup",
+        "wall_s",
+    ] {
+        assert!(!summary[key].is_null(), "summary.json lacks {key}");
+    }
+    for key in ["mean", "p50", "p95"] {
+        assert!(summary["latency_ms"]["keep_all"][key].as_f64().unwrap() > 0.0);
+        assert!(summary["latency_ms"]["slim"][key].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(summary["family"], "resnet");
+    assert_eq!(summary["device"], "cpu");
+    assert!(
+        summary["params"]["slim"].as_i64().unwrap()
+            <= summary["params"]["teacher"].as_i64().unwrap()
+    );
+    for key in ["teacher", "slim_before_finetune", "slim"] {
+        let acc = summary["quality"][key].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&acc));
+    }
+    // One metrics line per adapt step, steps continuous from 0.
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let adapt_steps: Vec<i64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["stage"] == "adapt")
+        .map(|v| v["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        adapt_steps,
+        (0..adapt_steps.len() as i64).collect::<Vec<_>>()
+    );
+
+    // A second run in the same directory resumes from the finished checkpoints and trains nothing.
+    let lines_before = metrics.lines().count();
+    let again = hawada()
+        .arg("run")
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let lines_after = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(lines_before, lines_after);
+}
+
+#[test]
+fn unknown_recipe_key_is_reported_with_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("[target]", "[target]\nfractoin = 0.5");
+    std::fs::write(&recipe, text).unwrap();
+    let out = hawada().arg("run").arg(&recipe).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tiny.toml") && stderr.contains("fractoin"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    if tch::Cuda::is_available() {
+        return; // only meaningful on a machine without a GPU
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("device = \"cpu\"", "device = \"cuda\"");
+    std::fs::write(&recipe, text).unwrap();
+    let out = hawada()
+        .arg("run")
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(tmp.path().join("r"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CUDA device 0 requested"), "{stderr}");
+}

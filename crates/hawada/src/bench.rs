@@ -1,0 +1,150 @@
+//! Benchmarks of HawAda's own hot paths, for a same-call comparison with the PyTorch baseline
+//! (`bench/torch_baseline.py`): keep-all forward (eager and CUDA graph), one gate-training step,
+//! and the forward of a slim export. Family-agnostic.
+
+use crate::cuda::CudaGraph;
+use crate::error::{Error, Result};
+use crate::gates::{GateOptions, Gates};
+use crate::latency::forward::{inference_copy, measure_model};
+use crate::latency::measure::{measure, LatencyStats, TimingProtocol};
+use crate::latency::proxy::{FlopCost, LatencyProxy};
+use crate::model::{Family, KeepSet, Masks, Phase};
+use crate::train::{step_losses, Lagrangian, Models};
+use serde::Serialize;
+use tch::{nn, nn::OptimizerConfig, Tensor};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub name: String,
+    pub batch: i64,
+    pub latency_ms: LatencyStats,
+    /// For CUDA-graph rows: max |graph − eager| of the outputs.
+    pub max_abs_diff_vs_eager: Option<f64>,
+}
+
+/// What to benchmark.
+pub struct BenchPlan<'a> {
+    pub forward_batch: i64,
+    pub step_batch: i64,
+    pub protocol: TimingProtocol,
+    pub gates: &'a GateOptions,
+    /// The slim architecture whose forward is timed.
+    pub slim_keep: &'a KeepSet,
+}
+
+/// Keeps the first half (at least one) of every group's units: a fixed, reproducible slim model.
+pub fn half_keep(model: &dyn Family) -> KeepSet {
+    KeepSet(
+        model
+            .groups()
+            .iter()
+            .map(|g| (0..(g.len / 2).max(1)).collect())
+            .collect(),
+    )
+}
+
+fn forward_rows(
+    name: &str,
+    model: &dyn Family,
+    batch: i64,
+    protocol: TimingProtocol,
+) -> Result<Vec<BenchRow>> {
+    let mut rows = vec![BenchRow {
+        name: format!("{name} forward (eager)"),
+        batch,
+        latency_ms: measure_model(model, batch, protocol),
+        max_abs_diff_vs_eager: None,
+    }];
+    let device = model.var_store().device();
+    if device.is_cuda() {
+        let _guard = tch::no_grad_guard();
+        let kind = model.var_store().kind();
+        let input = model.prepare_input(Tensor::randn(model.input_shape(batch), (kind, device)));
+        let masks = Masks::none(model.groups().len());
+        let eager = model.forward(&input, &masks, Phase::Eval);
+        let (graph, output) =
+            CudaGraph::capture(device, || model.forward(&input, &masks, Phase::Eval))?;
+        graph.replay()?;
+        let diff = (&output - &eager)
+            .abs()
+            .max()
+            .to_kind(tch::Kind::Float)
+            .double_value(&[]);
+        let mut failure = None;
+        let stats = measure(device, protocol, || {
+            if let Err(e) = graph.replay() {
+                failure.get_or_insert(e);
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        rows.push(BenchRow {
+            name: format!("{name} forward (CUDA graph)"),
+            batch,
+            latency_ms: stats,
+            max_abs_diff_vs_eager: Some(diff),
+        });
+    }
+    Ok(rows)
+}
+
+/// Runs every benchmark of `plan` on `model` (the frozen teacher, in its final device and dtype).
+pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<Vec<BenchRow>> {
+    let device = model.var_store().device();
+    let kind = model.var_store().kind();
+    let keep_all = inference_copy(model, &KeepSet::all(model.groups()))?;
+    let mut rows = forward_rows(
+        "keep-all",
+        keep_all.as_ref(),
+        plan.forward_batch,
+        plan.protocol,
+    )?;
+
+    // One gate-training step: teacher forward without grad, gated student forward, KD + latency
+    // terms, backward to the gate logits only, Adam step. The student is the frozen teacher.
+    let gates = Gates::new(model.groups(), plan.gates.clone(), device)?;
+    let proxy = LatencyProxy::new(model.cost_sites(), model.groups(), Box::new(FlopCost));
+    let mut opt = nn::Adam::default()
+        .build(gates.var_store(), 0.1)
+        .map_err(|e| Error::torch("adam", "gates", e))?;
+    let x = Tensor::randn(model.input_shape(plan.step_batch), (kind, device));
+    let terms = Lagrangian {
+        target_ms: 1.0,
+        lambda: 1.0,
+        rho: 1.0,
+        kd_temperature: 2.0,
+        mse_weight: 0.0,
+    };
+    let step = measure(device, plan.protocol, || {
+        let losses = step_losses(
+            Models {
+                teacher: model,
+                student: model,
+            },
+            &gates,
+            &proxy,
+            &x,
+            &terms,
+            None,
+        );
+        opt.zero_grad();
+        losses.loss.backward();
+        opt.step();
+    });
+    rows.push(BenchRow {
+        name: "gate-training step".into(),
+        batch: plan.step_batch,
+        latency_ms: step,
+        max_abs_diff_vs_eager: None,
+    });
+
+    let slim = inference_copy(model, plan.slim_keep)?;
+    rows.extend(forward_rows(
+        "slim",
+        slim.as_ref(),
+        plan.forward_batch,
+        plan.protocol,
+    )?);
+    Ok(rows)
+}
