@@ -302,4 +302,3 @@ fn folded_batch_norm_matches_the_unfolded_forward() {
         );
     }
 }
-

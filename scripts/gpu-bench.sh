@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU machine (shared/GPU.md): the binary built here, against the machine's PyTorch 2.11.
+# Prints `hawada info`, HawAda's bench and PyTorch's baseline for the same workloads in the same
+# call with their ratios, then runs the ResNet-18 224² recipe end to end. Results under $OUT
+# (at most 8 files come back from the GPU machine: the run directory stays in a temp folder).
+# Usage (from the repo root there): bash scripts/gpu-bench.sh [RECIPE]
+set -euo pipefail
+OUT="${OUT:-gpu-out}"
+RECIPE="${1:-recipes/h100/resnet18-224-bf16.toml}"
+SITE=/opt/torch/.venv/lib/python3.12/site-packages
+export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+BIN=target/release/hawada
+WORK="$(mktemp -d)"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu.txt") 2>&1
+if ldd "$BIN" | grep 'not found'; then echo "gpu-bench: missing libraries (above)" >&2; exit 1; fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+"$BIN" info
+"$BIN" bench "$RECIPE" --out "$WORK/bench"
+python3 bench/torch_baseline.py --slim-dir "$WORK/bench/slim" --batch 256 --step-batch 128 --dtype bf16 --out "$OUT/torch.json"
+cp "$WORK/bench/bench.json" "$OUT/bench.json"
+python3 bench/compare.py "$OUT/bench.json" "$OUT/torch.json"
+"$BIN" -v run "$RECIPE" --run-dir "$WORK/run"
+cp "$WORK/run/summary.json" "$WORK/run/report.html" "$WORK/run/latency.json" "$WORK/run/metrics.jsonl" "$OUT/"
