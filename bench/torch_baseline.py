@@ -110,13 +110,15 @@ def gated_forward(model, x, masks):
     return model.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
-def gate_step_fn(model, batch, dtype, per_gate=8, tau=0.6667):
+def gate_step_fn(model, batch, dtype, channels_last, per_gate=8, tau=0.6667):
     widths = [64, 128, 256, 512]
     stream_logits = [torch.full((w // per_gate,), 3.0, device="cuda", requires_grad=True) for w in widths]
     inner_logits = [torch.full((w // per_gate,), 3.0, device="cuda", requires_grad=True) for w in widths for _ in range(2)]
     params = stream_logits + inner_logits
     opt = torch.optim.Adam(params, lr=0.1)
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def sample(l):
         u = torch.rand_like(l).clamp(1e-6, 1 - 1e-6)
@@ -163,10 +165,13 @@ def main():
 
     teacher = torchvision.models.resnet18(weights=None).cuda().to(dtype).eval()
     forward_rows("keep-all", teacher, args.batch)
-    teacher = teacher.to(memory_format=torch.contiguous_format)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    rows.append({"name": "gate-training step", "batch": args.step_batch, "latency_ms": timeit(gate_step_fn(teacher, args.step_batch, dtype))})
+    for layout in ["NCHW", "channels-last"]:
+        fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+        teacher = teacher.to(memory_format=fmt)
+        step = gate_step_fn(teacher, args.step_batch, dtype, layout == "channels-last")
+        rows.append({"name": f"gate-training step ({layout})", "batch": args.step_batch, "latency_ms": timeit(step)})
 
     cfg = json.load(open(f"{args.slim_dir}/config.json"))
     slim = SlimResNet(cfg)

@@ -213,6 +213,7 @@ fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
     let mut model =
         hawada::families::load(&recipe.model.dir, device, kind, recipe.model.random_init)?;
     model.var_store_mut().freeze();
+    model.to_device_layout();
     let slim_keep = hawada::bench::half_keep(model.as_ref());
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     model.slim(&slim_keep)?.save(&out.join("slim"))?;
@@ -223,12 +224,13 @@ fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
         gates: &recipe.gates,
         slim_keep: &slim_keep,
     };
-    let rows = hawada::bench::run_bench(model.as_ref(), &plan)?;
+    let bench = hawada::bench::run_bench(model.as_ref(), &plan)?;
+    let rows = &bench.rows;
     let device_name = match device {
         tch::Device::Cuda(i) => hawada::cuda::device_info(i)?.name,
         other => hawada::latency::measure::device_name(other),
     };
-    let report = serde_json::json!({ "device": device_name, "dtype": recipe.dtype, "recipe": recipe.name, "rows": rows });
+    let report = serde_json::json!({ "device": device_name, "dtype": recipe.dtype, "recipe": recipe.name, "rows": rows, "fused_vs_reference_rel_diff": bench.fused_vs_reference_rel_diff });
     std::fs::write(
         out.join("bench.json"),
         serde_json::to_string_pretty(&report)?,
@@ -239,7 +241,11 @@ fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
         "{:<34} {:>6} {:>10} {:>10} {:>10}",
         "", "batch", "mean ms", "p50 ms", "p95 ms"
     );
-    for row in &rows {
+    println!(
+        "fused inference copy vs reference forward: max rel diff {:.2e}",
+        bench.fused_vs_reference_rel_diff
+    );
+    for row in rows {
         let diff = row
             .max_abs_diff_vs_eager
             .map(|d| format!("  (max |graph−eager| {d:.2e})"))

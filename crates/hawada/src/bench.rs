@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gates::{GateOptions, Gates};
 use crate::latency::forward::{inference_copy, measure_model};
 use crate::latency::measure::{measure, LatencyStats, TimingProtocol};
-use crate::latency::proxy::{FlopCost, LatencyProxy};
+use crate::latency::proxy::LatencyProxy;
 use crate::model::{Family, KeepSet, Masks, Phase};
 use crate::train::{step_losses, Lagrangian, Models};
 use serde::Serialize;
@@ -89,11 +89,38 @@ fn forward_rows(
     Ok(rows)
 }
 
+/// Benchmark rows plus the correctness check of the fused inference path.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub rows: Vec<BenchRow>,
+    /// max |fused inference copy − reference forward| / max |reference| on a random batch of 8.
+    pub fused_vs_reference_rel_diff: f64,
+}
+
 /// Runs every benchmark of `plan` on `model` (the frozen teacher, in its final device and dtype).
-pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<Vec<BenchRow>> {
+pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport> {
     let device = model.var_store().device();
     let kind = model.var_store().kind();
     let keep_all = inference_copy(model, &KeepSet::all(model.groups()))?;
+    let fused_vs_reference_rel_diff = tch::no_grad(|| {
+        let x = Tensor::randn(model.input_shape(8), (kind, device));
+        let reference = model
+            .forward(
+                &model.prepare_input(x.shallow_clone()),
+                &Masks::none(model.groups().len()),
+                Phase::Eval,
+            )
+            .to_kind(tch::Kind::Float);
+        let fused = keep_all
+            .forward(
+                &keep_all.prepare_input(x),
+                &Masks::none(model.groups().len()),
+                Phase::Eval,
+            )
+            .to_kind(tch::Kind::Float);
+        (fused - &reference).abs().max().double_value(&[])
+            / reference.abs().max().double_value(&[]).max(1e-12)
+    });
     let mut rows = forward_rows(
         "keep-all",
         keep_all.as_ref(),
@@ -104,7 +131,7 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<Vec<BenchRo
     // One gate-training step: teacher forward without grad, gated student forward, KD + latency
     // terms, backward to the gate logits only, Adam step. The student is the frozen teacher.
     let gates = Gates::new(model.groups(), plan.gates.clone(), device)?;
-    let proxy = LatencyProxy::new(model.cost_sites(), model.groups(), Box::new(FlopCost));
+    let proxy = LatencyProxy::with_flop_cost(&model.cost_sites(), model.groups(), device);
     let mut opt = nn::Adam::default()
         .build(gates.var_store(), 0.1)
         .map_err(|e| Error::torch("adam", "gates", e))?;
@@ -146,5 +173,8 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<Vec<BenchRo
         plan.forward_batch,
         plan.protocol,
     )?);
-    Ok(rows)
+    Ok(BenchReport {
+        rows,
+        fused_vs_reference_rel_diff,
+    })
 }

@@ -5,7 +5,11 @@ use crate::model::{Family, Masks, Phase};
 use tch::{Kind, Tensor};
 
 fn logits(model: &dyn Family, x: &Tensor) -> Tensor {
-    model.forward(x, &Masks::none(model.groups().len()), Phase::Eval)
+    model.forward(
+        &model.prepare_input(x.shallow_clone()),
+        &Masks::none(model.groups().len()),
+        Phase::Eval,
+    )
 }
 
 /// Top-1 accuracy in percent over `data`, evaluated in batches of `batch` in `kind`.
@@ -37,7 +41,13 @@ pub fn agreement(
     let same: i64 = data
         .batches(batch, kind)
         .map(|(x, _)| {
-            let s = student.forward(&x, masks, Phase::Eval).argmax(-1, false);
+            let s = student
+                .forward(
+                    &student.prepare_input(x.shallow_clone()),
+                    masks,
+                    Phase::Eval,
+                )
+                .argmax(-1, false);
             let t = logits(teacher, &x).argmax(-1, false);
             s.eq_tensor(&t).sum(Kind::Int64).int64_value(&[])
         })

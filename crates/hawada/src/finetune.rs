@@ -88,6 +88,7 @@ pub fn train_weights(
             opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / opts.steps as f64).cos());
         opt.set_lr(lr);
         let (x, y) = next_batch();
+        let x = model.prepare_input(x);
         let logits = model.forward(&x, &no_masks, Phase::Train);
         let loss = match &objective {
             Objective::Distill {

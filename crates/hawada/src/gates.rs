@@ -81,9 +81,16 @@ pub struct GatesDescription {
     pub groups: Vec<Group>,
 }
 
+/// The gate logits of a model: one f32 variable `[Σ len]` holding every group's logits in order,
+/// so that sampling, the keep probability and the optimizer step each run as a handful of
+/// kernels whatever the number of groups.
 pub struct Gates {
     vs: VarStore,
+    flat: Tensor,
+    /// Per-group views of `flat`.
     logits: Vec<Tensor>,
+    /// `[Σ len]` i64: each unit's `unit_width`, to expand unit masks to channels in one op.
+    unit_widths: Tensor,
     groups: Vec<Group>,
     options: GateOptions,
 }
@@ -104,21 +111,21 @@ impl Gates {
             )));
         }
         let vs = VarStore::new(device);
-        let logits = groups
+        let total: i64 = groups.iter().map(|g| g.len).sum();
+        let flat = vs
+            .root()
+            .var("logits", &[total], nn::Init::Const(options.init_logit));
+        let logits = split(groups, &flat);
+        let widths: Vec<i64> = groups
             .iter()
-            .map(|g| {
-                // VarStore names cannot hold '.', group names do (they follow tensor names).
-                let p = vs.root() / "gates";
-                p.var(
-                    &g.name.replace('.', "_"),
-                    &[g.len],
-                    nn::Init::Const(options.init_logit),
-                )
-            })
+            .flat_map(|g| std::iter::repeat_n(g.unit_width, g.len as usize))
             .collect();
+        let unit_widths = Tensor::from_slice(&widths).to_device(device);
         Ok(Gates {
             vs,
+            flat,
             logits,
+            unit_widths,
             groups: groups.to_vec(),
             options,
         })
@@ -133,19 +140,17 @@ impl Gates {
     pub fn options(&self) -> &GateOptions {
         &self.options
     }
-    /// Logits per group, `[len]` f32.
+    /// Logits per group, `[len]` f32 (views of one variable).
     pub fn logits(&self) -> &[Tensor] {
         &self.logits
     }
 
-    /// Expected keep probability per unit, `[len]` f32, differentiable in the logits.
+    /// Expected keep probability per unit, `[len]` f32 per group, differentiable in the logits.
     pub fn expected_keep(&self) -> Vec<Tensor> {
-        let p: Vec<Tensor> = self
-            .logits
-            .iter()
-            .map(|l| (l / self.options.temperature).sigmoid())
-            .collect();
-        self.apply_follows(p)
+        self.apply_follows(split(
+            &self.groups,
+            &(&self.flat / self.options.temperature).sigmoid(),
+        ))
     }
 
     /// Multiplies each follower's values by its parent's (expanded), so a unit whose parent is
@@ -161,19 +166,22 @@ impl Gates {
         values
     }
 
-    /// Masks for a forward in the model's `kind`.
+    /// Channel masks for a forward in the model's `kind`.
     pub fn masks(&self, mode: GateMode, kind: Kind) -> Masks {
-        let values = match mode {
+        match mode {
             GateMode::Sample => {
-                self.apply_follows(self.logits.iter().map(|l| self.sample(l)).collect())
+                let sampled = self.sample(&self.flat);
+                let units = if self.groups.iter().any(|g| g.follows.is_some()) {
+                    Tensor::cat(&self.apply_follows(split(&self.groups, &sampled)), 0)
+                } else {
+                    sampled
+                };
+                Masks::from_units(&self.groups, &units.to_kind(kind), &self.unit_widths)
             }
             GateMode::Hard => {
-                let keep = self.keep_set();
-                let device = self.vs.device();
-                return Masks::from_keep(&self.groups, &keep, (kind, device));
+                Masks::from_keep(&self.groups, &self.keep_set(), (kind, self.vs.device()))
             }
-        };
-        Masks(values.into_iter().map(|v| Some(v.to_kind(kind))).collect())
+        }
     }
 
     fn sample(&self, logit: &Tensor) -> Tensor {
@@ -197,13 +205,10 @@ impl Gates {
     /// `follows` rule in both directions.
     pub fn keep_set(&self) -> KeepSet {
         let _guard = tch::no_grad_guard();
-        let logits: Vec<Vec<f32>> = self
-            .logits
+        let host = self.flat.to_device(Device::Cpu);
+        let logits: Vec<Vec<f32>> = split(&self.groups, &host)
             .iter()
-            .map(|l| {
-                Vec::<f32>::try_from(&l.to_device(Device::Cpu))
-                    .expect("gate logits are a 1-D f32 tensor")
-            })
+            .map(|l| Vec::<f32>::try_from(l).expect("gate logits are a 1-D f32 tensor"))
             .collect();
         keep_from_logits(&self.groups, &logits, self.options.min_keep)
     }
@@ -256,6 +261,19 @@ impl Gates {
         }
         Ok(())
     }
+}
+
+/// Per-group views `[len]` of a `[Σ len]` tensor.
+fn split(groups: &[Group], flat: &Tensor) -> Vec<Tensor> {
+    let mut offset = 0;
+    groups
+        .iter()
+        .map(|g| {
+            let view = flat.narrow(0, offset, g.len);
+            offset += g.len;
+            view
+        })
+        .collect()
 }
 
 /// The keep rule on host values (see [`Gates::keep_set`]); separate so it is testable without
@@ -346,7 +364,7 @@ mod tests {
         assert!((p.double_value(&[0]) - expected).abs() < 1e-6);
         p.sum(Kind::Float).backward();
         assert!(
-            gates.logits()[0]
+            gates.var_store().trainable_variables()[0]
                 .grad()
                 .abs()
                 .sum(Kind::Float)

@@ -58,8 +58,8 @@ impl KeepSet {
     }
 }
 
-/// Per-group multiplicative masks `[len]` (one value per unit), in the model's dtype and device.
-/// `None` for a group means "all kept".
+/// Per-group multiplicative masks, already expanded to elements (`len · unit_width` each, one
+/// value per channel), in the model's dtype and device. `None` for a group means "all kept".
 pub struct Masks(pub Vec<Option<Tensor>>);
 
 impl Masks {
@@ -68,15 +68,29 @@ impl Masks {
         Masks((0..n_groups).map(|_| None).collect())
     }
 
-    /// The mask of group `g`, expanded to channels (`unit_width` per unit), or `None`.
-    pub fn channels(&self, g: usize, unit_width: i64) -> Option<Tensor> {
-        self.0.get(g).and_then(|m| m.as_ref()).map(|m| {
-            if unit_width == 1 {
-                m.shallow_clone()
-            } else {
-                m.repeat_interleave_self_int(unit_width, 0, None)
-            }
-        })
+    /// The channel mask of group `g`, `[len · unit_width]`, or `None`.
+    pub fn get(&self, g: usize) -> Option<&Tensor> {
+        self.0.get(g).and_then(|m| m.as_ref())
+    }
+
+    /// Expands unit values `[Σ len]` (groups concatenated in order) to channel masks with one
+    /// `repeat_interleave` and splits them per group (views of one tensor).
+    /// `repeats` is `[Σ len]` i64 on the same device: each unit's `unit_width`.
+    pub fn from_units(groups: &[Group], units: &Tensor, repeats: &Tensor) -> Self {
+        let total: i64 = groups.iter().map(|g| g.len * g.unit_width).sum();
+        let channels = units.repeat_interleave_self_tensor(repeats, 0, Some(total));
+        let mut offset = 0;
+        Masks(
+            groups
+                .iter()
+                .map(|g| {
+                    let width = g.len * g.unit_width;
+                    let m = channels.narrow(0, offset, width);
+                    offset += width;
+                    Some(m)
+                })
+                .collect(),
+        )
     }
 
     /// Hard 0/1 masks from a keep-set.
@@ -86,9 +100,10 @@ impl Masks {
                 .iter()
                 .zip(&keep.0)
                 .map(|(g, kept)| {
-                    let mut m = Tensor::zeros([g.len], options);
+                    let mut m = Tensor::zeros([g.len * g.unit_width], options);
                     if !kept.is_empty() {
-                        let idx = Tensor::from_slice(kept).to_device(options.1);
+                        let elements = crate::export::slice::element_indices(kept, g.unit_width);
+                        let idx = Tensor::from_slice(&elements).to_device(options.1);
                         let _ = m.index_fill_(0, &idx, 1.0);
                     }
                     Some(m)
@@ -161,6 +176,10 @@ pub trait Family: Send {
     fn fuse_for_inference(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// Puts the weights in the memory layout the device runs fastest (channels-last convolutions
+    /// on CUDA), in place; `prepare_input` then brings inputs to match. Default: nothing to do.
+    fn to_device_layout(&mut self) {}
 
     /// Puts an input into the layout the (fused) model wants, once, outside the timed forward.
     fn prepare_input(&self, x: Tensor) -> Tensor {

@@ -10,7 +10,7 @@ use crate::finetune::{train_weights, Objective, WeightTraining};
 use crate::gates::Gates;
 use crate::latency::forward::{inference_copy, measure_model, measure_pair};
 use crate::latency::measure::{device_name, LatencyStats};
-use crate::latency::proxy::{Fidelity, FlopCost, LatencyProxy, Sample};
+use crate::latency::proxy::{Fidelity, LatencyProxy, Sample};
 use crate::model::{Family, KeepSet, Masks};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
@@ -114,6 +114,7 @@ fn teacher(
     }
     let mut model = families::load(dir, device, kind, recipe.model.random_init)?;
     model.var_store_mut().freeze();
+    model.to_device_layout();
     Ok(model)
 }
 
@@ -181,7 +182,7 @@ pub fn run(
     // Profile: keep-all latency, proxy fit and fidelity.
     let protocol = recipe.latency.protocol();
     let batch = recipe.latency.batch;
-    let mut proxy = LatencyProxy::new(model.cost_sites(), model.groups(), Box::new(FlopCost));
+    let mut proxy = LatencyProxy::with_flop_cost(&model.cost_sites(), model.groups(), device);
     let profile_path = run_dir.join("profile.json");
     let profile: Profile = if profile_path.exists() {
         read_json(&profile_path)?
@@ -250,6 +251,7 @@ pub fn run(
     let student_copy = if recipe.adapt.train_weights {
         let mut copy = model.slim(&KeepSet::all(model.groups()))?;
         copy.var_store_mut().unfreeze();
+        copy.to_device_layout();
         Some(copy)
     } else {
         None
@@ -305,6 +307,7 @@ pub fn run(
     let keep = outcome.keep.clone();
     let mut slim = student.slim(&keep)?;
     slim.save(&run_dir.join("slim-before-finetune"))?;
+    slim.to_device_layout();
     let slim_before = eval::accuracy(slim.as_ref(), &test, recipe.eval.batch, kind);
     let hard = Masks::from_keep(model.groups(), &keep, (kind, device));
     let calibration_agreement = eval::agreement(

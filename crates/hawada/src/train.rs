@@ -163,6 +163,7 @@ pub fn step_losses(
     measured_ms: Option<f64>,
 ) -> StepLosses {
     let kind = models.student.var_store().kind();
+    let x = &models.student.prepare_input(x.shallow_clone());
     let teacher = tch::no_grad(|| {
         models
             .teacher

@@ -123,7 +123,9 @@ pub fn measure_interleaved(
 pub fn device_name(device: Device) -> String {
     match device {
         Device::Cpu => "cpu".to_string(),
-        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Cuda(i) => crate::cuda::device_info(i)
+            .map(|d| d.name)
+            .unwrap_or_else(|_| format!("cuda:{i}")),
         other => format!("{other:?}"),
     }
 }

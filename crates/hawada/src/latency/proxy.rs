@@ -7,22 +7,45 @@ use crate::model::{CostSite, Group, KeepSet, Width};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-/// Cost of one site at given widths (scalar tensors, differentiable).
+/// Total cost of all sites at per-site widths, differentiable. Vectorised over sites: one
+/// kernel chain per call, whatever the model size.
 pub trait SiteCost: Send {
-    fn cost(&self, site: &CostSite, w_in: &Tensor, w_out: &Tensor) -> Tensor;
+    /// `w_in`, `w_out`: `[n_sites]` f32. Returns a scalar.
+    fn total(&self, w_in: &Tensor, w_out: &Tensor) -> Tensor;
     /// A short name for reports ("flops", "table").
     fn name(&self) -> &'static str;
 }
 
 /// FLOPs in GFLOP: `2·macs·w_in·w_out` plus a few FLOPs per output element (norm + activation).
-pub struct FlopCost;
+pub struct FlopCost {
+    /// `[n_sites]`: 2·macs_per_in_out, and ELEMENTWISE_FLOPS·elems_per_out.
+    matmul_flops: Tensor,
+    elementwise_flops: Tensor,
+}
 
 const ELEMENTWISE_FLOPS: f64 = 4.0;
 
+impl FlopCost {
+    pub fn new(sites: &[CostSite], device: Device) -> Self {
+        let matmul: Vec<f32> = sites
+            .iter()
+            .map(|s| (2.0 * s.macs_per_in_out) as f32)
+            .collect();
+        let elementwise: Vec<f32> = sites
+            .iter()
+            .map(|s| (ELEMENTWISE_FLOPS * s.elems_per_out) as f32)
+            .collect();
+        FlopCost {
+            matmul_flops: Tensor::from_slice(&matmul).to_device(device),
+            elementwise_flops: Tensor::from_slice(&elementwise).to_device(device),
+        }
+    }
+}
+
 impl SiteCost for FlopCost {
-    fn cost(&self, site: &CostSite, w_in: &Tensor, w_out: &Tensor) -> Tensor {
-        (w_in * w_out * (2.0 * site.macs_per_in_out)
-            + w_out * (ELEMENTWISE_FLOPS * site.elems_per_out))
+    fn total(&self, w_in: &Tensor, w_out: &Tensor) -> Tensor {
+        ((w_in * w_out * &self.matmul_flops).sum(Kind::Float)
+            + (w_out * &self.elementwise_flops).sum(Kind::Float))
             / 1e9
     }
     fn name(&self) -> &'static str {
@@ -47,42 +70,89 @@ pub struct Fidelity {
 }
 
 pub struct LatencyProxy {
-    sites: Vec<CostSite>,
-    unit_widths: Vec<i64>,
     cost: Box<dyn SiteCost>,
+    /// `[n_groups, Σ len]`: row g holds `unit_width` at group g's units, so `membership · p`
+    /// gives every group's expected width.
+    membership: Tensor,
+    /// `[n_sites, n_groups + 1]`: picks a site's input (output) width from
+    /// `[widths…, 1]`: a one-hot on its group, or its fixed width in the last column.
+    select_in: Tensor,
+    select_out: Tensor,
+    group_lens: Vec<i64>,
+    device: Device,
     pub a: f64,
     pub b: f64,
     samples: Vec<Sample>,
 }
 
+fn selection(
+    sites: &[CostSite],
+    n_groups: usize,
+    side: impl Fn(&CostSite) -> Width,
+    device: Device,
+) -> Tensor {
+    let cols = n_groups + 1;
+    let mut m = vec![0f32; sites.len() * cols];
+    for (i, site) in sites.iter().enumerate() {
+        match side(site) {
+            Width::Group(g) => m[i * cols + g] = 1.0,
+            Width::Fixed(n) => m[i * cols + n_groups] = n as f32,
+        }
+    }
+    Tensor::from_slice(&m)
+        .view([sites.len() as i64, cols as i64])
+        .to_device(device)
+}
+
 impl LatencyProxy {
-    pub fn new(sites: Vec<CostSite>, groups: &[Group], cost: Box<dyn SiteCost>) -> Self {
+    pub fn new(
+        sites: &[CostSite],
+        groups: &[Group],
+        cost: Box<dyn SiteCost>,
+        device: Device,
+    ) -> Self {
+        let total: i64 = groups.iter().map(|g| g.len).sum();
+        let mut membership = vec![0f32; groups.len() * total as usize];
+        let mut offset = 0usize;
+        for (g, group) in groups.iter().enumerate() {
+            for u in 0..group.len as usize {
+                membership[g * total as usize + offset + u] = group.unit_width as f32;
+            }
+            offset += group.len as usize;
+        }
         LatencyProxy {
-            sites,
-            unit_widths: groups.iter().map(|g| g.unit_width).collect(),
             cost,
+            membership: Tensor::from_slice(&membership)
+                .view([groups.len() as i64, total])
+                .to_device(device),
+            select_in: selection(sites, groups.len(), |s| s.input, device),
+            select_out: selection(sites, groups.len(), |s| s.output, device),
+            group_lens: groups.iter().map(|g| g.len).collect(),
+            device,
             a: 1.0,
             b: 0.0,
             samples: Vec::new(),
         }
     }
 
+    /// The proxy with FLOP site costs (this cost model).
+    pub fn with_flop_cost(sites: &[CostSite], groups: &[Group], device: Device) -> Self {
+        Self::new(
+            sites,
+            groups,
+            Box::new(FlopCost::new(sites, device)),
+            device,
+        )
+    }
+
     /// Σ site costs at expected widths `Σ p · unit_width`; `keep_prob[g]` is `[len]` f32.
     pub fn cost(&self, keep_prob: &[Tensor]) -> Tensor {
-        let device = keep_prob.first().map(|t| t.device()).unwrap_or(Device::Cpu);
-        let widths: Vec<Tensor> = keep_prob
-            .iter()
-            .zip(&self.unit_widths)
-            .map(|(p, &u)| p.sum(Kind::Float) * u as f64)
-            .collect();
-        let width = |w: &Width| match w {
-            Width::Fixed(n) => Tensor::from(*n as f32).to_device(device),
-            Width::Group(g) => widths[*g].shallow_clone(),
-        };
-        self.sites
-            .iter()
-            .map(|s| self.cost.cost(s, &width(&s.input), &width(&s.output)))
-            .fold(Tensor::zeros([], (Kind::Float, device)), |acc, c| acc + c)
+        let widths = self.membership.mv(&Tensor::cat(keep_prob, 0));
+        let extended = Tensor::cat(&[widths, Tensor::ones([1], (Kind::Float, self.device))], 0);
+        self.cost.total(
+            &self.select_in.mv(&extended),
+            &self.select_out.mv(&extended),
+        )
     }
 
     /// Cost sum of a hard keep-set.
@@ -91,7 +161,14 @@ impl LatencyProxy {
         let p: Vec<Tensor> = keep
             .0
             .iter()
-            .map(|k| Tensor::ones([k.len() as i64], (Kind::Float, Device::Cpu)))
+            .zip(&self.group_lens)
+            .map(|(kept, &len)| {
+                let mut indicator = vec![0f32; len as usize];
+                for &unit in kept {
+                    indicator[unit as usize] = 1.0;
+                }
+                Tensor::from_slice(&indicator).to_device(self.device)
+            })
             .collect();
         self.cost(&p).double_value(&[])
     }
@@ -253,7 +330,12 @@ mod tests {
             macs_per_in_out: 9.0,
             elems_per_out: 1.0,
         }];
-        let proxy = LatencyProxy::new(sites, &groups, Box::new(FlopCost));
+        let proxy = LatencyProxy::new(
+            &sites,
+            &groups,
+            Box::new(FlopCost::new(&sites, Device::Cpu)),
+            Device::Cpu,
+        );
         let p = Tensor::full([4], 0.5, (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let ms = proxy.predict_ms(std::slice::from_ref(&p));
         ms.backward();
