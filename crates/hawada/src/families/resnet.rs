@@ -232,30 +232,6 @@ struct Conv2d {
 }
 
 impl Conv2d {
-    fn forward_relu(&self, x: &Tensor) -> Tensor {
-        x.cudnn_convolution_relu(
-            &self.weight,
-            self.bias.as_ref(),
-            [self.stride],
-            [self.padding],
-            [1],
-            1,
-        )
-    }
-
-    fn forward_add_relu(&self, x: &Tensor, residual: &Tensor) -> Tensor {
-        x.cudnn_convolution_add_relu(
-            &self.weight,
-            residual,
-            1.0,
-            self.bias.as_ref(),
-            [self.stride],
-            [self.padding],
-            [1],
-            1,
-        )
-    }
-
     fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64) -> Self {
         let fan_out = (c_out * kernel * kernel) as f64;
         let weight = p.randn(
@@ -336,26 +312,6 @@ impl Linear {
     }
 }
 
-/// Whether cuDNN's fused conv+bias+ReLU and conv+bias+add+ReLU run for `kind` on `device`
-/// (they need a CUDA build and a cuDNN engine for the dtype); probed once on a tiny input.
-fn cudnn_fused_epilogues_work(kind: Kind, device: Device) -> bool {
-    let _guard = tch::no_grad_guard();
-    let x = channels_last(&Tensor::randn([1, 8, 4, 4], (kind, device)));
-    let w = channels_last(&Tensor::randn([8, 8, 3, 3], (kind, device)));
-    let b = Tensor::randn([8], (kind, device));
-    let relu = x.f_cudnn_convolution_relu(&w, Some(&b), [1], [1], [1], 1);
-    let add = x.f_cudnn_convolution_add_relu(&w, &x, 1.0, Some(&b), [1], [1], [1], 1);
-    match (relu, add) {
-        (Ok(r), Ok(a)) => {
-            let reference = x.conv2d(&w, Some(&b), [1], [1], [1], 1);
-            let ok_relu = r.allclose(&reference.relu(), 1e-2, 1e-2, false);
-            let ok_add = a.allclose(&(reference + &x).relu(), 1e-2, 1e-2, false);
-            ok_relu && ok_add
-        }
-        _ => false,
-    }
-}
-
 /// `[n, c, h, w]` with NHWC strides: PyTorch's channels-last memory format, which cuDNN runs
 /// natively on tensor cores.
 fn channels_last(t: &Tensor) -> Tensor {
@@ -410,8 +366,6 @@ pub struct Resnet {
     stream_widths: Vec<i64>,
     /// Set by `fuse_for_inference` on CUDA: weights and inputs in channels-last.
     channels_last: bool,
-    /// Set by `fuse_for_inference` where cuDNN runs fused conv+bias(+add)+ReLU for this dtype.
-    fused_epilogues: bool,
 }
 
 fn mask(x: Tensor, masks: &Masks, group: Option<usize>) -> Tensor {
@@ -676,7 +630,6 @@ impl Resnet {
             stem_width,
             stream_widths,
             channels_last: false,
-            fused_epilogues: false,
         })
     }
 
@@ -734,24 +687,6 @@ impl Block {
         let _ = out.g_add_(&identity);
         out.relu_()
     }
-
-    /// Ungated inference on CUDA after folding: conv+bias+ReLU and conv+bias+residual+ReLU each
-    /// as one cuDNN call (PyTorch's `cudnn_convolution_relu` / `_add_relu`).
-    fn forward_fused(&self, x: &Tensor) -> Tensor {
-        let identity = match &self.downsample {
-            Some((conv, _)) => conv.forward(x),
-            None => x.shallow_clone(),
-        };
-        let mut h = self.conv1.forward_relu(x);
-        let last = match &self.conv3 {
-            Some((conv3, _)) => {
-                h = self.conv2.forward_relu(&h);
-                conv3
-            }
-            None => &self.conv2,
-        };
-        last.forward_add_relu(&h, &identity)
-    }
 }
 
 impl Family for Resnet {
@@ -765,23 +700,14 @@ impl Family for Resnet {
 
     fn forward(&self, x: &Tensor, masks: &Masks, phase: Phase) -> Tensor {
         let _span = tracing::trace_span!("resnet").entered();
-        let fused = self.fused_epilogues && masks.0.iter().all(Option::is_none);
-        let mut h = if fused {
-            self.conv1.forward_relu(x)
-        } else {
-            let h = self.bn1.forward(&self.conv1.forward(x), phase).relu_();
-            mask(h, masks, self.gate_index.stem)
-        };
+        let h = self.bn1.forward(&self.conv1.forward(x), phase).relu_();
+        let mut h = mask(h, masks, self.gate_index.stem);
         if self.cfg.stem == Stem::Imagenet {
             h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         }
         for (s, blocks) in self.layers.iter().enumerate() {
             for block in blocks {
-                h = if fused {
-                    block.forward_fused(&h)
-                } else {
-                    block.forward(&h, masks, phase, self.gate_index.streams[s])
-                };
+                h = block.forward(&h, masks, phase, self.gate_index.streams[s]);
             }
         }
         h.adaptive_avg_pool2d([1, 1])
@@ -961,8 +887,6 @@ impl Family for Resnet {
             }
         }
         self.channels_last = to_channels_last;
-        self.fused_epilogues =
-            to_channels_last && cudnn_fused_epilogues_work(self.vs.kind(), self.vs.device());
         Ok(())
     }
 
