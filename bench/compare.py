@@ -1,7 +1,9 @@
 """Prints HawAda vs PyTorch eager, row by row, from `hawada bench` and torch_baseline.py JSON.
 
 Ratio = HawAda mean / PyTorch's best mean for the same workload (≤ 1.0 means HawAda is at least
-as fast). Usage: python3 bench/compare.py OUT/bench.json OUT/torch.json
+as fast). Several files per side (runs in A-B-B-A order) are averaged per row, so drift of the
+card's clocks over the call cancels.
+Usage: python3 bench/compare.py --hawada A1.json A2.json --torch B1.json B2.json
 """
 import json
 import sys
@@ -12,9 +14,22 @@ def best(rows, prefix):
     return min(cands, key=lambda r: r["latency_ms"]["mean"]) if cands else None
 
 
+def average(paths):
+    runs = [json.load(open(p)) for p in paths]
+    merged = dict(runs[0])
+    merged["rows"] = []
+    for row in runs[0]["rows"]:
+        same = [r for run in runs for r in run["rows"] if r["name"] == row["name"]]
+        latency = {k: sum(r["latency_ms"][k] for r in same) / len(same) for k in ("mean", "p50", "p95")}
+        merged["rows"].append({**row, "latency_ms": latency, "repeats": len(same)})
+    return merged
+
+
 def main():
-    ours = json.load(open(sys.argv[1]))
-    theirs = json.load(open(sys.argv[2]))
+    args = sys.argv[1:]
+    split = args.index("--torch")
+    ours = average(args[1:split])
+    theirs = average(args[split + 1:])
     print(f"card: {ours['device']} | dtype {ours['dtype']} | PyTorch {theirs['torch']}")
     print(f"{'workload':<34} {'batch':>5} {'HawAda ms':>10} {'PyTorch ms':>11} {'ratio':>6}  PyTorch variant / HawAda variant")
     for workload in ["keep-all forward", "gate-training step", "slim forward"]:

@@ -16,9 +16,13 @@ exec > >(tee "$OUT/gpu.txt") 2>&1
 if ldd "$BIN" | grep 'not found'; then echo "gpu-bench: missing libraries (above)" >&2; exit 1; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 "$BIN" info
+# A-B-B-A: HawAda, PyTorch, PyTorch, HawAda; compare.py averages each side.
 "$BIN" bench "$RECIPE" --out "$WORK/bench"
-python3 bench/torch_baseline.py --slim-dir "$WORK/bench/slim" --batch 256 --step-batch 128 --dtype bf16 --out "$OUT/torch.json"
-cp "$WORK/bench/bench.json" "$OUT/bench.json"
-python3 bench/compare.py "$OUT/bench.json" "$OUT/torch.json"
+cp "$WORK/bench/bench.json" "$OUT/bench1.json"
+python3 bench/torch_baseline.py --slim-dir "$WORK/bench/slim" --batch 256 --step-batch 128 --dtype bf16 --out "$OUT/torch1.json"
+python3 bench/torch_baseline.py --slim-dir "$WORK/bench/slim" --batch 256 --step-batch 128 --dtype bf16 --out "$OUT/torch2.json"
+"$BIN" bench "$RECIPE" --out "$WORK/bench"
+cp "$WORK/bench/bench.json" "$OUT/bench2.json"
+python3 bench/compare.py --hawada "$OUT/bench1.json" "$OUT/bench2.json" --torch "$OUT/torch1.json" "$OUT/torch2.json"
 "$BIN" -v run "$RECIPE" --run-dir "$WORK/run"
-cp "$WORK/run/summary.json" "$WORK/run/report.html" "$WORK/run/latency.json" "$WORK/run/metrics.jsonl" "$OUT/"
+cp "$WORK/run/summary.json" "$WORK/run/report.html" "$WORK/run/latency.json" "$OUT/"

@@ -208,7 +208,7 @@ fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
     let kind = recipe.kind(recipe_path)?;
     tch::manual_seed(recipe.seed as i64);
     if device.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(true);
+        hawada::cuda::tune_cudnn_for_fixed_shapes();
     }
     let mut model =
         hawada::families::load(&recipe.model.dir, device, kind, recipe.model.random_init)?;

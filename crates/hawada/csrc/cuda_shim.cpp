@@ -2,6 +2,7 @@
 // replay) and device properties. Every entry point catches C++ exceptions and reports them as a
 // message, so no exception crosses into Rust.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -48,6 +49,10 @@ int hawada_cuda_props(int device, char* name, int name_len, size_t* total_memory
     return 1;
   }
 }
+
+// How many cuDNN algorithms benchmark mode tries per convolution shape (PyTorch's
+// torch.backends.cudnn.benchmark_limit; 0 = all of them).
+void hawada_cudnn_set_benchmark_limit(int limit) { at::globalContext().setBenchmarkLimitCuDNN(limit); }
 
 int hawada_cuda_versions(int* runtime, int* driver) {
   if (cudaRuntimeGetVersion(runtime) != cudaSuccess) return 1;

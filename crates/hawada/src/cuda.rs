@@ -19,6 +19,7 @@ extern "C" {
         err_len: c_int,
     ) -> c_int;
     fn hawada_cuda_versions(runtime: *mut c_int, driver: *mut c_int) -> c_int;
+    fn hawada_cudnn_set_benchmark_limit(limit: c_int);
     fn hawada_graph_new() -> *mut c_void;
     fn hawada_graph_free(graph: *mut c_void);
     fn hawada_graph_capture_begin(
@@ -96,6 +97,15 @@ pub fn device_info(index: usize) -> Result<DeviceInfo> {
         cuda_runtime: runtime,
         cuda_driver: driver,
     })
+}
+
+/// Turns on cuDNN benchmark mode for fixed shapes and lets it try every algorithm per shape
+/// (`benchmark_limit = 0`; PyTorch's default tries 10): slower first calls, which warm-up
+/// absorbs, for the fastest kernels afterwards.
+pub fn tune_cudnn_for_fixed_shapes() {
+    tch::Cuda::cudnn_set_benchmark(true);
+    // SAFETY: sets a global integer in libtorch's context.
+    unsafe { hawada_cudnn_set_benchmark_limit(0) };
 }
 
 /// A captured CUDA graph. Inputs read during capture must stay alive and be updated in place

@@ -135,7 +135,7 @@ pub fn run(
     let kind = recipe.kind(recipe_file)?;
     tch::manual_seed(recipe.seed as i64);
     if let Device::Cuda(_) = device {
-        tch::Cuda::cudnn_set_benchmark(true);
+        crate::cuda::tune_cudnn_for_fixed_shapes();
     }
     let metrics = MetricsLog::new(run_dir.join("metrics.jsonl"));
 
