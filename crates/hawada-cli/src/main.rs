@@ -35,6 +35,15 @@ enum Command {
         #[arg(long)]
         run_dir: Option<PathBuf>,
     },
+    /// Profile a recipe's model on this device: keep-all latency, measured per-site cost tables
+    /// (cached), and the fidelity (MAPE, Spearman) of the table and FLOP proxies on held-out
+    /// random sub-architectures.
+    Profile {
+        recipe: PathBuf,
+        /// Run directory (default: runs/<recipe name>); `hawada run` there reuses the profile.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
     /// Print the device, libtorch and CUDA facts this binary sees.
     Info,
     /// Time HawAda's hot paths for a recipe's model (keep-all forward eager and CUDA graph,
@@ -92,6 +101,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let summary = hawada::run::run(&recipe, &file, &run_dir, &observer)
                 .with_context(|| format!("run `{}` in {}", recipe.name, run_dir.display()))?;
             print_table(&summary, &run_dir);
+        }
+        Command::Profile { recipe, run_dir } => {
+            let file = recipe;
+            let recipe = Recipe::from_file(&file)
+                .with_context(|| format!("reading recipe {}", file.display()))?;
+            ensure_data(&recipe)?;
+            let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
+            let observer = progress::Bars::default();
+            let p = hawada::run::profile(&recipe, &file, &run_dir, &observer)
+                .with_context(|| format!("profiling `{}` in {}", recipe.name, run_dir.display()))?;
+            println!(
+                "profile of `{}` on {} [{}]: keep-all {:.3} ms (p95 {:.3}), target {:.3} ms",
+                recipe.name, p.device, recipe.dtype, p.keep_all.mean, p.keep_all.p95, p.target_ms
+            );
+            println!(
+                "site tables: {} measurements ({})",
+                p.table_measurements, p.tables_key
+            );
+            println!(
+                "{:<8} {:>8} {:>9} {:>4}   (held-out random sub-architectures)",
+                "proxy", "MAPE %", "Spearman", "n"
+            );
+            for (name, f) in [("table", p.fidelity_table), ("flops", p.fidelity_flops)] {
+                println!("{name:<8} {:>8.2} {:>9.3} {:>4}", f.mape, f.spearman, f.n);
+            }
+            println!(
+                "gates train with the {} proxy; profile.json in {}",
+                p.proxy_used,
+                run_dir.display()
+            );
         }
         Command::Info => print_info()?,
         Command::Bench { recipe, out } => bench(&recipe, &out)?,

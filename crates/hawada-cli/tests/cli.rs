@@ -123,6 +123,14 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
         assert!(summary["latency_ms"]["slim"][key].as_f64().unwrap() > 0.0);
     }
     assert_eq!(summary["family"], "resnet");
+    // The export search lists only what it measured, and picks exactly one.
+    let search = summary["search"].as_array().unwrap();
+    assert!(!search.is_empty());
+    assert!(search
+        .iter()
+        .all(|c| c["latency_ms"]["mean"].as_f64().unwrap() > 0.0));
+    assert_eq!(search.iter().filter(|c| c["picked"] == true).count(), 1);
+    assert!(summary["proxy_table"]["n"].as_u64().unwrap() > 0);
     assert_eq!(summary["device"], "cpu");
     assert!(
         summary["params"]["slim"].as_i64().unwrap()
@@ -164,6 +172,50 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
         .lines()
         .count();
     assert_eq!(lines_before, lines_after);
+}
+
+#[test]
+fn profile_prints_both_proxies_and_caches_the_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        "[latency]",
+        &format!(
+            "[latency]\ncache_dir = \"{}\"",
+            tmp.path().join("cache").display()
+        ),
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let run = |dir: &str| {
+        hawada()
+            .arg("profile")
+            .arg(&recipe)
+            .arg("--run-dir")
+            .arg(tmp.path().join(dir))
+            .output()
+            .unwrap()
+    };
+    let out = run("p1");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("table") && stdout.contains("flops") && stdout.contains("MAPE"),
+        "{stdout}"
+    );
+    let cached: Vec<_> = std::fs::read_dir(tmp.path().join("cache"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 1);
+    // A second profile of the same model and device reads the cache: same tables file, no new one.
+    assert!(run("p2").status.success());
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("cache")).unwrap().count(),
+        1
+    );
 }
 
 #[test]

@@ -205,12 +205,17 @@ impl Gates {
     /// `follows` rule in both directions.
     pub fn keep_set(&self) -> KeepSet {
         let _guard = tch::no_grad_guard();
-        let host = self.flat.to_device(Device::Cpu);
-        let logits: Vec<Vec<f32>> = split(&self.groups, &host)
+        let logits = self.host_logits();
+        keep_from_logits(&self.groups, &logits, self.options.min_keep)
+    }
+
+    /// Logits per group on the host (a device sync).
+    pub fn host_logits(&self) -> Vec<Vec<f32>> {
+        let host = self.flat.detach().to_device(Device::Cpu);
+        split(&self.groups, &host)
             .iter()
             .map(|l| Vec::<f32>::try_from(l).expect("gate logits are a 1-D f32 tensor"))
-            .collect();
-        keep_from_logits(&self.groups, &logits, self.options.min_keep)
+            .collect()
     }
 
     /// Writes `gates.safetensors` and `gates.json` into `dir`.

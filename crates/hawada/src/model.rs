@@ -140,6 +140,21 @@ pub struct CostSite {
     pub output: Width,
     pub macs_per_in_out: f64,
     pub elems_per_out: f64,
+    /// The operator, so the latency profiler can run this site alone at any widths.
+    pub op: SiteOp,
+}
+
+/// A generic operator a cost site runs, per input sample (the profiler adds the batch).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum SiteOp {
+    /// Square 2-D convolution (padding `kernel / 2`, then bias and ReLU) on a square input.
+    Conv2d {
+        kernel: i64,
+        stride: i64,
+        input_size: i64,
+    },
+    /// Dense layer on `rows` rows per sample (tokens; 1 for a classifier head), bias included.
+    Linear { rows: i64 },
 }
 
 /// Shape of the example input a model is timed and trained with.

@@ -30,6 +30,9 @@ pub struct Recipe {
     #[serde(default)]
     pub gates: GateOptions,
     pub adapt: AdaptSection,
+    /// The export search's rounding multiples.
+    #[serde(default)]
+    pub export: crate::export::search::SearchOptions,
     pub finetune: FinetuneSection,
     #[serde(default)]
     pub eval: EvalSection,
@@ -102,6 +105,19 @@ pub struct LatencySection {
     /// Further random sub-architectures held out to report proxy fidelity.
     #[serde(default = "default_fit_archs")]
     pub holdout_archs: usize,
+    /// Which proxy trains the gates: `table` (measured per-site tables) or `flops`.
+    #[serde(default = "default_cost")]
+    pub cost: String,
+    /// Site tables: grid spacing in channels/units, and the (lighter) per-site timing protocol.
+    #[serde(default = "default_grid_step")]
+    pub table_grid_step: i64,
+    #[serde(default = "default_table_warmup")]
+    pub table_warmup_runs: usize,
+    #[serde(default = "default_table_timed")]
+    pub table_timed_runs: usize,
+    /// Where site tables are cached.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
 }
 
 impl LatencySection {
@@ -109,6 +125,12 @@ impl LatencySection {
         TimingProtocol {
             warmup_runs: self.warmup_runs,
             timed_runs: self.timed_runs,
+        }
+    }
+    pub fn table_protocol(&self) -> TimingProtocol {
+        TimingProtocol {
+            warmup_runs: self.table_warmup_runs,
+            timed_runs: self.table_timed_runs,
         }
     }
 }
@@ -194,6 +216,21 @@ fn default_warmup_runs() -> usize {
 }
 fn default_timed_runs() -> usize {
     TimingProtocol::default().timed_runs
+}
+fn default_cost() -> String {
+    "table".into()
+}
+fn default_grid_step() -> i64 {
+    8
+}
+fn default_table_warmup() -> usize {
+    3
+}
+fn default_table_timed() -> usize {
+    10
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from(".cache/latency")
 }
 fn default_fit_archs() -> usize {
     4
@@ -293,6 +330,24 @@ impl Recipe {
         if self.finetune.steps < 0 {
             return Err(Error::config(file, "finetune.steps", "must be ≥ 0"));
         }
+        if !matches!(self.latency.cost.as_str(), "table" | "flops") {
+            return Err(Error::config(
+                file,
+                "latency.cost",
+                format!(
+                    "unknown proxy `{}`; expected table or flops",
+                    self.latency.cost
+                ),
+            ));
+        }
+        positive(
+            "latency.table_grid_step",
+            self.latency.table_grid_step as f64,
+        )?;
+        positive(
+            "latency.table_timed_runs",
+            self.latency.table_timed_runs as f64,
+        )?;
         self.kind(file)?;
         self.device(file)?;
         Ok(())

@@ -47,6 +47,12 @@ pub struct Candidate {
     /// Agreement with the teacher on the calibration batch, percent.
     pub agreement: f64,
     pub widths: Vec<i64>,
+    /// Measured mean latency at or under the target.
+    pub meets_target: bool,
+    /// On the Pareto front of (latency, agreement).
+    pub pareto: bool,
+    /// The exported architecture.
+    pub picked: bool,
 }
 
 /// `summary.json`: the machine-readable result every run ends with.
@@ -62,6 +68,9 @@ pub struct Summary {
     pub params: Params,
     pub quality: Quality,
     pub proxy: ProxySummary,
+    /// Fidelity of each proxy on the same held-out sub-architectures.
+    pub proxy_flops: crate::latency::proxy::Fidelity,
+    pub proxy_table: crate::latency::proxy::Fidelity,
     pub search: Vec<Candidate>,
     pub wall_s: f64,
     /// Kept width per gate group of the exported model, `group name → channels`.

@@ -5,21 +5,32 @@
 use crate::data::{BatchShape, ImageDataset};
 use crate::error::{Error, Result};
 use crate::eval;
+use crate::export::search::{candidates, search, Measurement, SearchContext};
 use crate::families;
 use crate::finetune::{train_weights, Objective, WeightTraining};
 use crate::gates::Gates;
 use crate::latency::forward::{inference_copy, measure_model, measure_pair};
 use crate::latency::measure::{device_name, LatencyStats};
 use crate::latency::proxy::{Fidelity, LatencyProxy, Sample};
+use crate::latency::tables::{
+    cache_key, load_cached, measure_tables, store_cached, SiteTables, TableCost, TableOptions,
+};
 use crate::model::{Family, KeepSet, Masks};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
-use crate::report::{Candidate, LatencyPair, Params, ProxySummary, Quality, Summary};
+use crate::report::{LatencyPair, Params, ProxySummary, Quality, Summary};
 use crate::train::{adapt, AdaptContext, MetricsLog, Models};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+
+/// One whole-model measurement of a sub-architecture (ms rescaled to the profile's keep-all).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measured {
+    pub keep: KeepSet,
+    pub ms: f64,
+}
 
 /// The profile stage's record (`profile.json`), reused on resume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,11 +38,170 @@ pub struct Profile {
     pub device: String,
     pub keep_all: LatencyStats,
     pub target_ms: f64,
-    pub fit_samples: Vec<Sample>,
-    pub holdout_samples: Vec<Sample>,
-    pub fidelity: Fidelity,
-    pub a: f64,
-    pub b: f64,
+    /// Sub-architectures (keep-all first) the proxies are fitted to.
+    pub fit: Vec<Measured>,
+    /// Further ones, held out to judge them.
+    pub holdout: Vec<Measured>,
+    /// Fidelity on `holdout` of the FLOP proxy and of the measured-table proxy.
+    pub fidelity_flops: Fidelity,
+    pub fidelity_table: Fidelity,
+    /// Which proxy trains the gates: "table" or "flops".
+    pub proxy_used: String,
+    /// Cache key and size of the site tables.
+    pub tables_key: String,
+    pub table_measurements: usize,
+}
+
+impl Profile {
+    pub fn fidelity(&self) -> Fidelity {
+        if self.proxy_used == "table" {
+            self.fidelity_table
+        } else {
+            self.fidelity_flops
+        }
+    }
+}
+
+/// `proxy` fitted to the `fit` measurements; its fidelity on `holdout`.
+fn fit_proxy(
+    mut proxy: LatencyProxy,
+    fit: &[Measured],
+    holdout: &[Measured],
+) -> (LatencyProxy, Fidelity) {
+    for m in fit {
+        proxy.add_sample(Sample {
+            cost: proxy.cost_of_keep(&m.keep),
+            ms: m.ms,
+        });
+    }
+    let held: Vec<Sample> = holdout
+        .iter()
+        .map(|m| Sample {
+            cost: proxy.cost_of_keep(&m.keep),
+            ms: m.ms,
+        })
+        .collect();
+    let fidelity = proxy.fidelity(&held);
+    (proxy, fidelity)
+}
+
+/// Site tables for `model` on this device: from the cache, or measured and cached.
+fn site_tables(model: &dyn Family, recipe: &Recipe, env: &RunEnv<'_>) -> Result<SiteTables> {
+    let options = TableOptions {
+        grid_step: recipe.latency.table_grid_step,
+        protocol: recipe.latency.table_protocol(),
+        batch: recipe.latency.batch,
+    };
+    let (name, driver) = match env.device {
+        Device::Cuda(i) => {
+            let info = crate::cuda::device_info(i)?;
+            (info.name, info.cuda_driver.to_string())
+        }
+        other => (device_name(other), "none".to_string()),
+    };
+    let sites = model.cost_sites();
+    let key = cache_key(&name, &driver, env.kind, &options, &sites, model.groups());
+    if let Some(tables) = load_cached(&recipe.latency.cache_dir, &key) {
+        tracing::info!(key, "site tables from cache");
+        return Ok(tables);
+    }
+    let tables = measure_tables(
+        &sites,
+        model.groups(),
+        options,
+        (env.kind, env.device),
+        key,
+        env.observer,
+    );
+    store_cached(&recipe.latency.cache_dir, &tables)?;
+    Ok(tables)
+}
+
+/// Profiles `model` (or reloads `profile.json`): keep-all latency, random sub-architectures
+/// measured against keep-all, site tables, the FLOP and table proxies fitted and judged on
+/// held-out sub-architectures. Returns the record and the proxy that trains the gates.
+pub fn profile_stage(
+    model: &dyn Family,
+    recipe: &Recipe,
+    env: &RunEnv<'_>,
+) -> Result<(Profile, LatencyProxy)> {
+    let (device, observer) = (env.device, env.observer);
+    let protocol = recipe.latency.protocol();
+    let batch = recipe.latency.batch;
+    let sites = model.cost_sites();
+    let tables = site_tables(model, recipe, env)?;
+    let flops = || LatencyProxy::with_flop_cost(&sites, model.groups(), device);
+    let table = || {
+        LatencyProxy::new(
+            &sites,
+            model.groups(),
+            Box::new(TableCost::new(&tables, device)),
+            device,
+        )
+    };
+    let profile_path = env.run_dir.join("profile.json");
+    let profile: Profile = if profile_path.exists() {
+        read_json(&profile_path)?
+    } else {
+        let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
+        observer.begin("profile", n_archs as u64 + 1);
+        let keep_all_model = inference_copy(model, &KeepSet::all(model.groups()))?;
+        let keep_all = measure_model(keep_all_model.as_ref(), batch, protocol);
+        observer.advance(1, &format!("keep-all {:.2} ms", keep_all.mean));
+        let mut fit = vec![Measured {
+            keep: KeepSet::all(model.groups()),
+            ms: keep_all.mean,
+        }];
+        for i in 0..n_archs {
+            let keep = random_keep(model, recipe.gates.min_keep);
+            let sub = inference_copy(model, &keep)?;
+            // Round-robin with keep-all and rescaled to its first measurement: drift cancels.
+            let [keep_all_now, sub_now] =
+                measure_pair(keep_all_model.as_ref(), sub.as_ref(), batch, protocol);
+            let ms = sub_now.mean * keep_all.mean / keep_all_now.mean;
+            fit.push(Measured { keep, ms });
+            observer.advance(i as u64 + 2, &format!("sub-architecture {ms:.2} ms"));
+        }
+        observer.end();
+        let holdout = fit.split_off(recipe.latency.fit_archs + 1);
+        let target_ms = match (recipe.target.ms, recipe.target.fraction) {
+            (Some(ms), _) => ms,
+            (None, Some(f)) => f * keep_all.mean,
+            (None, None) => unreachable!("validated: exactly one target"),
+        };
+        let (_, fidelity_flops) = fit_proxy(flops(), &fit, &holdout);
+        let (_, fidelity_table) = fit_proxy(table(), &fit, &holdout);
+        let profile = Profile {
+            device: device_name(device),
+            keep_all,
+            target_ms,
+            fit,
+            holdout,
+            fidelity_flops,
+            fidelity_table,
+            proxy_used: recipe.latency.cost.clone(),
+            tables_key: tables.key.clone(),
+            table_measurements: tables.measurements,
+        };
+        crate::io::hf_config::write(&profile_path, &profile)?;
+        profile
+    };
+    let chosen = if profile.proxy_used == "table" {
+        table()
+    } else {
+        flops()
+    };
+    let (proxy, _) = fit_proxy(chosen, &profile.fit, &profile.holdout);
+    tracing::info!(
+        keep_all_ms = profile.keep_all.mean,
+        target_ms = profile.target_ms,
+        table_mape = profile.fidelity_table.mape,
+        table_spearman = profile.fidelity_table.spearman,
+        flops_mape = profile.fidelity_flops.mape,
+        flops_spearman = profile.fidelity_flops.spearman,
+        "profiled"
+    );
+    Ok((profile, proxy))
 }
 
 /// A random sub-architecture keeping a fraction in [0.25, 1] of each group's units.
@@ -61,12 +231,12 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// What every stage of one run shares.
-struct RunEnv<'a> {
-    run_dir: &'a Path,
-    device: Device,
-    kind: Kind,
-    metrics: &'a MetricsLog,
-    observer: &'a dyn Observer,
+pub struct RunEnv<'a> {
+    pub run_dir: &'a Path,
+    pub device: Device,
+    pub kind: Kind,
+    pub metrics: &'a MetricsLog,
+    pub observer: &'a dyn Observer,
 }
 
 /// Loads the teacher, training it first when the recipe says so and no cached model exists.
@@ -118,28 +288,15 @@ fn teacher(
     Ok(model)
 }
 
-/// Runs every stage of `recipe` in `run_dir` (created if needed); returns the summary, also written
-/// as `summary.json` with `report.html` beside it.
-pub fn run(
-    recipe: &Recipe,
-    recipe_file: &Path,
-    run_dir: &Path,
-    observer: &dyn Observer,
-) -> Result<Summary> {
-    let started = Instant::now();
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let resolved = toml::to_string(recipe)
-        .map_err(|e| Error::Invalid(format!("recipe does not serialise: {e}")))?;
-    crate::io::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
-    let device = recipe.device(recipe_file)?;
-    let kind = recipe.kind(recipe_file)?;
-    tch::manual_seed(recipe.seed as i64);
-    if let Device::Cuda(_) = device {
-        crate::cuda::tune_cudnn_for_fixed_shapes();
-    }
-    let metrics = MetricsLog::new(run_dir.join("metrics.jsonl"));
+/// The splits a run uses: training examples, a held-out calibration tail of the training
+/// split, and the test split for quality.
+struct Splits {
+    train: ImageDataset,
+    calibration: ImageDataset,
+    test: ImageDataset,
+}
 
-    // Data: the training split minus a held-out calibration tail; the test split for quality.
+fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
     let DataFormat::Idx = recipe.data.format;
     let mut full_train = ImageDataset::load_idx(&recipe.data.dir, "train", device)?;
     let mut test = ImageDataset::load_idx(&recipe.data.dir, "t10k", device)?;
@@ -158,9 +315,66 @@ pub fn run(
         test = test.take(limit);
     }
     let holdout = recipe.data.holdout.clamp(1, full_train.len() - 1);
-    let train = full_train.take(full_train.len() - holdout);
-    let calibration = full_train.slice(full_train.len() - holdout, holdout);
+    Ok(Splits {
+        train: full_train.take(full_train.len() - holdout),
+        calibration: full_train.slice(full_train.len() - holdout, holdout),
+        test,
+    })
+}
 
+/// Creates the run directory, writes the resolved recipe, seeds, resolves device and dtype.
+fn open_run(recipe: &Recipe, recipe_file: &Path, run_dir: &Path) -> Result<(Device, Kind)> {
+    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let resolved = toml::to_string(recipe)
+        .map_err(|e| Error::Invalid(format!("recipe does not serialise: {e}")))?;
+    crate::io::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+    let device = recipe.device(recipe_file)?;
+    let kind = recipe.kind(recipe_file)?;
+    tch::manual_seed(recipe.seed as i64);
+    if let Device::Cuda(_) = device {
+        crate::cuda::tune_cudnn_for_fixed_shapes();
+    }
+    Ok((device, kind))
+}
+
+/// `hawada profile`: the teacher and the profile stage only; returns the profile (also in
+/// `profile.json` of `run_dir`, which a later `hawada run` there reuses).
+pub fn profile(
+    recipe: &Recipe,
+    recipe_file: &Path,
+    run_dir: &Path,
+    observer: &dyn Observer,
+) -> Result<Profile> {
+    let (device, kind) = open_run(recipe, recipe_file, run_dir)?;
+    let metrics = MetricsLog::new(run_dir.join("metrics.jsonl"));
+    let splits = load_splits(recipe, device)?;
+    let env = RunEnv {
+        run_dir,
+        device,
+        kind,
+        metrics: &metrics,
+        observer,
+    };
+    let model = teacher(recipe, recipe_file, &splits.train, &env)?;
+    Ok(profile_stage(model.as_ref(), recipe, &env)?.0)
+}
+
+/// Runs every stage of `recipe` in `run_dir` (created if needed); returns the summary, also written
+/// as `summary.json` with `report.html` beside it.
+pub fn run(
+    recipe: &Recipe,
+    recipe_file: &Path,
+    run_dir: &Path,
+    observer: &dyn Observer,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let (device, kind) = open_run(recipe, recipe_file, run_dir)?;
+    let metrics = MetricsLog::new(run_dir.join("metrics.jsonl"));
+    let Splits {
+        train,
+        calibration,
+        test,
+    } = load_splits(recipe, device)?;
     let env = RunEnv {
         run_dir,
         device,
@@ -179,72 +393,10 @@ pub fn run(
     let teacher_accuracy = eval::accuracy(model.as_ref(), &test, recipe.eval.batch, kind);
     tracing::info!(teacher_accuracy, "teacher evaluated");
 
-    // Profile: keep-all latency, proxy fit and fidelity.
+    // Profile: keep-all latency, site tables, both proxies fitted and judged.
     let protocol = recipe.latency.protocol();
     let batch = recipe.latency.batch;
-    let mut proxy = LatencyProxy::with_flop_cost(&model.cost_sites(), model.groups(), device);
-    let profile_path = run_dir.join("profile.json");
-    let profile: Profile = if profile_path.exists() {
-        read_json(&profile_path)?
-    } else {
-        let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
-        observer.begin("profile", n_archs as u64 + 1);
-        let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()))?;
-        let keep_all = measure_model(keep_all_model.as_ref(), batch, protocol);
-        observer.advance(1, &format!("keep-all {:.2} ms", keep_all.mean));
-        let mut samples = vec![Sample {
-            cost: proxy.cost_of_keep(&KeepSet::all(model.groups())),
-            ms: keep_all.mean,
-        }];
-        for i in 0..n_archs {
-            let keep = random_keep(model.as_ref(), recipe.gates.min_keep);
-            let sub = inference_copy(model.as_ref(), &keep)?;
-            // Round-robin with keep-all and rescaled to its first measurement: drift cancels.
-            let [keep_all_now, sub_now] =
-                measure_pair(keep_all_model.as_ref(), sub.as_ref(), batch, protocol);
-            let ms = sub_now.mean * keep_all.mean / keep_all_now.mean;
-            samples.push(Sample {
-                cost: proxy.cost_of_keep(&keep),
-                ms,
-            });
-            observer.advance(i as u64 + 2, &format!("sub-architecture {ms:.2} ms"));
-        }
-        observer.end();
-        let holdout_samples = samples.split_off(recipe.latency.fit_archs + 1);
-        let target_ms = match (recipe.target.ms, recipe.target.fraction) {
-            (Some(ms), _) => ms,
-            (None, Some(f)) => f * keep_all.mean,
-            (None, None) => unreachable!("validated: exactly one target"),
-        };
-        for &s in &samples {
-            proxy.add_sample(s);
-        }
-        let fidelity = proxy.fidelity(&holdout_samples);
-        let profile = Profile {
-            device: device_name(device),
-            keep_all,
-            target_ms,
-            fit_samples: samples,
-            holdout_samples,
-            fidelity,
-            a: proxy.a,
-            b: proxy.b,
-        };
-        crate::io::hf_config::write(&profile_path, &profile)?;
-        profile
-    };
-    if proxy.samples().is_empty() {
-        for &s in &profile.fit_samples {
-            proxy.add_sample(s);
-        }
-    }
-    tracing::info!(
-        keep_all_ms = profile.keep_all.mean,
-        target_ms = profile.target_ms,
-        mape = profile.fidelity.mape,
-        spearman = profile.fidelity.spearman,
-        "profiled"
-    );
+    let (profile, mut proxy) = profile_stage(model.as_ref(), recipe, &env)?;
 
     // Adapt. The student is the teacher itself, or a copy when its weights train too.
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), device)?;
@@ -303,22 +455,60 @@ pub fn run(
     )?;
     gates.save(run_dir)?;
 
-    // Export.
-    let keep = outcome.keep.clone();
+    // Export: the GPU-friendly search over roundings of the trained keep-set, every candidate
+    // measured (against keep-all, drift-cancelled) and scored on the calibration batch.
+    let listed = candidates(
+        model.groups(),
+        &gates.host_logits(),
+        &outcome.keep,
+        recipe.gates.min_keep,
+        &recipe.export,
+    );
+    let mut measure_candidate = |keep: &KeepSet| -> Result<Measurement> {
+        let slim = inference_copy(model.as_ref(), keep)?;
+        let [keep_all_now, slim_now] =
+            measure_pair(keep_all_model.as_ref(), slim.as_ref(), batch, protocol);
+        let scale = profile.keep_all.mean / keep_all_now.mean;
+        let latency = LatencyStats {
+            mean: slim_now.mean * scale,
+            p50: slim_now.p50 * scale,
+            p95: slim_now.p95 * scale,
+            std: slim_now.std * scale,
+            runs: slim_now.runs,
+        };
+        Ok(Measurement {
+            latency,
+            params: slim.num_params(),
+        })
+    };
+    let mut score = |keep: &KeepSet| {
+        let hard = Masks::from_keep(model.groups(), keep, (kind, device));
+        eval::agreement(
+            student,
+            &hard,
+            model.as_ref(),
+            &calibration,
+            recipe.eval.batch,
+            kind,
+        )
+    };
+    let (search_table, searched, pick) = search(
+        model.groups(),
+        listed,
+        profile.target_ms,
+        SearchContext {
+            measure: &mut measure_candidate,
+            score: &mut score,
+            observer,
+        },
+    )?;
+    let keep = searched[pick].clone();
+    let calibration_agreement = search_table[pick].agreement;
     let mut slim = student.slim(&keep)?;
     slim.save(&run_dir.join("slim-before-finetune"))?;
     slim.to_device_layout();
     let slim_before = eval::accuracy(slim.as_ref(), &test, recipe.eval.batch, kind);
-    let hard = Masks::from_keep(model.groups(), &keep, (kind, device));
-    let calibration_agreement = eval::agreement(
-        student,
-        &hard,
-        model.as_ref(),
-        &calibration,
-        recipe.eval.batch,
-        kind,
-    );
-    tracing::info!(slim_before, calibration_agreement, "exported");
+    tracing::info!(picked = %search_table[pick].name, slim_before, calibration_agreement, "exported");
 
     // Fine-tune by distillation.
     if recipe.finetune.steps > 0 {
@@ -389,18 +579,14 @@ pub fn run(
             slim: slim_accuracy,
         },
         proxy: ProxySummary {
-            mape: profile.fidelity.mape,
-            spearman: profile.fidelity.spearman,
-            n: profile.fidelity.n,
+            mape: profile.fidelity().mape,
+            spearman: profile.fidelity().spearman,
+            n: profile.fidelity().n,
             cost: proxy.cost_name().into(),
         },
-        search: vec![Candidate {
-            name: "gates (logit > 0)".into(),
-            latency_ms: slim_latency,
-            params: slim.num_params(),
-            agreement: calibration_agreement,
-            widths: widths.clone(),
-        }],
+        proxy_flops: profile.fidelity_flops,
+        proxy_table: profile.fidelity_table,
+        search: search_table.clone(),
         wall_s: started.elapsed().as_secs_f64(),
         slim_widths: model
             .groups()
@@ -410,7 +596,7 @@ pub fn run(
             .collect(),
         adapt_steps: outcome.steps,
     };
-    let latency_json = serde_json::json!({ "profile": profile, "probes": outcome.probes, "final": { "keep_all": keep_all, "slim": slim_latency } });
+    let latency_json = serde_json::json!({ "profile": profile, "probes": outcome.probes, "search": search_table, "final": { "keep_all": keep_all, "slim": slim_latency } });
     crate::io::hf_config::write(&run_dir.join("latency.json"), &latency_json)?;
     summary.write(&run_dir.join("summary.json"))?;
     crate::report::write_html(run_dir)?;

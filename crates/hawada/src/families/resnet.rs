@@ -11,7 +11,9 @@
 use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_into, named_tensors};
-use crate::model::{CostSite, Family, Group, KeepSet, Masks, Member, Phase, UnitKind, Width};
+use crate::model::{
+    CostSite, Family, Group, KeepSet, Masks, Member, Phase, SiteOp, UnitKind, Width,
+};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, nn::VarStore, Device, Kind, Tensor};
@@ -731,6 +733,11 @@ impl Family for Resnet {
                     output,
                     macs_per_in_out: (k[2] * k[3]) as f64 * pixels,
                     elems_per_out: pixels,
+                    op: SiteOp::Conv2d {
+                        kernel: k[2],
+                        stride: conv.stride,
+                        input_size: out_size * conv.stride,
+                    },
                 }
             };
         let mut sites = vec![conv_site(
@@ -811,6 +818,7 @@ impl Family for Resnet {
             output: Width::Fixed(self.cfg.num_labels),
             macs_per_in_out: 1.0,
             elems_per_out: 1.0,
+            op: SiteOp::Linear { rows: 1 },
         });
         sites
     }

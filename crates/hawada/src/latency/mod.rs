@@ -3,3 +3,4 @@
 pub mod forward;
 pub mod measure;
 pub mod proxy;
+pub mod tables;

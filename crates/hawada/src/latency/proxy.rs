@@ -329,6 +329,7 @@ mod tests {
             output: Width::Group(0),
             macs_per_in_out: 9.0,
             elems_per_out: 1.0,
+            op: crate::model::SiteOp::Linear { rows: 1 },
         }];
         let proxy = LatencyProxy::new(
             &sites,

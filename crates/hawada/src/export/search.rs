@@ -1,0 +1,271 @@
+//! The GPU-friendly export search (DESIGN §6): round each group's kept count to multiples of the
+//! unit kind's friendly sizes (channels 1, 8, 16, …, 128; heads 1, 2, 4; KV groups 1), floor
+//! and ceil, keep the top units by logit, deduplicate, then *measure* and score every candidate
+//! it lists. The Pareto front of (latency, agreement) is kept; the pick is the best agreement
+//! whose measured latency meets the target, else the fastest.
+
+use crate::error::Result;
+use crate::latency::measure::LatencyStats;
+use crate::model::{Group, KeepSet, UnitKind};
+use crate::progress::Observer;
+use crate::report::Candidate;
+
+/// Rounding multiples per unit kind: channels in elements, heads and KV groups in units.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchOptions {
+    #[serde(default = "default_channel_multiples")]
+    pub channel_multiples: Vec<i64>,
+    #[serde(default = "default_head_multiples")]
+    pub head_multiples: Vec<i64>,
+}
+
+fn default_channel_multiples() -> Vec<i64> {
+    vec![1, 8, 16, 32, 64, 128]
+}
+fn default_head_multiples() -> Vec<i64> {
+    vec![1, 2, 4]
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            channel_multiples: default_channel_multiples(),
+            head_multiples: default_head_multiples(),
+        }
+    }
+}
+
+/// Units per rounding step for a group, or `None` when the multiple does not apply to it.
+fn step_units(group: &Group, multiple: i64) -> Option<i64> {
+    match group.kind {
+        UnitKind::Channels => (multiple > group.unit_width && multiple % group.unit_width == 0)
+            .then(|| multiple / group.unit_width),
+        UnitKind::Heads => (multiple > 1).then_some(multiple),
+        UnitKind::KvGroups | UnitKind::Sublayer => None,
+    }
+}
+
+/// The `count` highest-logit units of a group, ascending.
+fn top_units(logits: &[f32], count: usize) -> Vec<i64> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let mut kept: Vec<i64> = order.into_iter().take(count).map(|i| i as i64).collect();
+    kept.sort_unstable();
+    kept
+}
+
+/// Named candidate keep-sets: the trained keep-set, then every (multiple, floor|ceil) rounding
+/// of its counts, deduplicated (first name wins).
+pub fn candidates(
+    groups: &[Group],
+    logits: &[Vec<f32>],
+    trained: &KeepSet,
+    min_keep: i64,
+    options: &SearchOptions,
+) -> Vec<(String, KeepSet)> {
+    let mut out = vec![("as trained".to_string(), trained.clone())];
+    let multiples: Vec<i64> = options
+        .channel_multiples
+        .iter()
+        .chain(&options.head_multiples)
+        .copied()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for multiple in multiples {
+        for ceil in [false, true] {
+            let mut changed = false;
+            let keep = KeepSet(
+                groups
+                    .iter()
+                    .zip(logits)
+                    .zip(&trained.0)
+                    .map(|((group, logits), kept)| {
+                        let Some(step) = step_units(group, multiple) else {
+                            return kept.clone();
+                        };
+                        let k = kept.len() as i64;
+                        let rounded = if ceil {
+                            k.div_euclid(step) * step + if k % step == 0 { 0 } else { step }
+                        } else {
+                            k.div_euclid(step) * step
+                        };
+                        let units = rounded
+                            .max(step.min(group.len))
+                            .max(min_keep.min(group.len))
+                            .min(group.len);
+                        changed = true;
+                        top_units(logits, units as usize)
+                    })
+                    .collect(),
+            );
+            if changed && !out.iter().any(|(_, k)| *k == keep) {
+                out.push((
+                    format!("×{multiple} {}", if ceil { "ceil" } else { "floor" }),
+                    keep,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A measured candidate before scoring.
+pub struct Measurement {
+    pub latency: LatencyStats,
+    pub params: i64,
+}
+
+/// What the search needs from its caller: how to measure and score a keep-set.
+pub struct SearchContext<'a> {
+    pub measure: &'a mut dyn FnMut(&KeepSet) -> Result<Measurement>,
+    /// Agreement with the teacher in percent on the calibration batch, hard masks.
+    pub score: &'a mut dyn FnMut(&KeepSet) -> f64,
+    pub observer: &'a dyn Observer,
+}
+
+/// Measures and scores every candidate; returns them all (Pareto and pick flags set) and the
+/// index of the pick.
+pub fn search(
+    groups: &[Group],
+    candidates: Vec<(String, KeepSet)>,
+    target_ms: f64,
+    ctx: SearchContext<'_>,
+) -> Result<(Vec<Candidate>, Vec<KeepSet>, usize)> {
+    ctx.observer.begin("search", candidates.len() as u64);
+    let mut entries = Vec::with_capacity(candidates.len());
+    let mut keeps = Vec::with_capacity(candidates.len());
+    for (i, (name, keep)) in candidates.into_iter().enumerate() {
+        let measured = (ctx.measure)(&keep)?;
+        let agreement = (ctx.score)(&keep);
+        let widths = groups
+            .iter()
+            .zip(&keep.0)
+            .map(|(g, k)| k.len() as i64 * g.unit_width)
+            .collect();
+        tracing::info!(candidate = %name, mean_ms = measured.latency.mean, p95_ms = measured.latency.p95, params = measured.params, agreement, "search candidate");
+        ctx.observer.advance(
+            i as u64 + 1,
+            &format!("{name}: {:.3} ms, {agreement:.1}%", measured.latency.mean),
+        );
+        entries.push(Candidate {
+            name,
+            latency_ms: measured.latency,
+            params: measured.params,
+            agreement,
+            widths,
+            meets_target: measured.latency.mean <= target_ms,
+            pareto: false,
+            picked: false,
+        });
+        keeps.push(keep);
+    }
+    ctx.observer.end();
+    for i in 0..entries.len() {
+        let (ms, agreement) = (entries[i].latency_ms.mean, entries[i].agreement);
+        entries[i].pareto = !entries.iter().any(|o| {
+            o.latency_ms.mean <= ms
+                && o.agreement >= agreement
+                && (o.latency_ms.mean < ms || o.agreement > agreement)
+        });
+    }
+    let pick = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.meets_target)
+        .max_by(|(_, a), (_, b)| {
+            a.agreement
+                .total_cmp(&b.agreement)
+                .then(b.latency_ms.mean.total_cmp(&a.latency_ms.mean))
+        })
+        .or_else(|| {
+            entries
+                .iter()
+                .enumerate()
+                .min_by(|(_, a), (_, b)| a.latency_ms.mean.total_cmp(&b.latency_ms.mean))
+        })
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    if let Some(entry) = entries.get_mut(pick) {
+        entry.picked = true;
+    }
+    Ok((entries, keeps, pick))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channels(name: &str, len: i64, unit_width: i64) -> Group {
+        Group {
+            name: name.into(),
+            kind: UnitKind::Channels,
+            len,
+            unit_width,
+            members: vec![],
+            follows: None,
+        }
+    }
+
+    #[test]
+    fn rounds_floor_and_ceil_to_multiples_and_keeps_top_logits() {
+        let groups = [channels("a", 8, 4)];
+        let logits = vec![vec![5.0, -1.0, 4.0, 3.0, 2.0, -2.0, 1.0, 0.5]];
+        // 5 units of 4 channels = 20 channels kept.
+        let trained = KeepSet(vec![vec![0, 2, 3, 4, 6]]);
+        let options = SearchOptions {
+            channel_multiples: vec![1, 8, 16],
+            head_multiples: vec![],
+        };
+        let c = candidates(&groups, &logits, &trained, 1, &options);
+        let by_name = |n: &str| {
+            c.iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, k)| k.0[0].clone())
+        };
+        assert_eq!(by_name("×8 floor"), Some(vec![0, 2, 3, 4])); // 16 channels
+        assert_eq!(by_name("×8 ceil"), Some(vec![0, 2, 3, 4, 6, 7])); // 24 channels
+                                                                      // ×16 floor keeps 16 channels, a duplicate of ×8 floor: listed once.
+        let names: Vec<&str> = c.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["as trained", "×8 floor", "×8 ceil", "×16 ceil"]);
+    }
+
+    #[test]
+    fn search_measures_every_listed_candidate_and_picks_best_within_target() {
+        let groups = [channels("a", 4, 1)];
+        let list: Vec<(String, KeepSet)> = (1..=4)
+            .map(|k| (format!("k{k}"), KeepSet(vec![(0..k).collect()])))
+            .collect();
+        let mut measured = Vec::new();
+        let mut measure = |keep: &KeepSet| {
+            measured.push(keep.clone());
+            let ms = keep.0[0].len() as f64;
+            Ok(Measurement {
+                latency: LatencyStats {
+                    mean: ms,
+                    p50: ms,
+                    p95: ms,
+                    std: 0.0,
+                    runs: 1,
+                },
+                params: 0,
+            })
+        };
+        let mut score = |keep: &KeepSet| 25.0 * keep.0[0].len() as f64;
+        let (entries, _, pick) = search(
+            &groups,
+            list,
+            2.5,
+            SearchContext {
+                measure: &mut measure,
+                score: &mut score,
+                observer: &crate::progress::Silent,
+            },
+        )
+        .unwrap();
+        assert_eq!(measured.len(), 4);
+        assert_eq!(entries[pick].name, "k2");
+        assert!(entries.iter().all(|e| e.pareto));
+    }
+}
