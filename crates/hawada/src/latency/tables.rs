@@ -248,12 +248,37 @@ pub fn store_cached(dir: &Path, tables: &SiteTables) -> Result<()> {
 
 /// Table-driven site costs: linear interpolation in the measured tables, separable in the two
 /// widths, vectorised over sites.
+///
+/// The value is the table's; the gradient is not the local segment's slope. Measured GPU
+/// latency is a staircase in width (and noisy between neighbouring grid points), so a local
+/// slope is often zero or negative at full width and the gates would never learn to shrink.
+/// The gradient is the secant slope over a window of a quarter of the full width around the
+/// current width, floored at zero (latency does not fall as width grows).
 pub struct TableCost {
     in_x: Tensor,
     in_y: Tensor,
+    in_full: Tensor,
     out_x: Tensor,
     out_y: Tensor,
+    out_full: Tensor,
     full: Tensor,
+}
+
+/// Fraction of a side's full width over which the gradient's secant is taken.
+const SECANT_WINDOW: f64 = 0.25;
+
+/// Table value at `w` with the secant gradient described on [`TableCost`].
+fn smoothed(xs: &Tensor, ys: &Tensor, side_full: &Tensor, w: &Tensor) -> Tensor {
+    let value = interpolate(xs, ys, &w.detach());
+    let slope = tch::no_grad(|| {
+        let first = xs.select(1, 0);
+        let half = side_full * SECANT_WINDOW;
+        let lo = (w - &half).maximum(&first).minimum(side_full);
+        let hi = (w + &half).minimum(side_full).maximum(&first);
+        let span = (&hi - &lo).clamp_min(1e-6);
+        ((interpolate(xs, ys, &hi) - interpolate(xs, ys, &lo)) / span).clamp_min(0.0)
+    });
+    value + slope * (w - w.detach())
 }
 
 /// `[n_sites, P]` padded rows: past the last point x keeps rising and y stays flat, so every
@@ -318,11 +343,21 @@ impl TableCost {
             .iter()
             .map(|t| t.full_ms.max(1e-9) as f32)
             .collect();
+        let side = |widths: fn(&SiteTable) -> &Vec<i64>| -> Tensor {
+            let last: Vec<f32> = tables
+                .tables
+                .iter()
+                .map(|t| *widths(t).last().expect("a table has a point") as f32)
+                .collect();
+            Tensor::from_slice(&last).to_device(device)
+        };
         TableCost {
             in_x,
             in_y,
+            in_full: side(|t| &t.in_widths),
             out_x,
             out_y,
+            out_full: side(|t| &t.out_widths),
             full: Tensor::from_slice(&full).to_device(device),
         }
     }
@@ -330,7 +365,8 @@ impl TableCost {
 
 impl SiteCost for TableCost {
     fn total(&self, w_in: &Tensor, w_out: &Tensor) -> Tensor {
-        (interpolate(&self.in_x, &self.in_y, w_in) * interpolate(&self.out_x, &self.out_y, w_out)
+        (smoothed(&self.in_x, &self.in_y, &self.in_full, w_in)
+            * smoothed(&self.out_x, &self.out_y, &self.out_full, w_out)
             / &self.full)
             .sum(Kind::Float)
     }
@@ -397,13 +433,36 @@ mod tests {
     }
 
     #[test]
-    fn table_gradient_is_the_segment_slope_and_non_negative() {
+    fn table_gradient_is_the_windowed_secant_and_never_negative() {
         let cost = TableCost::new(&two_site_tables(), Device::Cpu);
         let w = Tensor::from_slice(&[20.0f32]).set_requires_grad(true);
         let w_in = Tensor::cat(&[Tensor::from_slice(&[3.0f32]), w.shallow_clone()], 0);
         let w_out = Tensor::cat(&[w.shallow_clone(), Tensor::from_slice(&[10.0f32])], 0);
         cost.total(&w_in, &w_out).backward();
-        // d/dw: a's slope (2−1)/8 plus b's slope (3−1.5)/8.
-        assert!((w.grad().double_value(&[0]) - (1.0 / 8.0 + 1.5 / 8.0)).abs() < 1e-6);
+        // Window ±6 around 20, clamped to [8, 24]: a's secant (2 − 1)/10 · T_in/full = 0.1;
+        // b's secant (3 − 1.25)/10 · T_out/full = 0.175.
+        assert!(
+            (w.grad().double_value(&[0]) - 0.275).abs() < 1e-6,
+            "{}",
+            w.grad().double_value(&[0])
+        );
+        // A table that falls with width (a staircase, or noise) still gives a gradient ≥ 0.
+        let falling = SiteTables {
+            key: "k".into(),
+            measurements: 0,
+            tables: vec![SiteTable {
+                name: "c".into(),
+                in_widths: vec![3],
+                in_ms: vec![1.0],
+                out_widths: vec![8, 16],
+                out_ms: vec![2.0, 1.0],
+                full_ms: 1.0,
+            }],
+        };
+        let w = Tensor::from_slice(&[12.0f32]).set_requires_grad(true);
+        TableCost::new(&falling, Device::Cpu)
+            .total(&Tensor::from_slice(&[3.0f32]), &w)
+            .backward();
+        assert_eq!(w.grad().double_value(&[0]), 0.0);
     }
 }
