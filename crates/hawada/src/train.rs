@@ -354,9 +354,12 @@ pub fn adapt(
         })?;
         if let Some(real) = real_ms {
             let kd_now = kd_ema.unwrap_or(kd_value);
+            // KD has settled when it no longer rises by more than 10% between probes: per-step KD
+            // is noisy, and a falling KD (weights adapting) is no reason to keep pruning past the
+            // target, which only costs quality.
             let plateau = state
                 .kd_at_last_probe
-                .is_some_and(|prev| (prev - kd_now).abs() <= 0.05 * prev.abs().max(1e-6));
+                .is_some_and(|prev| kd_now <= 1.1 * prev.abs().max(1e-6));
             if real <= target_ms && plateau {
                 tracing::info!(
                     step,
