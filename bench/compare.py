@@ -10,7 +10,9 @@ import sys
 
 
 def best(rows, prefix):
-    cands = [r for r in rows if r["name"].startswith(prefix)]
+    # "keep-all forward" also matches HawAda's "keep-all, BN unfolded forward" variant.
+    head, _, tail = prefix.partition(" ")
+    cands = [r for r in rows if r["name"].startswith(prefix) or (r["name"].startswith(head + ",") and tail in r["name"])]
     return min(cands, key=lambda r: r["latency_ms"]["mean"]) if cands else None
 
 
