@@ -93,7 +93,7 @@ fn forward_rows(
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub rows: Vec<BenchRow>,
-    /// max |fused inference copy − reference forward| / max |reference| on a random batch of 8.
+    /// max |inference copy − reference forward| / max |reference| on a random batch of 8.
     pub fused_vs_reference_rel_diff: f64,
 }
 
@@ -127,17 +127,6 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport
         plan.forward_batch,
         plan.protocol,
     )?;
-    // The same model with batch-norm left unfolded (device layout only), as PyTorch eager runs
-    // it: shows what folding buys on this card.
-    let mut unfolded = model.slim(&KeepSet::all(model.groups()))?;
-    unfolded.to_device_layout();
-    rows.extend(forward_rows(
-        "keep-all, BN unfolded",
-        unfolded.as_ref(),
-        plan.forward_batch,
-        plan.protocol,
-    )?);
-
     // One gate-training step: teacher forward without grad, gated student forward, KD + latency
     // terms, backward to the gate logits only, Adam step. The student is the frozen teacher.
     let gates = Gates::new(model.groups(), plan.gates.clone(), device)?;

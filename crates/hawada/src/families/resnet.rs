@@ -322,15 +322,10 @@ fn channels_last(t: &Tensor) -> Tensor {
 
 /// Folds eval-mode batch-norm into the convolution before it: `w·s`, bias `β − μ·s`,
 /// `s = γ/√(σ² + ε)`. The new tensors are not the VarStore's, which keeps the checkpoint layout.
-fn fold(conv: &mut Conv2d, bn: &mut BatchNorm2d, to_channels_last: bool) {
+fn fold(conv: &mut Conv2d, bn: &mut BatchNorm2d) {
     let _guard = tch::no_grad_guard();
     let scale = &bn.weight / (&bn.running_var + BN_EPS).sqrt();
-    let weight = &conv.weight * scale.view([-1, 1, 1, 1]);
-    conv.weight = if to_channels_last {
-        channels_last(&weight)
-    } else {
-        weight
-    };
+    conv.weight = &conv.weight * scale.view([-1, 1, 1, 1]);
     conv.bias = Some(&bn.bias - &bn.running_mean * &scale);
     bn.folded = true;
 }
@@ -882,19 +877,25 @@ impl Family for Resnet {
     }
 
     fn fuse_for_inference(&mut self) -> Result<()> {
-        let to_channels_last = self.vs.device().is_cuda();
-        fold(&mut self.conv1, &mut self.bn1, to_channels_last);
+        // On CUDA the inference copy keeps batch-norm and runs channels-last: measured on an
+        // H100 (ResNet-18 b256 bf16, CUDA graph), cuDNN's BN inference kernel after a bias-free
+        // conv took 6.92 ms where conv+bias with BN folded took 7.21 ms (PyTorch adds the conv
+        // bias as a separate pass). On the CPU folding removes a pass and is kept.
+        if self.vs.device().is_cuda() {
+            self.to_device_layout();
+            return Ok(());
+        }
+        fold(&mut self.conv1, &mut self.bn1);
         for block in self.layers.iter_mut().flatten() {
-            fold(&mut block.conv1, &mut block.bn1, to_channels_last);
-            fold(&mut block.conv2, &mut block.bn2, to_channels_last);
+            fold(&mut block.conv1, &mut block.bn1);
+            fold(&mut block.conv2, &mut block.bn2);
             if let Some((conv, bn)) = block.conv3.as_mut() {
-                fold(conv, bn, to_channels_last);
+                fold(conv, bn);
             }
             if let Some((conv, bn)) = block.downsample.as_mut() {
-                fold(conv, bn, to_channels_last);
+                fold(conv, bn);
             }
         }
-        self.channels_last = to_channels_last;
         Ok(())
     }
 
