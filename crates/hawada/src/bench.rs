@@ -101,7 +101,7 @@ pub struct BenchReport {
 pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport> {
     let device = model.var_store().device();
     let kind = model.var_store().kind();
-    let keep_all = inference_copy(model, &KeepSet::all(model.groups()))?;
+    let keep_all = inference_copy(model, &KeepSet::all(model.groups()), plan.forward_batch)?;
     let fused_vs_reference_rel_diff = tch::no_grad(|| {
         let x = Tensor::randn(model.input_shape(8), (kind, device));
         let reference = model
@@ -165,7 +165,7 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport
         max_abs_diff_vs_eager: None,
     });
 
-    let slim = inference_copy(model, plan.slim_keep)?;
+    let slim = inference_copy(model, plan.slim_keep, plan.forward_batch)?;
     rows.extend(forward_rows(
         "slim",
         slim.as_ref(),

@@ -113,6 +113,15 @@ impl Masks {
     }
 }
 
+/// Whether an inference copy folds normalisation into the preceding layer. Which is faster
+/// depends on the card and the widths (on an H100, folding slowed ResNet-18 keep-all and sped up
+/// its slim exports), so `latency::forward::inference_copy` measures both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormFolding {
+    Keep,
+    Fold,
+}
+
 /// How batch-norm style layers behave in a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -184,12 +193,20 @@ pub trait Family: Send {
     fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>>;
     /// Input shape for a given batch size.
     fn input_shape(&self, batch: i64) -> Vec<i64>;
-    /// Rewrites the forward for inference where that changes no output beyond rounding: folds
-    /// batch-norm into the preceding convolution, picks the device's preferred memory layout.
-    /// Only for inference copies (timing, deployment): the VarStore keeps the checkpoint layout,
-    /// so training after this is wrong. Default: nothing to do.
-    fn fuse_for_inference(&mut self) -> Result<()> {
+    /// Rewrites the forward for inference where that changes no output beyond rounding: the
+    /// device's preferred layout, and normalisation folded into the preceding layer when
+    /// `folding` asks and the family can. Only for inference copies (timing, deployment): the
+    /// VarStore keeps the checkpoint layout, so training after this is wrong.
+    fn fuse_for_inference(&mut self, folding: NormFolding) -> Result<()> {
+        let _ = folding;
+        self.to_device_layout();
         Ok(())
+    }
+
+    /// Whether `fuse_for_inference(NormFolding::Fold)` changes anything (batch-norm after a
+    /// convolution can be folded; layer-norm cannot).
+    fn can_fold_norms(&self) -> bool {
+        false
     }
 
     /// Puts the weights in the memory layout the device runs fastest (channels-last convolutions

@@ -145,7 +145,7 @@ pub fn profile_stage(
     } else {
         let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
         observer.begin("profile", n_archs as u64 + 1);
-        let keep_all_model = inference_copy(model, &KeepSet::all(model.groups()))?;
+        let keep_all_model = inference_copy(model, &KeepSet::all(model.groups()), batch)?;
         let keep_all = measure_model(keep_all_model.as_ref(), batch, protocol);
         observer.advance(1, &format!("keep-all {:.2} ms", keep_all.mean));
         let mut fit = vec![Measured {
@@ -154,7 +154,7 @@ pub fn profile_stage(
         }];
         for i in 0..n_archs {
             let keep = random_keep(model, recipe.gates.min_keep);
-            let sub = inference_copy(model, &keep)?;
+            let sub = inference_copy(model, &keep, batch)?;
             // Round-robin with keep-all and rescaled to its first measurement: drift cancels.
             let [keep_all_now, sub_now] =
                 measure_pair(keep_all_model.as_ref(), sub.as_ref(), batch, protocol);
@@ -411,9 +411,9 @@ pub fn run(
     let student: &dyn Family = student_copy.as_deref().unwrap_or(model.as_ref());
     let mut next_input = || train.random_batch(recipe.adapt.batch, kind).0;
     let relative_target = recipe.target.fraction.is_some();
-    let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()))?;
+    let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()), batch)?;
     let mut measure_keep = |keep: &KeepSet| -> Result<LatencyStats> {
-        let slim = inference_copy(model.as_ref(), keep)?;
+        let slim = inference_copy(model.as_ref(), keep, batch)?;
         if !relative_target {
             return Ok(measure_model(slim.as_ref(), batch, protocol));
         }
@@ -465,7 +465,7 @@ pub fn run(
         &recipe.export,
     );
     let mut measure_candidate = |keep: &KeepSet| -> Result<Measurement> {
-        let slim = inference_copy(model.as_ref(), keep)?;
+        let slim = inference_copy(model.as_ref(), keep, batch)?;
         let [keep_all_now, slim_now] =
             measure_pair(keep_all_model.as_ref(), slim.as_ref(), batch, protocol);
         let scale = profile.keep_all.mean / keep_all_now.mean;
@@ -537,7 +537,7 @@ pub fn run(
 
     // Final measurement: keep-all and slim in the same process, back to back.
     observer.begin("measure", 2);
-    let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()))?;
+    let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()), batch)?;
     let [keep_all, slim_latency] = measure_pair(
         keep_all_model.as_ref(),
         slim_inference.as_ref(),

@@ -8,7 +8,7 @@ use hawada::families::{
     self,
     resnet::{BlockType, Resnet, ResnetConfig},
 };
-use hawada::model::{Family, KeepSet, Masks, Phase};
+use hawada::model::{Family, KeepSet, Masks, NormFolding, Phase};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -292,7 +292,7 @@ fn folded_batch_norm_matches_the_unfolded_forward() {
         let none = Masks::none(model.groups().len());
         let reference = model.forward(&x, &none, Phase::Eval);
         let mut fused = model.slim(&KeepSet::all(model.groups())).unwrap();
-        fused.fuse_for_inference().unwrap();
+        fused.fuse_for_inference(NormFolding::Fold).unwrap();
         let out = fused.forward(&fused.prepare_input(x.shallow_clone()), &none, Phase::Eval);
         let scale = reference.abs().max().double_value(&[]);
         assert!(

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_into, named_tensors};
 use crate::model::{
-    CostSite, Family, Group, KeepSet, Masks, Member, Phase, SiteOp, UnitKind, Width,
+    CostSite, Family, Group, KeepSet, Masks, Member, NormFolding, Phase, SiteOp, UnitKind, Width,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -876,27 +876,26 @@ impl Family for Resnet {
         Ok(Box::new(slim))
     }
 
-    fn fuse_for_inference(&mut self) -> Result<()> {
-        // On CUDA the inference copy keeps batch-norm and runs channels-last: measured on an
-        // H100 (ResNet-18 b256 bf16, CUDA graph), cuDNN's BN inference kernel after a bias-free
-        // conv took 6.92 ms where conv+bias with BN folded took 7.21 ms (PyTorch adds the conv
-        // bias as a separate pass). On the CPU folding removes a pass and is kept.
-        if self.vs.device().is_cuda() {
-            self.to_device_layout();
-            return Ok(());
-        }
-        fold(&mut self.conv1, &mut self.bn1);
-        for block in self.layers.iter_mut().flatten() {
-            fold(&mut block.conv1, &mut block.bn1);
-            fold(&mut block.conv2, &mut block.bn2);
-            if let Some((conv, bn)) = block.conv3.as_mut() {
-                fold(conv, bn);
-            }
-            if let Some((conv, bn)) = block.downsample.as_mut() {
-                fold(conv, bn);
+    fn fuse_for_inference(&mut self, folding: NormFolding) -> Result<()> {
+        self.to_device_layout();
+        if folding == NormFolding::Fold {
+            fold(&mut self.conv1, &mut self.bn1);
+            for block in self.layers.iter_mut().flatten() {
+                fold(&mut block.conv1, &mut block.bn1);
+                fold(&mut block.conv2, &mut block.bn2);
+                if let Some((conv, bn)) = block.conv3.as_mut() {
+                    fold(conv, bn);
+                }
+                if let Some((conv, bn)) = block.downsample.as_mut() {
+                    fold(conv, bn);
+                }
             }
         }
         Ok(())
+    }
+
+    fn can_fold_norms(&self) -> bool {
+        true
     }
 
     fn to_device_layout(&mut self) {

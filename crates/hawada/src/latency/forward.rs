@@ -3,15 +3,38 @@
 
 use crate::error::Result;
 use crate::latency::measure::{measure, measure_interleaved, LatencyStats, TimingProtocol};
-use crate::model::{Family, KeepSet, Masks, Phase};
+use crate::model::{Family, KeepSet, Masks, NormFolding, Phase};
 use tch::Tensor;
 
-/// The model a deployment would run for `keep`: sliced, then fused for inference (batch-norm
-/// folded, the device's preferred layout). Every latency HawAda reports is of such a copy.
-pub fn inference_copy(model: &dyn Family, keep: &KeepSet) -> Result<Box<dyn Family>> {
-    let mut copy = model.slim(keep)?;
-    copy.fuse_for_inference()?;
-    Ok(copy)
+/// A short A/B between the two inference rewrites of one copy; the full protocol then times
+/// the winner.
+const CHOICE_PROTOCOL: TimingProtocol = TimingProtocol {
+    warmup_runs: 3,
+    timed_runs: 5,
+};
+
+/// The model a deployment would run for `keep` at `batch`: sliced, in the device's layout, with
+/// normalisation folded or not, whichever measured faster here. Every latency HawAda reports is
+/// of such a copy.
+pub fn inference_copy(model: &dyn Family, keep: &KeepSet, batch: i64) -> Result<Box<dyn Family>> {
+    let mut kept = model.slim(keep)?;
+    kept.fuse_for_inference(NormFolding::Keep)?;
+    if !kept.can_fold_norms() {
+        return Ok(kept);
+    }
+    let mut folded = model.slim(keep)?;
+    folded.fuse_for_inference(NormFolding::Fold)?;
+    let [keep_ms, fold_ms] = measure_pair(kept.as_ref(), folded.as_ref(), batch, CHOICE_PROTOCOL);
+    tracing::debug!(
+        keep_ms = keep_ms.mean,
+        fold_ms = fold_ms.mean,
+        "norm folding A/B"
+    );
+    Ok(if fold_ms.mean < keep_ms.mean {
+        folded
+    } else {
+        kept
+    })
 }
 
 /// Times the ungated forward of `model` on a random input of `batch`.
