@@ -177,8 +177,8 @@ fn print_table(s: &Summary, run_dir: &Path) {
     let l = &s.latency_ms;
     println!();
     println!(
-        "HawAda run: {} ({}) on {} [{}], target {:.3} ms",
-        s.model, s.family, s.device, s.dtype, s.target_ms
+        "HawAda run: {} ({}) on {} [{}, {} timing], target {:.3} ms",
+        s.model, s.family, s.device, s.dtype, s.timing, s.target_ms
     );
     println!("{:<28} {:>14} {:>14}", "", "keep-all", "slim");
     println!(

@@ -105,6 +105,10 @@ pub struct LatencySection {
     /// Further random sub-architectures held out to report proxy fidelity.
     #[serde(default = "default_fit_archs")]
     pub holdout_archs: usize,
+    /// Time whole-model forwards replayed from CUDA graphs (as a graph-launching deployment
+    /// runs them); eager launches when false.
+    #[serde(default)]
+    pub cuda_graphs: bool,
     /// Which proxy trains the gates: `table` (measured per-site tables) or `flops`.
     #[serde(default = "default_cost")]
     pub cost: String,
@@ -125,12 +129,14 @@ impl LatencySection {
         TimingProtocol {
             warmup_runs: self.warmup_runs,
             timed_runs: self.timed_runs,
+            cuda_graphs: self.cuda_graphs,
         }
     }
     pub fn table_protocol(&self) -> TimingProtocol {
         TimingProtocol {
             warmup_runs: self.table_warmup_runs,
             timed_runs: self.table_timed_runs,
+            cuda_graphs: false,
         }
     }
 }

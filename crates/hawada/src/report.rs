@@ -64,6 +64,8 @@ pub struct Summary {
     pub dtype: String,
     pub target_ms: f64,
     pub latency_ms: LatencyPair,
+    /// How forwards were launched when timed: "eager" or "cuda_graph".
+    pub timing: String,
     pub speedup: f64,
     pub params: Params,
     pub quality: Quality,
@@ -338,13 +340,14 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         r#"<!doctype html><html><head><meta charset="utf-8"><title>HawAda report: {model}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}.charts svg{{margin:6px;border:1px solid #eee}}</style></head>
 <body><h1>HawAda report: {model}</h1>
-<p>family <b>{family}</b> · device <b>{device}</b> · dtype <b>{dtype}</b> · target <b>{target:.3} ms</b> · speed-up <b>{speedup:.2}×</b> · wall {wall:.0} s · proxy ({cost}) MAPE {mape:.1}% Spearman {spearman:.3} (n={n})</p>
+<p>family <b>{family}</b> · device <b>{device}</b> · dtype <b>{dtype}</b> · timing <b>{timing}</b> · target <b>{target:.3} ms</b> · speed-up <b>{speedup:.2}×</b> · wall {wall:.0} s · proxy ({cost}) MAPE {mape:.1}% Spearman {spearman:.3} (n={n})</p>
 <table><tr><th></th><th>keep-all (teacher)</th><th>slim</th></tr>{table}</table>
 <div class="charts">{charts}</div></body></html>"#,
         model = summary.model,
         family = summary.family,
         device = summary.device,
         dtype = summary.dtype,
+        timing = summary.timing,
         target = summary.target_ms,
         speedup = summary.speedup,
         wall = summary.wall_s,

@@ -567,6 +567,12 @@ pub fn run(
             keep_all,
             slim: slim_latency,
         },
+        timing: if protocol.cuda_graphs && device.is_cuda() {
+            "cuda_graph"
+        } else {
+            "eager"
+        }
+        .into(),
         speedup: keep_all.mean / slim_latency.mean,
         params: Params {
             teacher: model.num_params(),

@@ -1,6 +1,7 @@
 //! Timing model forwards: the inference copy a deployment would run (sliced, fused), its input
 //! in the preferred layout, and the forward timed through `measure` (alone or round-robin).
 
+use crate::cuda::CudaGraph;
 use crate::error::Result;
 use crate::latency::measure::{measure, measure_interleaved, LatencyStats, TimingProtocol};
 use crate::model::{Family, KeepSet, Masks, NormFolding, Phase};
@@ -11,6 +12,7 @@ use tch::Tensor;
 const CHOICE_PROTOCOL: TimingProtocol = TimingProtocol {
     warmup_runs: 3,
     timed_runs: 5,
+    cuda_graphs: false,
 };
 
 /// The model a deployment would run for `keep` at `batch`: sliced, in the device's layout, with
@@ -37,16 +39,43 @@ pub fn inference_copy(model: &dyn Family, keep: &KeepSet, batch: i64) -> Result<
     })
 }
 
+/// One ungated forward of `model` on `x`, ready to time: eager, or replayed from a CUDA graph
+/// when `protocol.cuda_graphs` asks and the device is CUDA. A capture that fails falls back to
+/// eager, with a warning.
+fn forward_workload<'a>(
+    model: &'a dyn Family,
+    x: &'a Tensor,
+    protocol: TimingProtocol,
+) -> Box<dyn FnMut() + 'a> {
+    let masks = Masks::none(model.groups().len());
+    let device = model.var_store().device();
+    if protocol.cuda_graphs && device.is_cuda() {
+        match CudaGraph::capture(device, || model.forward(x, &masks, Phase::Eval)) {
+            Ok((graph, _output)) => {
+                return Box::new(move || {
+                    if let Err(e) = graph.replay() {
+                        tracing::warn!(error = %e, "CUDA graph replay failed");
+                    }
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CUDA graph capture failed; timing eager forwards")
+            }
+        }
+    }
+    Box::new(move || {
+        let _ = model.forward(x, &masks, Phase::Eval);
+    })
+}
+
 /// Times the ungated forward of `model` on a random input of `batch`.
 pub fn measure_model(model: &dyn Family, batch: i64, protocol: TimingProtocol) -> LatencyStats {
     let device = model.var_store().device();
     let kind = model.var_store().kind();
-    let x = model.prepare_input(Tensor::randn(model.input_shape(batch), (kind, device)));
-    let masks = Masks::none(model.groups().len());
     let _guard = tch::no_grad_guard();
-    measure(device, protocol, || {
-        let _ = model.forward(&x, &masks, Phase::Eval);
-    })
+    let x = model.prepare_input(Tensor::randn(model.input_shape(batch), (kind, device)));
+    let mut run = forward_workload(model, &x, protocol);
+    measure(device, protocol, &mut run)
 }
 
 /// Times two models round-robin on the same random input (see `measure_interleaved`).
@@ -57,23 +86,15 @@ pub fn measure_pair(
     protocol: TimingProtocol,
 ) -> [LatencyStats; 2] {
     let device = a.var_store().device();
+    let _guard = tch::no_grad_guard();
     let x = a.prepare_input(Tensor::randn(
         a.input_shape(batch),
         (a.var_store().kind(), device),
     ));
-    let (masks_a, masks_b) = (Masks::none(a.groups().len()), Masks::none(b.groups().len()));
-    let _guard = tch::no_grad_guard();
-    let stats = measure_interleaved(
-        device,
-        protocol,
-        &mut [
-            &mut || {
-                let _ = a.forward(&x, &masks_a, Phase::Eval);
-            },
-            &mut || {
-                let _ = b.forward(&x, &masks_b, Phase::Eval);
-            },
-        ],
+    let (mut run_a, mut run_b) = (
+        forward_workload(a, &x, protocol),
+        forward_workload(b, &x, protocol),
     );
+    let stats = measure_interleaved(device, protocol, &mut [&mut run_a, &mut run_b]);
     [stats[0], stats[1]]
 }

@@ -14,6 +14,10 @@ pub struct TimingProtocol {
     pub warmup_runs: usize,
     #[serde(default = "default_timed")]
     pub timed_runs: usize,
+    /// Time forwards replayed from a captured CUDA graph (one launch per forward) instead of
+    /// eager launches; only on CUDA, only for workloads that support it.
+    #[serde(default)]
+    pub cuda_graphs: bool,
 }
 
 fn default_warmup() -> usize {
@@ -28,6 +32,7 @@ impl Default for TimingProtocol {
         TimingProtocol {
             warmup_runs: default_warmup(),
             timed_runs: default_timed(),
+            cuda_graphs: false,
         }
     }
 }
@@ -150,6 +155,7 @@ mod tests {
         let protocol = TimingProtocol {
             warmup_runs: 2,
             timed_runs: 10,
+            cuda_graphs: false,
         };
         let heavy = measure(Device::Cpu, protocol, || {
             let _ = x.matmul(&x).matmul(&x);
