@@ -10,6 +10,23 @@ fn hawada() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hawada"))
 }
 
+/// Runs `hawada run RECIPE --run-dir DIR` and asserts it succeeded.
+fn run_recipe(recipe: &Path, run_dir: &Path) -> std::process::Output {
+    let out = hawada()
+        .arg("run")
+        .arg(recipe)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn fashion_mnist() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/assets/fashion-mnist")
 }
@@ -74,18 +91,7 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = tiny_recipe(tmp.path());
     let run_dir = tmp.path().join("run");
-    let out = hawada()
-        .arg("run")
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_recipe(&recipe, &run_dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("latency mean (ms)") && stdout.contains("test accuracy"),
@@ -155,18 +161,7 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
 
     // A second run in the same directory resumes from the finished checkpoints and trains nothing.
     let lines_before = metrics.lines().count();
-    let again = hawada()
-        .arg("run")
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
-    assert!(
-        again.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    run_recipe(&recipe, &run_dir);
     let lines_after = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap()
         .lines()

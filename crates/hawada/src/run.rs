@@ -235,7 +235,7 @@ pub struct RunEnv<'a> {
     pub run_dir: &'a Path,
     pub device: Device,
     pub kind: Kind,
-    pub metrics: &'a MetricsLog,
+    pub metrics: MetricsLog,
     pub observer: &'a dyn Observer,
 }
 
@@ -246,13 +246,13 @@ fn teacher(
     train: &ImageDataset,
     env: &RunEnv<'_>,
 ) -> Result<Box<dyn Family>> {
-    let RunEnv {
-        run_dir,
-        device,
-        kind,
-        metrics,
-        observer,
-    } = *env;
+    let (run_dir, device, kind, metrics, observer) = (
+        env.run_dir,
+        env.device,
+        env.kind,
+        &env.metrics,
+        env.observer,
+    );
     let dir = &recipe.model.dir;
     let has_weights = dir.join("model.safetensors").exists();
     if !has_weights && !recipe.model.random_init {
@@ -323,7 +323,12 @@ fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
 }
 
 /// Creates the run directory, writes the resolved recipe, seeds, resolves device and dtype.
-fn open_run(recipe: &Recipe, recipe_file: &Path, run_dir: &Path) -> Result<(Device, Kind)> {
+fn open_run<'a>(
+    recipe: &Recipe,
+    recipe_file: &Path,
+    run_dir: &'a Path,
+    observer: &'a dyn Observer,
+) -> Result<RunEnv<'a>> {
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let resolved = toml::to_string(recipe)
         .map_err(|e| Error::Invalid(format!("recipe does not serialise: {e}")))?;
@@ -334,7 +339,13 @@ fn open_run(recipe: &Recipe, recipe_file: &Path, run_dir: &Path) -> Result<(Devi
     if let Device::Cuda(_) = device {
         crate::cuda::tune_cudnn_for_fixed_shapes();
     }
-    Ok((device, kind))
+    Ok(RunEnv {
+        run_dir,
+        device,
+        kind,
+        metrics: MetricsLog::new(run_dir.join("metrics.jsonl")),
+        observer,
+    })
 }
 
 /// `hawada profile`: the teacher and the profile stage only; returns the profile (also in
@@ -345,16 +356,8 @@ pub fn profile(
     run_dir: &Path,
     observer: &dyn Observer,
 ) -> Result<Profile> {
-    let (device, kind) = open_run(recipe, recipe_file, run_dir)?;
-    let metrics = MetricsLog::new(run_dir.join("metrics.jsonl"));
-    let splits = load_splits(recipe, device)?;
-    let env = RunEnv {
-        run_dir,
-        device,
-        kind,
-        metrics: &metrics,
-        observer,
-    };
+    let env = open_run(recipe, recipe_file, run_dir, observer)?;
+    let splits = load_splits(recipe, env.device)?;
     let model = teacher(recipe, recipe_file, &splits.train, &env)?;
     Ok(profile_stage(model.as_ref(), recipe, &env)?.0)
 }
@@ -368,20 +371,13 @@ pub fn run(
     observer: &dyn Observer,
 ) -> Result<Summary> {
     let started = Instant::now();
-    let (device, kind) = open_run(recipe, recipe_file, run_dir)?;
-    let metrics = MetricsLog::new(run_dir.join("metrics.jsonl"));
+    let env = open_run(recipe, recipe_file, run_dir, observer)?;
+    let (device, kind, metrics) = (env.device, env.kind, &env.metrics);
     let Splits {
         train,
         calibration,
         test,
     } = load_splits(recipe, device)?;
-    let env = RunEnv {
-        run_dir,
-        device,
-        kind,
-        metrics: &metrics,
-        observer,
-    };
     let model = teacher(recipe, recipe_file, &train, &env)?;
     let n_groups = model.groups().len();
     tracing::info!(
@@ -449,7 +445,7 @@ pub fn run(
             next_batch: &mut next_input,
             measure_keep: &mut measure_keep,
             checkpoint_dir: &run_dir.join("checkpoints/adapt"),
-            metrics: &metrics,
+            metrics,
             observer,
         },
     )?;
@@ -528,7 +524,7 @@ pub fn run(
             },
             &mut next,
             &opts,
-            &metrics,
+            metrics,
             observer,
         )?;
     }
