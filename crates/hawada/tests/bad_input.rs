@@ -1,0 +1,267 @@
+//! Bad input gets a clear error naming the file, tensor or field and what was expected; never a
+//! panic. One test per case.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use hawada::families::{
+    self,
+    resnet::{Resnet, ResnetConfig},
+};
+use hawada::gates::{GateOptions, Gates};
+use hawada::model::{Family, KeepSet};
+use hawada::recipe::{Recipe, DEFAULT_RECIPE};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn saved_tiny(dir: &Path) -> Resnet {
+    let model = Resnet::new(ResnetConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
+    model.save(dir).unwrap();
+    model
+}
+
+fn load_err(dir: &Path) -> String {
+    families::load(dir, Device::Cpu, Kind::Float, false)
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
+    let file = dir.join("model.safetensors");
+    let mut tensors = hawada::io::safetensors::read(&file).unwrap();
+    edit(&mut tensors);
+    hawada::io::safetensors::write(&file, &tensors).unwrap();
+}
+
+#[test]
+fn missing_weights_file_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.safetensors") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_weights_file_is_named_as_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn integer_tensor_where_floats_belong_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    rewrite_weights(dir.path(), |t| {
+        let shape = t["fc.bias"].size();
+        t.insert(
+            "fc.bias".into(),
+            Tensor::zeros(shape, (Kind::Int64, Device::Cpu)),
+        );
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("fc.bias") && err.contains("floating-point"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    rewrite_weights(dir.path(), |t| {
+        t.remove("layer1.0.bn1.running_var");
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("layer1.0.bn1.running_var") && err.contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn extra_tensor_means_the_wrong_file_or_config() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    rewrite_weights(dir.path(), |t| {
+        t.insert(
+            "layer9.0.conv1.weight".into(),
+            Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        );
+    });
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("layer9.0.conv1.weight") && err.contains("unexpected"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_weights_mismatch_names_the_tensor_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    // The config now says width 32; the weights are width 16.
+    let config = std::fs::read_to_string(dir.path().join("config.json"))
+        .unwrap()
+        .replace("\"base_width\": 16", "\"base_width\": 32");
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.safetensors") && err.contains("has shape") && err.contains("expected"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_missing_a_field_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "resnet", "architectures": ["ResNet"]}"#,
+    )
+    .unwrap();
+    let err = families::load(dir.path(), Device::Cpu, Kind::Float, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("block_type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_with_an_empty_stage_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let mut value = value;
+    value["layers"] = serde_json::json!([1, 0]);
+    std::fs::write(dir.path().join("config.json"), value.to_string()).unwrap();
+    let err = families::load(dir.path(), Device::Cpu, Kind::Float, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("layers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_config_says_what_a_model_directory_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = families::load(dir.path(), Device::Cpu, Kind::Float, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn target_fraction_above_keep_all_is_rejected() {
+    let text = DEFAULT_RECIPE.replace("fraction = 0.6", "fraction = 1.5");
+    let err = Recipe::parse(&text, Path::new("r.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target.fraction") && err.contains("(0, 1]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_dtype_is_named() {
+    let text = DEFAULT_RECIPE.replace("dtype = \"f32\"", "dtype = \"f8\"");
+    let err = Recipe::parse(&text, Path::new("r.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dtype") && err.contains("f8"), "{err}");
+}
+
+#[test]
+fn unknown_proxy_is_named() {
+    let text = DEFAULT_RECIPE.replace("cost = \"table\"", "cost = \"magic\"");
+    let err = Recipe::parse(&text, Path::new("r.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("latency.cost") && err.contains("magic"),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_dataset_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let gz = |name: &str, bytes: &[u8]| {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).unwrap();
+        std::fs::write(dir.path().join(name), enc.finish().unwrap()).unwrap();
+    };
+    gz(
+        "train-images-idx3-ubyte.gz",
+        &[0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28],
+    );
+    gz("train-labels-idx1-ubyte.gz", &[0, 0, 8, 1, 0, 0, 0, 0]);
+    let err = hawada::data::ImageDataset::load_idx(dir.path(), "train", Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("train-images-idx3-ubyte.gz") && err.contains("empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gates_of_another_model_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Resnet::new(ResnetConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
+    let other = Resnet::new(
+        ResnetConfig {
+            layers: vec![2, 1],
+            ..ResnetConfig::tiny()
+        },
+        Device::Cpu,
+        Path::new("test"),
+    )
+    .unwrap();
+    Gates::new(other.groups(), GateOptions::default(), Device::Cpu)
+        .unwrap()
+        .save(dir.path())
+        .unwrap();
+    let mut gates = Gates::new(model.groups(), GateOptions::default(), Device::Cpu).unwrap();
+    let err = gates.load(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("gates.json") && err.contains("do not match"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_keep_set_that_empties_a_site_is_refused() {
+    let model = Resnet::new(ResnetConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
+    let mut keep = KeepSet::all(model.groups());
+    keep.0[0].clear();
+    let err = model.slim(&keep).err().unwrap().to_string();
+    assert!(err.contains("min_keep"), "{err}");
+}
