@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Regenerates the golden fixtures with torch 2.11 + torchvision 0.26 (CPU is enough: the
+# Regenerates the golden fixtures with torch 2.11 + torchvision 0.26 + transformers 5 (CPU is enough: the
 # fixtures are f32 eval-mode logits). On the GPU machine, run the python scripts directly.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup-libtorch.sh" >/dev/null
 VENV="$ROOT/.cache/torch-venv"
-"$VENV/bin/python" -c "import torchvision" 2>/dev/null || "$VENV/bin/pip" install -q torchvision==0.26.0 numpy pillow safetensors
+"$VENV/bin/python" -c "import torchvision, transformers" 2>/dev/null || "$VENV/bin/pip" install -q torchvision==0.26.0 "transformers>=5,<6" numpy pillow safetensors
 "$VENV/bin/python" "$ROOT/fixtures/resnet/make_fixtures.py" "$ROOT/fixtures/resnet"
+"$VENV/bin/python" "$ROOT/fixtures/vit/make_fixtures.py" "$ROOT/fixtures/vit"

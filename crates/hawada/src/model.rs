@@ -164,6 +164,9 @@ pub enum SiteOp {
     },
     /// Dense layer on `rows` rows per sample (tokens; 1 for a classifier head), bias included.
     Linear { rows: i64 },
+    /// Scaled dot-product attention over `tokens` tokens; the output width counts heads ×
+    /// `head_dim` channels.
+    Attention { tokens: i64, head_dim: i64 },
 }
 
 /// Shape of the example input a model is timed and trained with.

@@ -1,6 +1,7 @@
 //! The family registry: the only place that maps a `config.json` to a model family.
 
 pub mod resnet;
+pub mod vit;
 
 use crate::error::{Error, Result};
 use crate::model::Family;
@@ -32,10 +33,11 @@ pub fn load(dir: &Path, device: Device, kind: Kind, random_init: bool) -> Result
         .to_string();
     match model_type.as_str() {
         "resnet" => resnet::load(dir, config, device, kind, random_init),
+        "vit" => vit::load(dir, config, device, kind, random_init),
         other => Err(Error::config(
             &config_path,
             "model_type",
-            format!("unknown family `{other}`; supported: resnet"),
+            format!("unknown family `{other}`; supported: resnet, vit"),
         )),
     }
 }

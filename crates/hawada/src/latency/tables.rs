@@ -111,6 +111,23 @@ pub fn site_ms(
             })
             .mean
         }
+        SiteOp::Attention { tokens, head_dim } => {
+            let heads = (w_out / head_dim).max(1);
+            let q = Tensor::randn([batch, heads, tokens, head_dim], options);
+            measure(device, protocol, || {
+                let _ = Tensor::scaled_dot_product_attention(
+                    &q,
+                    &q,
+                    &q,
+                    None::<Tensor>,
+                    0.0,
+                    false,
+                    None,
+                    false,
+                );
+            })
+            .mean
+        }
         SiteOp::Linear { rows } => {
             let x = Tensor::randn([batch * rows, w_in], (kind, device));
             let weight = Tensor::randn([w_out, w_in], options) * 0.05;
