@@ -31,7 +31,35 @@ fn fashion_mnist() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/assets/fashion-mnist")
 }
 
+const TINY_RESNET: &str = r#"architectures = ["ResNet"]
+model_type = "resnet"
+block_type = "basic"
+layers = [1, 1]
+stem = "small"
+num_channels = 1
+image_size = 28
+num_labels = 10
+base_width = 8
+channels_per_gate = 2"#;
+
+const TINY_VIT: &str = r#"architectures = ["ViTForImageClassification"]
+model_type = "vit"
+hidden_size = 16
+num_hidden_layers = 2
+num_attention_heads = 4
+intermediate_size = 32
+image_size = 28
+patch_size = 7
+num_channels = 1
+num_labels = 10
+channels_per_gate = 8"#;
+
 fn tiny_recipe(dir: &Path) -> PathBuf {
+    tiny_recipe_for(dir, TINY_RESNET)
+}
+
+/// A recipe that runs every stage in seconds on CPU for the model config `model` (TOML body).
+fn tiny_recipe_for(dir: &Path, model: &str) -> PathBuf {
     let text = format!(
         r#"
 name = "tiny"
@@ -43,16 +71,7 @@ epochs = 0.02
 batch = 64
 lr = 0.003
 [teacher_training.config]
-architectures = ["ResNet"]
-model_type = "resnet"
-block_type = "basic"
-layers = [1, 1]
-stem = "small"
-num_channels = 1
-image_size = 28
-num_labels = 10
-base_width = 8
-channels_per_gate = 2
+{model}
 [data]
 format = "idx"
 dir = "{data}"
@@ -79,7 +98,7 @@ checkpoint_every = 3
 batch = 2000
 "#,
         teacher = dir.join("teacher").display(),
-        data = fashion_mnist().display()
+        data = fashion_mnist().display(),
     );
     let path = dir.join("tiny.toml");
     std::fs::write(&path, text).unwrap();
@@ -167,6 +186,26 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
         .lines()
         .count();
     assert_eq!(lines_before, lines_after);
+}
+
+#[test]
+fn tiny_vit_runs_every_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe_for(tmp.path(), TINY_VIT);
+    let run_dir = tmp.path().join("run");
+    run_recipe(&recipe, &run_dir);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["family"], "vit");
+    assert!(
+        summary["params"]["slim"].as_i64().unwrap()
+            <= summary["params"]["teacher"].as_i64().unwrap()
+    );
+    let slim: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("slim/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(slim["hawada_heads"].as_array().unwrap().len(), 2);
 }
 
 #[test]
