@@ -21,7 +21,9 @@ fashion_mnist() {
   [[ -f "$dest/t10k-labels-idx1-ubyte.gz" && -f "$dest/train-images-idx3-ubyte.gz" ]] && return 0
   local ver="0.0~git20200523.55506a9-1" deb="$DOWNLOADS/dataset-fashion-mnist.deb"
   if [[ ! -f "$deb" ]]; then
+    # A fresh machine may have empty package lists: refresh them once and retry.
     (cd "$DOWNLOADS" && apt-get download "dataset-fashion-mnist=$ver") >&2 \
+      || { apt-get update -qq >&2 && (cd "$DOWNLOADS" && apt-get download "dataset-fashion-mnist=$ver") >&2; } \
       || fail $name "apt-get download dataset-fashion-mnist=$ver failed (is the Debian registry reachable? try 'apt-get update')"
     mv "$DOWNLOADS"/dataset-fashion-mnist_*.deb "$deb"
   fi
