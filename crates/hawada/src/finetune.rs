@@ -4,7 +4,7 @@
 
 use crate::distill;
 use crate::error::{Error, Result};
-use crate::io::safetensors::{load_into, named_tensors};
+use crate::io::safetensors::{load_file_into, named_tensors};
 use crate::model::{Family, Masks, Phase};
 use crate::progress::Observer;
 use crate::train::MetricsLog;
@@ -64,11 +64,7 @@ pub fn train_weights(
             &state_file,
             crate::io::hf_config::read_value(&state_file)?,
         )?;
-        load_into(
-            model.var_store(),
-            &crate::io::safetensors::read(&weights_file)?,
-            &weights_file,
-        )?;
+        load_file_into(model.var_store(), &weights_file)?;
         start = state.step;
         tracing::info!(
             stage = opts.stage,

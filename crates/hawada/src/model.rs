@@ -47,6 +47,16 @@ pub struct Group {
     pub follows: Option<usize>,
 }
 
+/// Elements per gate for a dimension of `width`: `per_gate` where it divides the width, else
+/// their greatest common divisor, so that units always tile the width exactly.
+pub fn unit_width(width: i64, per_gate: i64) -> i64 {
+    let (mut a, mut b) = (width, per_gate);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 /// Kept unit indices per group, ascending; same order as `Family::groups`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeepSet(pub Vec<Vec<i64>>);

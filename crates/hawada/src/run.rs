@@ -9,7 +9,9 @@ use crate::export::search::{candidates, search, Measurement, SearchContext};
 use crate::families;
 use crate::finetune::{train_weights, Objective, WeightTraining};
 use crate::gates::Gates;
-use crate::latency::forward::{inference_copy, measure_model, measure_pair};
+use crate::latency::forward::{
+    inference_copy, measure_against_keep_all, measure_model, measure_pair,
+};
 use crate::latency::measure::{device_name, LatencyStats};
 use crate::latency::proxy::{Fidelity, LatencyProxy, Sample};
 use crate::latency::tables::{
@@ -155,10 +157,14 @@ pub fn profile_stage(
         for i in 0..n_archs {
             let keep = random_keep(model, recipe.gates.min_keep);
             let sub = inference_copy(model, &keep, batch)?;
-            // Round-robin with keep-all and rescaled to its first measurement: drift cancels.
-            let [keep_all_now, sub_now] =
-                measure_pair(keep_all_model.as_ref(), sub.as_ref(), batch, protocol);
-            let ms = sub_now.mean * keep_all.mean / keep_all_now.mean;
+            let ms = measure_against_keep_all(
+                keep_all_model.as_ref(),
+                sub.as_ref(),
+                keep_all.mean,
+                batch,
+                protocol,
+            )
+            .mean;
             fit.push(Measured { keep, ms });
             observer.advance(i as u64 + 2, &format!("sub-architecture {ms:.2} ms"));
         }
@@ -413,24 +419,14 @@ pub fn run(
         if !relative_target {
             return Ok(measure_model(slim.as_ref(), batch, protocol));
         }
-        // A relative target is checked against keep-all measured alongside, round-robin, and
-        // rescaled to the profile's keep-all: drift of a shared machine's speed cancels out.
-        let [keep_all_now, slim_now] =
-            measure_pair(keep_all_model.as_ref(), slim.as_ref(), batch, protocol);
-        let scale = profile.keep_all.mean / keep_all_now.mean;
-        tracing::debug!(
-            keep_all_now = keep_all_now.mean,
-            slim_now = slim_now.mean,
-            scale,
-            "probe pair"
-        );
-        Ok(LatencyStats {
-            mean: slim_now.mean * scale,
-            p50: slim_now.p50 * scale,
-            p95: slim_now.p95 * scale,
-            std: slim_now.std * scale,
-            runs: slim_now.runs,
-        })
+        // A relative target is checked against keep-all measured alongside.
+        Ok(measure_against_keep_all(
+            keep_all_model.as_ref(),
+            slim.as_ref(),
+            profile.keep_all.mean,
+            batch,
+            protocol,
+        ))
     };
     let outcome = adapt(
         Models {
@@ -462,16 +458,13 @@ pub fn run(
     );
     let mut measure_candidate = |keep: &KeepSet| -> Result<Measurement> {
         let slim = inference_copy(model.as_ref(), keep, batch)?;
-        let [keep_all_now, slim_now] =
-            measure_pair(keep_all_model.as_ref(), slim.as_ref(), batch, protocol);
-        let scale = profile.keep_all.mean / keep_all_now.mean;
-        let latency = LatencyStats {
-            mean: slim_now.mean * scale,
-            p50: slim_now.p50 * scale,
-            p95: slim_now.p95 * scale,
-            std: slim_now.std * scale,
-            runs: slim_now.runs,
-        };
+        let latency = measure_against_keep_all(
+            keep_all_model.as_ref(),
+            slim.as_ref(),
+            profile.keep_all.mean,
+            batch,
+            protocol,
+        );
         Ok(Measurement {
             latency,
             params: slim.num_params(),

@@ -108,7 +108,7 @@ impl MetricsLog {
         writeln!(file, "{text}").map_err(|e| Error::io(&self.path, e))
     }
 
-    /// Every line of a stage, parsed.
+    /// Every line of the file, parsed (a line cut by a crash is skipped).
     pub fn read(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.path)
             .unwrap_or_default()
@@ -235,11 +235,7 @@ pub fn adapt(
         gates.load(ctx.checkpoint_dir)?;
         let weights = ctx.checkpoint_dir.join("student.safetensors");
         if cfg.train_weights && weights.exists() {
-            crate::io::safetensors::load_into(
-                student.var_store(),
-                &crate::io::safetensors::read(&weights)?,
-                &weights,
-            )?;
+            crate::io::safetensors::load_file_into(student.var_store(), &weights)?;
         }
         for &sample in &state.probe_samples {
             proxy.add_sample(sample);

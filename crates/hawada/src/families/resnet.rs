@@ -10,9 +10,10 @@
 
 use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
-use crate::io::safetensors::{load_into, named_tensors};
+use crate::io::safetensors::{load_file_into, load_into, named_tensors};
 use crate::model::{
-    CostSite, Family, Group, KeepSet, Masks, Member, NormFolding, Phase, SiteOp, UnitKind, Width,
+    unit_width, CostSite, Family, Group, KeepSet, Masks, Member, NormFolding, Phase, SiteOp,
+    UnitKind, Width,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -372,15 +373,6 @@ fn mask(x: Tensor, masks: &Masks, group: Option<usize>) -> Tensor {
     }
 }
 
-/// Channels per gate for a width: the configured size where it divides, else their gcd.
-fn unit_width(width: i64, channels_per_gate: i64) -> i64 {
-    let (mut a, mut b) = (width, channels_per_gate);
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
 fn bn_members(prefix: &str, block: i64) -> Vec<Member> {
     BN_TENSORS
         .iter()
@@ -639,9 +631,7 @@ impl Resnet {
     ) -> Result<Self> {
         let model = Resnet::new(cfg, device, &dir.join("config.json"))?;
         if !random_init {
-            let file = dir.join("model.safetensors");
-            let tensors = crate::io::safetensors::read(&file)?;
-            load_into(&model.vs, &tensors, &file)?;
+            load_file_into(&model.vs, &dir.join("model.safetensors"))?;
         }
         Ok(model)
     }

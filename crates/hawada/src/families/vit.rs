@@ -9,9 +9,9 @@
 
 use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
-use crate::io::safetensors::{load_into, named_tensors};
+use crate::io::safetensors::{load_file_into, load_into, named_tensors};
 use crate::model::{
-    CostSite, Family, Group, KeepSet, Masks, Member, Phase, SiteOp, UnitKind, Width,
+    unit_width, CostSite, Family, Group, KeepSet, Masks, Member, Phase, SiteOp, UnitKind, Width,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -336,13 +336,7 @@ impl Vit {
                 members,
                 follows: None,
             });
-            let unit = {
-                let (mut a, mut b) = (mlp, cfg.channels_per_gate);
-                while b != 0 {
-                    (a, b) = (b, a % b);
-                }
-                a
-            };
+            let unit = unit_width(mlp, cfg.channels_per_gate);
             let mlp_group = groups.len();
             groups.push(Group {
                 name: format!("{name}.mlp"),
@@ -589,12 +583,7 @@ pub fn load(
     let cfg: VitConfig = crate::io::hf_config::parse(&file, config)?;
     let mut model = Vit::new(cfg, device, &file)?;
     if !random_init {
-        let weights = dir.join("model.safetensors");
-        load_into(
-            &model.vs,
-            &crate::io::safetensors::read(&weights)?,
-            &weights,
-        )?;
+        load_file_into(&model.vs, &dir.join("model.safetensors"))?;
     }
     model.vs.set_kind(kind);
     Ok(Box::new(model))

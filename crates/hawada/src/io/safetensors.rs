@@ -150,6 +150,11 @@ pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, file: &Path)
     Ok(())
 }
 
+/// Reads `file` and loads it into `vs` with the checks of [`load_into`].
+pub fn load_file_into(vs: &VarStore, file: &Path) -> Result<()> {
+    load_into(vs, &read(file)?, file)
+}
+
 /// All variables of a store by name, as CPU-side handles (shallow).
 pub fn named_tensors(vs: &VarStore) -> BTreeMap<String, Tensor> {
     vs.variables().into_iter().collect()

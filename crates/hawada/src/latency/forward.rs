@@ -78,6 +78,26 @@ pub fn measure_model(model: &dyn Family, batch: i64, protocol: TimingProtocol) -
     measure(device, protocol, &mut run)
 }
 
+/// `model` timed round-robin with `keep_all` and rescaled so that keep-all reads
+/// `reference_keep_all_ms`: drift of a shared machine's speed between this measurement and the
+/// reference cancels out.
+pub fn measure_against_keep_all(
+    keep_all: &dyn Family,
+    model: &dyn Family,
+    reference_keep_all_ms: f64,
+    batch: i64,
+    protocol: TimingProtocol,
+) -> LatencyStats {
+    let [keep_all_now, model_now] = measure_pair(keep_all, model, batch, protocol);
+    tracing::debug!(
+        keep_all_now = keep_all_now.mean,
+        model_now = model_now.mean,
+        reference_keep_all_ms,
+        "drift-corrected pair"
+    );
+    model_now.scaled(reference_keep_all_ms / keep_all_now.mean)
+}
+
 /// Times two models round-robin on the same random input (see `measure_interleaved`).
 pub fn measure_pair(
     a: &dyn Family,

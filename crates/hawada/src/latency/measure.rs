@@ -48,6 +48,17 @@ pub struct LatencyStats {
 }
 
 impl LatencyStats {
+    /// Every statistic multiplied by `factor` (a rescaling to a reference measurement).
+    pub fn scaled(self, factor: f64) -> Self {
+        LatencyStats {
+            mean: self.mean * factor,
+            p50: self.p50 * factor,
+            p95: self.p95 * factor,
+            std: self.std * factor,
+            runs: self.runs,
+        }
+    }
+
     /// Statistics of per-run times in milliseconds. Percentiles use the nearest-rank method.
     pub fn from_samples(samples_ms: &[f64]) -> Self {
         let n = samples_ms.len().max(1);
@@ -80,19 +91,7 @@ fn synchronize(device: Device) {
 /// Times `run` under `protocol` on `device`, synchronising before and after every run. Gradient
 /// mode is the caller's: inference callers hold a `no_grad_guard`, training-step benchmarks not.
 pub fn measure(device: Device, protocol: TimingProtocol, mut run: impl FnMut()) -> LatencyStats {
-    for _ in 0..protocol.warmup_runs {
-        run();
-    }
-    synchronize(device);
-    let mut samples = Vec::with_capacity(protocol.timed_runs);
-    for _ in 0..protocol.timed_runs.max(1) {
-        synchronize(device);
-        let start = Instant::now();
-        run();
-        synchronize(device);
-        samples.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    LatencyStats::from_samples(&samples)
+    measure_interleaved(device, protocol, &mut [&mut run])[0]
 }
 
 /// Times several workloads round-robin (one run of each per round), so that drift of the
