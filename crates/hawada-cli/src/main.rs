@@ -57,6 +57,19 @@ enum Command {
     },
     /// Rewrite report.html of a finished run directory.
     Report { run_dir: PathBuf },
+    /// Continue a prompt greedily with a language model (a GGUF file or an HF directory, e.g. a
+    /// run's `slim/`), using its own tokenizer and the KV cache.
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// New tokens at most (stops at end-of-text).
+        #[arg(long, default_value_t = 40)]
+        tokens: usize,
+        /// `cpu`, `cuda` or `auto`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -139,6 +152,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("writing the report of {}", run_dir.display()))?;
             println!("{}", run_dir.join("report.html").display());
         }
+        Command::Generate {
+            model,
+            prompt,
+            tokens,
+            device,
+        } => generate(&model, &prompt, tokens, &device)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -240,6 +259,42 @@ fn print_info() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn generate(model_path: &Path, prompt: &str, tokens: usize, device: &str) -> anyhow::Result<()> {
+    let device = match device {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => anyhow::bail!("unknown device `{other}`; expected auto, cpu or cuda"),
+    };
+    let kind = if device.is_cuda() {
+        tch::Kind::BFloat16
+    } else {
+        tch::Kind::Float
+    };
+    let model = hawada::families::llama::open(model_path, device, kind)
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    let tokenizer = hawada::data::load_tokenizer(model_path)?;
+    let encoding = tokenizer
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let prompt_ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
+    let eos = hawada::families::eos_token(model_path)?;
+    let started = std::time::Instant::now();
+    let ids = model.generate(&prompt_ids, tokens, eos);
+    let elapsed = started.elapsed().as_secs_f64();
+    let ids_u32: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    let text = tokenizer
+        .decode(&ids_u32, true)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    println!("{prompt}{text}");
+    eprintln!(
+        "[{} prompt tokens, {} new in {elapsed:.2} s on {device:?}]",
+        prompt_ids.len(),
+        ids.len()
+    );
+    Ok(())
+}
+
 fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
     let recipe = Recipe::from_file(recipe_path)
         .with_context(|| format!("reading recipe {}", recipe_path.display()))?;
@@ -257,8 +312,12 @@ fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     model.slim(&slim_keep)?.save(&out.join("slim"))?;
     let plan = hawada::bench::BenchPlan {
-        forward_batch: recipe.latency.batch,
+        workloads: recipe
+            .bench
+            .as_ref()
+            .map_or_else(|| vec![recipe.latency.workload()], |b| b.workloads.clone()),
         step_batch: recipe.adapt.batch,
+        step_tokens: recipe.data.seq_len,
         protocol: recipe.latency.protocol(),
         gates: &recipe.gates,
         slim_keep: &slim_keep,

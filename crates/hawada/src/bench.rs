@@ -1,17 +1,17 @@
-//! Benchmarks of HawAda's own hot paths, for a same-call comparison with the PyTorch baseline
-//! (`bench/torch_baseline.py`): keep-all forward (eager and CUDA graph), one gate-training step,
-//! and the forward of a slim export. Family-agnostic.
+//! Benchmarks of HawAda's own hot paths, for a same-call comparison with the PyTorch baselines
+//! (`bench/*.py`): keep-all workloads (forwards and decoding steps, eager and CUDA graph), one
+//! gate-training step, and the same workloads on a slim export. Family-agnostic.
 
 use crate::cuda::CudaGraph;
 use crate::error::{Error, Result};
 use crate::gates::{GateOptions, Gates};
-use crate::latency::forward::{inference_copy, measure_model};
+use crate::latency::forward::{inference_copy, measure_model, workload_call};
 use crate::latency::measure::{measure, LatencyStats, TimingProtocol};
 use crate::latency::proxy::LatencyProxy;
-use crate::model::{Family, KeepSet, Masks, Phase};
+use crate::model::{Family, KeepSet, Masks, Phase, Workload};
 use crate::train::{step_losses, Lagrangian, Models};
 use serde::Serialize;
-use tch::{nn, nn::OptimizerConfig, Tensor};
+use tch::{nn, nn::OptimizerConfig};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
@@ -24,8 +24,11 @@ pub struct BenchRow {
 
 /// What to benchmark.
 pub struct BenchPlan<'a> {
-    pub forward_batch: i64,
+    /// Timed on keep-all and on the slim model.
+    pub workloads: Vec<Workload>,
+    /// The gate-training step's batch (and tokens per sequence, for language models).
     pub step_batch: i64,
+    pub step_tokens: i64,
     pub protocol: TimingProtocol,
     pub gates: &'a GateOptions,
     /// The slim architecture whose forward is timed.
@@ -43,29 +46,42 @@ pub fn half_keep(model: &dyn Family) -> KeepSet {
     )
 }
 
-fn forward_rows(
+fn workload_name(workload: Workload) -> String {
+    match workload {
+        Workload::Forward { tokens, .. } if tokens > 1 => format!("forward {tokens} tok"),
+        Workload::Forward { .. } => "forward".into(),
+        Workload::Decode { context, .. } => format!("decode @{context}"),
+    }
+}
+
+/// `workload` on `model`, eager, and on CUDA also replayed from a CUDA graph (checked against
+/// the eager output).
+fn workload_rows(
     name: &str,
     model: &dyn Family,
-    batch: i64,
+    workload: Workload,
     protocol: TimingProtocol,
 ) -> Result<Vec<BenchRow>> {
+    let label = format!("{name} {}", workload_name(workload));
+    let batch = workload.batch();
+    let eager = TimingProtocol {
+        cuda_graphs: false,
+        ..protocol
+    };
     let mut rows = vec![BenchRow {
-        name: format!("{name} forward (eager)"),
+        name: format!("{label} (eager)"),
         batch,
-        latency_ms: measure_model(model, batch, protocol),
+        latency_ms: measure_model(model, workload, eager)?,
         max_abs_diff_vs_eager: None,
     }];
     let device = model.var_store().device();
     if device.is_cuda() {
         let _guard = tch::no_grad_guard();
-        let kind = model.var_store().kind();
-        let input = model.prepare_input(Tensor::randn(model.input_shape(batch), (kind, device)));
-        let masks = Masks::none(model.groups().len());
-        let eager = model.forward(&input, &masks, Phase::Eval);
-        let (graph, output) =
-            CudaGraph::capture(device, || model.forward(&input, &masks, Phase::Eval))?;
+        let mut call = workload_call(model, workload)?;
+        let eager_output = call();
+        let (graph, output) = CudaGraph::capture(device, &mut call)?;
         graph.replay()?;
-        let diff = (&output - &eager)
+        let diff = (&output - &eager_output)
             .abs()
             .max()
             .to_kind(tch::Kind::Float)
@@ -80,7 +96,7 @@ fn forward_rows(
             return Err(e);
         }
         rows.push(BenchRow {
-            name: format!("{name} forward (CUDA graph)"),
+            name: format!("{label} (CUDA graph)"),
             batch,
             latency_ms: stats,
             max_abs_diff_vs_eager: Some(diff),
@@ -100,10 +116,13 @@ pub struct BenchReport {
 /// Runs every benchmark of `plan` on `model` (the frozen teacher, in its final device and dtype).
 pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport> {
     let device = model.var_store().device();
-    let kind = model.var_store().kind();
-    let keep_all = inference_copy(model, &KeepSet::all(model.groups()), plan.forward_batch)?;
+    let first = *plan
+        .workloads
+        .first()
+        .ok_or_else(|| Error::Invalid("a bench needs at least one workload".into()))?;
+    let keep_all = inference_copy(model, &KeepSet::all(model.groups()), first)?;
     let fused_vs_reference_rel_diff = tch::no_grad(|| {
-        let x = Tensor::randn(model.input_shape(8), (kind, device));
+        let x = model.random_input(8, plan.step_tokens);
         let reference = model
             .forward(
                 &model.prepare_input(x.shallow_clone()),
@@ -121,20 +140,23 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport
         (fused - &reference).abs().max().double_value(&[])
             / reference.abs().max().double_value(&[]).max(1e-12)
     });
-    let mut rows = forward_rows(
-        "keep-all",
-        keep_all.as_ref(),
-        plan.forward_batch,
-        plan.protocol,
-    )?;
+    let mut rows = Vec::new();
+    for &workload in &plan.workloads {
+        rows.extend(workload_rows(
+            "keep-all",
+            keep_all.as_ref(),
+            workload,
+            plan.protocol,
+        )?);
+    }
     // One gate-training step: teacher forward without grad, gated student forward, KD + latency
     // terms, backward to the gate logits only, Adam step. The student is the frozen teacher.
     let gates = Gates::new(model.groups(), plan.gates.clone(), device)?;
-    let proxy = LatencyProxy::with_flop_cost(&model.cost_sites(), model.groups(), device);
+    let proxy = LatencyProxy::with_flop_cost(&model.cost_sites(first), model.groups(), device);
     let mut opt = nn::Adam::default()
         .build(gates.var_store(), 0.1)
         .map_err(|e| Error::torch("adam", "gates", e))?;
-    let x = Tensor::randn(model.input_shape(plan.step_batch), (kind, device));
+    let x = model.random_input(plan.step_batch, plan.step_tokens);
     let terms = Lagrangian {
         target_ms: 1.0,
         lambda: 1.0,
@@ -165,13 +187,10 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport
         max_abs_diff_vs_eager: None,
     });
 
-    let slim = inference_copy(model, plan.slim_keep, plan.forward_batch)?;
-    rows.extend(forward_rows(
-        "slim",
-        slim.as_ref(),
-        plan.forward_batch,
-        plan.protocol,
-    )?);
+    let slim = inference_copy(model, plan.slim_keep, first)?;
+    for &workload in &plan.workloads {
+        rows.extend(workload_rows("slim", slim.as_ref(), workload, plan.protocol)?);
+    }
     Ok(BenchReport {
         rows,
         fused_vs_reference_rel_diff,

@@ -3,11 +3,14 @@
 
 use tch::{Kind, Reduction, Tensor};
 
-/// `T² · KL(softmax(t/T) ‖ softmax(s/T))`, averaged over the batch. Logits `[batch, classes]`.
+/// `T² · KL(softmax(t/T) ‖ softmax(s/T))`, averaged over predictions: logits `[batch, classes]`
+/// (one per example) or `[batch, tokens, vocab]` (one per token).
 pub fn kd_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
+    let classes = student.size()[student.dim() - 1];
+    let rows = student.numel() as i64 / classes.max(1);
     let log_p_student = (student / temperature).log_softmax(-1, Kind::Float);
     let log_p_teacher = (teacher / temperature).log_softmax(-1, Kind::Float);
-    let kl = log_p_student.kl_div(&log_p_teacher, Reduction::Sum, true) / student.size()[0] as f64;
+    let kl = log_p_student.kl_div(&log_p_teacher, Reduction::Sum, true) / rows as f64;
     kl * (temperature * temperature)
 }
 

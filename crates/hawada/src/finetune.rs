@@ -96,9 +96,14 @@ pub fn train_weights(
                 });
                 distill::kd_kl(&logits, &target, *temperature)
             }
-            Objective::Labels => logits
-                .to_kind(tch::Kind::Float)
-                .cross_entropy_for_logits(&y),
+            // Classes or next tokens alike: one prediction per row of the flattened logits.
+            Objective::Labels => {
+                let classes = logits.size()[logits.dim() - 1];
+                logits
+                    .to_kind(tch::Kind::Float)
+                    .view([-1, classes])
+                    .cross_entropy_for_logits(&y.view([-1]))
+            }
         };
         opt.zero_grad();
         loss.backward();

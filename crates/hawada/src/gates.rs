@@ -284,42 +284,75 @@ fn split(groups: &[Group], flat: &Tensor) -> Vec<Tensor> {
 /// The keep rule on host values (see [`Gates::keep_set`]); separate so it is testable without
 /// tensors.
 pub fn keep_from_logits(groups: &[Group], logits: &[Vec<f32>], min_keep: i64) -> KeepSet {
-    let keep_group = |values: &[f32], allowed: &dyn Fn(usize) -> bool| -> Vec<i64> {
-        let mut kept: Vec<i64> = (0..values.len())
-            .filter(|&i| allowed(i) && values[i] > 0.0)
-            .map(|i| i as i64)
-            .collect();
-        let floor = (min_keep as usize).min(values.len());
-        if kept.len() < floor {
-            let mut order: Vec<usize> = (0..values.len()).filter(|&i| allowed(i)).collect();
-            order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-            kept = order.into_iter().take(floor).map(|i| i as i64).collect();
-            kept.sort_unstable();
-        }
-        kept
-    };
-    let mut keep: Vec<Vec<i64>> = groups
-        .iter()
-        .zip(logits)
-        .map(|(g, l)| {
-            if g.follows.is_some() {
-                Vec::new()
-            } else {
-                keep_group(l, &|_| true)
-            }
-        })
-        .collect();
+    let keep = KeepSet(
+        groups
+            .iter()
+            .zip(logits)
+            .map(|(g, values)| {
+                let mut kept: Vec<i64> = (0..values.len())
+                    .filter(|&i| values[i] > 0.0)
+                    .map(|i| i as i64)
+                    .collect();
+                let floor = (min_keep.min(g.len)) as usize;
+                if kept.len() < floor {
+                    kept = top_units(values, floor, |_| true);
+                }
+                kept
+            })
+            .collect(),
+    );
+    enforce_follows(groups, logits, keep)
+}
+
+/// The `count` highest-logit units among those `allowed`, ascending (ties: lower index first).
+pub fn top_units(logits: &[f32], count: usize, allowed: impl Fn(usize) -> bool) -> Vec<i64> {
+    let mut order: Vec<usize> = (0..logits.len()).filter(|&i| allowed(i)).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let mut kept: Vec<i64> = order.into_iter().take(count).map(|i| i as i64).collect();
+    kept.sort_unstable();
+    kept
+}
+
+/// Makes a keep-set obey every `follows` link, as grouped-query attention needs: a follower unit
+/// goes when its parent unit goes; a parent unit none of whose followers survive goes too; and
+/// every kept parent keeps the same number of followers (the mean, rounded, at least one), the
+/// top ones by logit with units already kept first, so the slim model is stock GQA (a fixed
+/// number of query heads per KV head).
+pub fn enforce_follows(groups: &[Group], logits: &[Vec<f32>], mut keep: KeepSet) -> KeepSet {
     for (i, g) in groups.iter().enumerate() {
-        if let Some(parent) = g.follows {
-            let ratio = (g.len / groups[parent].len) as usize;
-            let parent_kept = keep[parent].clone();
-            keep[i] = keep_group(&logits[i], &|u| parent_kept.contains(&((u / ratio) as i64)));
-            // A parent unit none of whose followers survive goes too.
-            let followers = keep[i].clone();
-            keep[parent].retain(|&p| followers.iter().any(|&u| u as usize / ratio == p as usize));
+        let Some(parent) = g.follows else { continue };
+        let ratio = (g.len / groups[parent].len).max(1);
+        let parent_of = |u: i64| u / ratio;
+        let followers: Vec<i64> = keep.0[i]
+            .iter()
+            .copied()
+            .filter(|&u| keep.0[parent].contains(&parent_of(u)))
+            .collect();
+        let mut parents: Vec<i64> = keep.0[parent]
+            .iter()
+            .copied()
+            .filter(|&p| followers.iter().any(|&u| parent_of(u) == p))
+            .collect();
+        if parents.is_empty() {
+            // Nothing survives both ways: keep the parent of the best follower.
+            let best = top_units(&logits[i], 1, |_| true);
+            parents = best.iter().map(|&u| parent_of(u)).collect();
         }
+        let per_parent = ((followers.len() as f64 / parents.len() as f64).round() as i64)
+            .clamp(1, ratio) as usize;
+        // Already-kept units rank above the rest; logits order within each class.
+        let rank: Vec<f32> = (0..g.len)
+            .map(|u| logits[i][u as usize] + if followers.contains(&u) { 1e6 } else { 0.0 })
+            .collect();
+        let mut kept = Vec::new();
+        for &p in &parents {
+            kept.extend(top_units(&rank, per_parent, |u| parent_of(u as i64) == p));
+        }
+        kept.sort_unstable();
+        keep.0[i] = kept;
+        keep.0[parent] = parents;
     }
-    KeepSet(keep)
+    keep
 }
 
 #[cfg(test)]
@@ -343,6 +376,18 @@ mod tests {
         let groups = [group("a", 4, None)];
         let keep = keep_from_logits(&groups, &[vec![-3.0, -1.0, -2.0, -0.5]], 2);
         assert_eq!(keep.0[0], vec![1, 3]);
+    }
+
+    #[test]
+    fn kept_parents_keep_equal_numbers_of_followers() {
+        // 2 KV groups × 3 query heads; the trained set keeps 3 heads of KV 0 and 1 of KV 1.
+        let groups = [group("kv", 2, None), group("q", 6, Some(0))];
+        let logits = [vec![1.0, 1.0], vec![1.0, 2.0, 0.5, -1.0, 3.0, -2.0]];
+        let keep = keep_from_logits(&groups, &logits, 1);
+        // Mean 2 per KV group: KV 0 keeps its best two (0, 1); KV 1 keeps head 4 and its next
+        // best (3).
+        assert_eq!(keep.0[1], vec![0, 1, 3, 4]);
+        assert_eq!(keep.0[0], vec![0, 1]);
     }
 
     #[test]

@@ -174,16 +174,34 @@ pub enum SiteOp {
     },
     /// Dense layer on `rows` rows per sample (tokens; 1 for a classifier head), bias included.
     Linear { rows: i64 },
-    /// Scaled dot-product attention over `tokens` tokens; the output width counts heads ×
-    /// `head_dim` channels.
-    Attention { tokens: i64, head_dim: i64 },
+    /// Scaled dot-product attention of `queries` over `keys` tokens per sample; the output
+    /// width counts KV heads × `head_dim` channels, each KV head serving `q_per_kv` query heads
+    /// (1 without GQA).
+    Attention {
+        queries: i64,
+        keys: i64,
+        head_dim: i64,
+        q_per_kv: i64,
+        causal: bool,
+    },
 }
 
-/// Shape of the example input a model is timed and trained with.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InputSpec {
-    /// Full input shape including the batch, e.g. `[256, 3, 224, 224]`.
-    pub shape: Vec<i64>,
+/// What one timed call runs (DESIGN §4): the fixed shapes a latency target applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// One forward over `batch` inputs: images, or sequences of `tokens` tokens (prefill).
+    Forward { batch: i64, tokens: i64 },
+    /// One decoding step: a new token for each of `batch` sequences after `context` cached ones.
+    Decode { batch: i64, context: i64 },
+}
+
+impl Workload {
+    pub fn batch(&self) -> i64 {
+        match *self {
+            Workload::Forward { batch, .. } | Workload::Decode { batch, .. } => batch,
+        }
+    }
 }
 
 /// A model family: built from a config and weights, gated, tabulated, and slimmed.
@@ -193,10 +211,21 @@ pub trait Family: Send {
     fn family(&self) -> &'static str;
     /// The groups of prunable units and their coupling.
     fn groups(&self) -> &[Group];
-    /// Logits `[batch, classes]` for input `x`, with gates applied as multiplicative masks.
+    /// Logits for input `x`, with gates applied as multiplicative masks: `[batch, classes]` for
+    /// images, `[batch, tokens, vocab]` for token ids `[batch, tokens]`.
     fn forward(&self, x: &Tensor, masks: &Masks, phase: Phase) -> Tensor;
-    /// Cost sites for the latency proxy.
-    fn cost_sites(&self) -> Vec<CostSite>;
+    /// Cost sites for the latency proxy, for the shapes of `workload`.
+    fn cost_sites(&self, workload: Workload) -> Vec<CostSite>;
+    /// One decoding step at a fixed position, ready to time: a new token for each of `batch`
+    /// sequences after `context` cached ones (random cache), buffers allocated once so that a
+    /// CUDA graph can replay it. Families that do not decode say so.
+    fn decode_step(&self, batch: i64, context: i64) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
+        let _ = (batch, context);
+        Err(crate::error::Error::Invalid(format!(
+            "the {} family has no decoding; use latency.workload = \"forward\"",
+            self.family()
+        )))
+    }
     /// The store holding all weights; the unit of trainability.
     fn var_store(&self) -> &VarStore;
     fn var_store_mut(&mut self) -> &mut VarStore;
@@ -204,8 +233,9 @@ pub trait Family: Send {
     fn config_json(&self) -> serde_json::Value;
     /// Physically smaller model keeping only `keep`.
     fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>>;
-    /// Input shape for a given batch size.
-    fn input_shape(&self, batch: i64) -> Vec<i64>;
+    /// A random input of `batch` samples in the model's device and dtype (never zeros): images,
+    /// or token ids `[batch, tokens]` (image families ignore `tokens`).
+    fn random_input(&self, batch: i64, tokens: i64) -> Tensor;
     /// Rewrites the forward for inference where that changes no output beyond rounding: the
     /// device's preferred layout, and normalisation folded into the preceding layer when
     /// `folding` asks and the family can. Only for inference copies (timing, deployment): the

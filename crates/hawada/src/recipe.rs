@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::gates::GateOptions;
 use crate::latency::measure::TimingProtocol;
+use crate::model::Workload;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -36,6 +37,17 @@ pub struct Recipe {
     pub finetune: FinetuneSection,
     #[serde(default)]
     pub eval: EvalSection,
+    /// What `hawada bench` times; default: the latency workload.
+    #[serde(default)]
+    pub bench: Option<BenchSection>,
+}
+
+/// `hawada bench`'s workloads, e.g. `workloads = [{ forward = { batch = 8, tokens = 512 } },
+/// { decode = { batch = 1, context = 512 } }]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchSection {
+    pub workloads: Vec<Workload>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +77,9 @@ pub struct TeacherTraining {
 pub enum DataFormat {
     /// gzipped IDX files `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`.
     Idx,
+    /// A folder of `.txt` documents, taken in name order (SOTU: by year), tokenised with the
+    /// model's tokenizer into fixed-length sequences; the last `test_documents` are held out.
+    Text,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +103,22 @@ pub struct DataSection {
     /// Use only the first `limit` test examples for evaluation (long GPU runs); default: all.
     #[serde(default)]
     pub test_limit: Option<i64>,
+    /// Text: tokens per training/evaluation sequence.
+    #[serde(default = "default_seq_len")]
+    pub seq_len: i64,
+    /// Text: documents (the last in name order) held out as the test split.
+    #[serde(default = "default_test_documents")]
+    pub test_documents: usize,
+}
+
+/// What the latency target applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadKind {
+    /// A forward over `batch` inputs (for language models: a prefill of `tokens` tokens).
+    Forward,
+    /// One decoding step per sequence with a KV cache of `context` tokens.
+    Decode,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +126,15 @@ pub struct DataSection {
 pub struct LatencySection {
     /// Batch size the target latency applies to.
     pub batch: i64,
+    /// `forward` (default) or `decode`.
+    #[serde(default = "default_workload")]
+    pub workload: WorkloadKind,
+    /// Tokens per sequence of a timed forward (language models).
+    #[serde(default = "default_tokens")]
+    pub tokens: i64,
+    /// Cached tokens before a timed decoding step.
+    #[serde(default = "default_context")]
+    pub context: i64,
     #[serde(default = "default_warmup_runs")]
     pub warmup_runs: usize,
     #[serde(default = "default_timed_runs")]
@@ -125,6 +165,19 @@ pub struct LatencySection {
 }
 
 impl LatencySection {
+    /// The timed shapes.
+    pub fn workload(&self) -> Workload {
+        match self.workload {
+            WorkloadKind::Forward => Workload::Forward {
+                batch: self.batch,
+                tokens: self.tokens,
+            },
+            WorkloadKind::Decode => Workload::Decode {
+                batch: self.batch,
+                context: self.context,
+            },
+        }
+    }
     pub fn protocol(&self) -> TimingProtocol {
         TimingProtocol {
             warmup_runs: self.warmup_runs,
@@ -216,6 +269,21 @@ fn default_dtype() -> String {
 }
 fn default_holdout() -> i64 {
     2000
+}
+fn default_seq_len() -> i64 {
+    256
+}
+fn default_test_documents() -> usize {
+    8
+}
+fn default_workload() -> WorkloadKind {
+    WorkloadKind::Forward
+}
+fn default_tokens() -> i64 {
+    1
+}
+fn default_context() -> i64 {
+    512
 }
 fn default_warmup_runs() -> usize {
     TimingProtocol::default().warmup_runs
@@ -320,6 +388,9 @@ impl Recipe {
             }
         }
         positive("latency.batch", self.latency.batch as f64)?;
+        positive("latency.tokens", self.latency.tokens as f64)?;
+        positive("latency.context", self.latency.context as f64)?;
+        positive("data.seq_len", self.data.seq_len as f64)?;
         positive("latency.timed_runs", self.latency.timed_runs as f64)?;
         positive("adapt.steps", self.adapt.steps as f64)?;
         positive("adapt.batch", self.adapt.batch as f64)?;

@@ -27,6 +27,9 @@ pub struct Quality {
     pub teacher: f64,
     pub slim_before_finetune: f64,
     pub slim: f64,
+    /// Mean KL(teacher ‖ slim) per prediction on the test split, nats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slim_kl_to_teacher: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +81,9 @@ pub struct Summary {
     /// Kept width per gate group of the exported model, `group name → channels`.
     pub slim_widths: Vec<(String, i64)>,
     pub adapt_steps: i64,
+    /// The timed shapes the latencies apply to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<crate::model::Workload>,
 }
 
 impl Summary {

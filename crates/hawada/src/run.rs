@@ -2,13 +2,13 @@
 //! (each stage either reloads its recorded output or resumes from its checkpoint). With the CLI,
 //! the only caller of `families::load`.
 
-use crate::data::{BatchShape, ImageDataset};
+use crate::data::{load_tokenizer, BatchShape, Examples, ImageDataset, TextDataset};
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::export::search::{candidates, search, Measurement, SearchContext};
 use crate::families;
 use crate::finetune::{train_weights, Objective, WeightTraining};
-use crate::gates::Gates;
+use crate::gates::{enforce_follows, Gates};
 use crate::latency::forward::{
     inference_copy, measure_against_keep_all, measure_model, measure_pair,
 };
@@ -94,6 +94,7 @@ fn site_tables(model: &dyn Family, recipe: &Recipe, env: &RunEnv<'_>) -> Result<
         protocol: recipe.latency.table_protocol(),
         batch: recipe.latency.batch,
     };
+    let workload = recipe.latency.workload();
     let (name, driver) = match env.device {
         Device::Cuda(i) => {
             let info = crate::cuda::device_info(i)?;
@@ -101,7 +102,7 @@ fn site_tables(model: &dyn Family, recipe: &Recipe, env: &RunEnv<'_>) -> Result<
         }
         other => (device_name(other), "none".to_string()),
     };
-    let sites = model.cost_sites();
+    let sites = model.cost_sites(workload);
     let key = cache_key(&name, &driver, env.kind, &options, &sites, model.groups());
     if let Some(tables) = load_cached(&recipe.latency.cache_dir, &key) {
         tracing::info!(key, "site tables from cache");
@@ -129,8 +130,8 @@ pub fn profile_stage(
 ) -> Result<(Profile, LatencyProxy)> {
     let (device, observer) = (env.device, env.observer);
     let protocol = recipe.latency.protocol();
-    let batch = recipe.latency.batch;
-    let sites = model.cost_sites();
+    let workload = recipe.latency.workload();
+    let sites = model.cost_sites(workload);
     let tables = site_tables(model, recipe, env)?;
     let flops = || LatencyProxy::with_flop_cost(&sites, model.groups(), device);
     let table = || {
@@ -147,8 +148,8 @@ pub fn profile_stage(
     } else {
         let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
         observer.begin("profile", n_archs as u64 + 1);
-        let keep_all_model = inference_copy(model, &KeepSet::all(model.groups()), batch)?;
-        let keep_all = measure_model(keep_all_model.as_ref(), batch, protocol);
+        let keep_all_model = inference_copy(model, &KeepSet::all(model.groups()), workload)?;
+        let keep_all = measure_model(keep_all_model.as_ref(), workload, protocol)?;
         observer.advance(1, &format!("keep-all {:.2} ms", keep_all.mean));
         let mut fit = vec![Measured {
             keep: KeepSet::all(model.groups()),
@@ -156,14 +157,14 @@ pub fn profile_stage(
         }];
         for i in 0..n_archs {
             let keep = random_keep(model, recipe.gates.min_keep);
-            let sub = inference_copy(model, &keep, batch)?;
+            let sub = inference_copy(model, &keep, workload)?;
             let ms = measure_against_keep_all(
                 keep_all_model.as_ref(),
                 sub.as_ref(),
                 keep_all.mean,
-                batch,
+                workload,
                 protocol,
-            )
+            )?
             .mean;
             fit.push(Measured { keep, ms });
             observer.advance(i as u64 + 2, &format!("sub-architecture {ms:.2} ms"));
@@ -210,9 +211,12 @@ pub fn profile_stage(
     Ok((profile, proxy))
 }
 
-/// A random sub-architecture keeping a fraction in [0.25, 1] of each group's units.
+/// A random sub-architecture keeping a fraction in [0.25, 1] of each group's units, with the
+/// `follows` rule applied.
 fn random_keep(model: &dyn Family, min_keep: i64) -> KeepSet {
-    KeepSet(
+    let groups = model.groups();
+    let flat: Vec<Vec<f32>> = groups.iter().map(|g| vec![0.0; g.len as usize]).collect();
+    let keep = KeepSet(
         model
             .groups()
             .iter()
@@ -229,7 +233,8 @@ fn random_keep(model: &dyn Family, min_keep: i64) -> KeepSet {
                 kept
             })
             .collect(),
-    )
+    );
+    enforce_follows(groups, &flat, keep)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -249,7 +254,7 @@ pub struct RunEnv<'a> {
 fn teacher(
     recipe: &Recipe,
     recipe_file: &Path,
-    train: &ImageDataset,
+    train: &dyn Examples,
     env: &RunEnv<'_>,
 ) -> Result<Box<dyn Family>> {
     let (run_dir, device, kind, metrics, observer) = (
@@ -260,7 +265,7 @@ fn teacher(
         env.observer,
     );
     let dir = &recipe.model.dir;
-    let has_weights = dir.join("model.safetensors").exists();
+    let has_weights = families::has_weights(dir);
     if !has_weights && !recipe.model.random_init {
         let Some(spec) = &recipe.teacher_training else {
             return Err(Error::config(recipe_file, "model.dir", format!("{} holds no model.safetensors; give a model directory, set model.random_init, or add [teacher_training]", dir.display())));
@@ -297,13 +302,44 @@ fn teacher(
 /// The splits a run uses: training examples, a held-out calibration tail of the training
 /// split, and the test split for quality.
 struct Splits {
-    train: ImageDataset,
-    calibration: ImageDataset,
-    test: ImageDataset,
+    train: Box<dyn Examples>,
+    calibration: Box<dyn Examples>,
+    test: Box<dyn Examples>,
 }
 
 fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
-    let DataFormat::Idx = recipe.data.format;
+    match recipe.data.format {
+        DataFormat::Idx => load_image_splits(recipe, device),
+        DataFormat::Text => load_text_splits(recipe, device),
+    }
+}
+
+/// Documents tokenised with the model's tokenizer; the calibration tail is `data.holdout`
+/// sequences of the training split.
+fn load_text_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
+    let tokenizer = load_tokenizer(&recipe.model.dir)?;
+    let eos = families::eos_token(&recipe.model.dir)?;
+    let (full_train, mut test) = TextDataset::load_dir(
+        &recipe.data.dir,
+        &tokenizer,
+        recipe.data.seq_len,
+        recipe.data.test_documents,
+        eos,
+        device,
+    )?;
+    if let Some(limit) = recipe.data.test_limit {
+        test = test.slice(0, limit);
+    }
+    let holdout = recipe.data.holdout.clamp(1, full_train.len() - 1);
+    let train_len = full_train.len() - holdout;
+    Ok(Splits {
+        train: Box::new(full_train.slice(0, train_len)),
+        calibration: Box::new(full_train.slice(train_len, holdout)),
+        test: Box::new(test),
+    })
+}
+
+fn load_image_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
     let mut full_train = ImageDataset::load_idx(&recipe.data.dir, "train", device)?;
     let mut test = ImageDataset::load_idx(&recipe.data.dir, "t10k", device)?;
     if recipe.data.image_size.is_some() || recipe.data.channels.is_some() {
@@ -322,9 +358,9 @@ fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
     }
     let holdout = recipe.data.holdout.clamp(1, full_train.len() - 1);
     Ok(Splits {
-        train: full_train.take(full_train.len() - holdout),
-        calibration: full_train.slice(full_train.len() - holdout, holdout),
-        test,
+        train: Box::new(full_train.take(full_train.len() - holdout)),
+        calibration: Box::new(full_train.slice(full_train.len() - holdout, holdout)),
+        test: Box::new(test),
     })
 }
 
@@ -364,7 +400,7 @@ pub fn profile(
 ) -> Result<Profile> {
     let env = open_run(recipe, recipe_file, run_dir, observer)?;
     let splits = load_splits(recipe, env.device)?;
-    let model = teacher(recipe, recipe_file, &splits.train, &env)?;
+    let model = teacher(recipe, recipe_file, splits.train.as_ref(), &env)?;
     Ok(profile_stage(model.as_ref(), recipe, &env)?.0)
 }
 
@@ -384,7 +420,7 @@ pub fn run(
         calibration,
         test,
     } = load_splits(recipe, device)?;
-    let model = teacher(recipe, recipe_file, &train, &env)?;
+    let model = teacher(recipe, recipe_file, train.as_ref(), &env)?;
     let n_groups = model.groups().len();
     tracing::info!(
         family = model.family(),
@@ -392,12 +428,13 @@ pub fn run(
         params = model.num_params(),
         "teacher loaded"
     );
-    let teacher_accuracy = eval::accuracy(model.as_ref(), &test, recipe.eval.batch, kind);
-    tracing::info!(teacher_accuracy, "teacher evaluated");
+    let metric = test.metric();
+    let teacher_quality = eval::quality(model.as_ref(), test.as_ref(), recipe.eval.batch, kind);
+    tracing::info!(metric = metric.name(), teacher_quality, "teacher evaluated");
 
     // Profile: keep-all latency, site tables, both proxies fitted and judged.
     let protocol = recipe.latency.protocol();
-    let batch = recipe.latency.batch;
+    let workload = recipe.latency.workload();
     let (profile, mut proxy) = profile_stage(model.as_ref(), recipe, &env)?;
 
     // Adapt. The student is the teacher itself, or a copy when its weights train too.
@@ -413,20 +450,21 @@ pub fn run(
     let student: &dyn Family = student_copy.as_deref().unwrap_or(model.as_ref());
     let mut next_input = || train.random_batch(recipe.adapt.batch, kind).0;
     let relative_target = recipe.target.fraction.is_some();
-    let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()), batch)?;
+    let keep_all_model =
+        inference_copy(model.as_ref(), &KeepSet::all(model.groups()), workload)?;
     let mut measure_keep = |keep: &KeepSet| -> Result<LatencyStats> {
-        let slim = inference_copy(model.as_ref(), keep, batch)?;
+        let slim = inference_copy(model.as_ref(), keep, workload)?;
         if !relative_target {
-            return Ok(measure_model(slim.as_ref(), batch, protocol));
+            return measure_model(slim.as_ref(), workload, protocol);
         }
         // A relative target is checked against keep-all measured alongside.
-        Ok(measure_against_keep_all(
+        measure_against_keep_all(
             keep_all_model.as_ref(),
             slim.as_ref(),
             profile.keep_all.mean,
-            batch,
+            workload,
             protocol,
-        ))
+        )
     };
     let outcome = adapt(
         Models {
@@ -457,14 +495,14 @@ pub fn run(
         &recipe.export,
     );
     let mut measure_candidate = |keep: &KeepSet| -> Result<Measurement> {
-        let slim = inference_copy(model.as_ref(), keep, batch)?;
+        let slim = inference_copy(model.as_ref(), keep, workload)?;
         let latency = measure_against_keep_all(
             keep_all_model.as_ref(),
             slim.as_ref(),
             profile.keep_all.mean,
-            batch,
+            workload,
             protocol,
-        );
+        )?;
         Ok(Measurement {
             latency,
             params: slim.num_params(),
@@ -476,7 +514,7 @@ pub fn run(
             student,
             &hard,
             model.as_ref(),
-            &calibration,
+            calibration.as_ref(),
             recipe.eval.batch,
             kind,
         )
@@ -494,9 +532,9 @@ pub fn run(
     let keep = searched[pick].clone();
     let calibration_agreement = search_table[pick].agreement;
     let mut slim = student.slim(&keep)?;
-    slim.save(&run_dir.join("slim-before-finetune"))?;
+    save_model(slim.as_ref(), recipe, &run_dir.join("slim-before-finetune"))?;
     slim.to_device_layout();
-    let slim_before = eval::accuracy(slim.as_ref(), &test, recipe.eval.batch, kind);
+    let slim_before = eval::quality(slim.as_ref(), test.as_ref(), recipe.eval.batch, kind);
     tracing::info!(picked = %search_table[pick].name, slim_before, calibration_agreement, "exported");
 
     // Fine-tune by distillation.
@@ -521,18 +559,25 @@ pub fn run(
             observer,
         )?;
     }
-    slim.save(&run_dir.join("slim"))?;
-    let slim_accuracy = eval::accuracy(slim.as_ref(), &test, recipe.eval.batch, kind);
+    save_model(slim.as_ref(), recipe, &run_dir.join("slim"))?;
+    let slim_quality = eval::quality(slim.as_ref(), test.as_ref(), recipe.eval.batch, kind);
+    let slim_kl = eval::kl_to_teacher(
+        slim.as_ref(),
+        model.as_ref(),
+        test.as_ref(),
+        recipe.eval.batch,
+        kind,
+    );
 
     // Final measurement: keep-all and slim in the same process, back to back.
     observer.begin("measure", 2);
-    let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()), batch)?;
+    let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()), workload)?;
     let [keep_all, slim_latency] = measure_pair(
         keep_all_model.as_ref(),
         slim_inference.as_ref(),
-        batch,
+        workload,
         protocol,
-    );
+    )?;
     observer.advance(2, "keep-all and slim, interleaved");
     observer.end();
     let widths: Vec<i64> = model
@@ -568,10 +613,11 @@ pub fn run(
             slim: slim.num_params(),
         },
         quality: Quality {
-            metric: "test_top1_accuracy_percent".into(),
-            teacher: teacher_accuracy,
+            metric: metric.name().into(),
+            teacher: teacher_quality,
             slim_before_finetune: slim_before,
-            slim: slim_accuracy,
+            slim: slim_quality,
+            slim_kl_to_teacher: Some(slim_kl),
         },
         proxy: ProxySummary {
             mape: profile.fidelity().mape,
@@ -590,12 +636,28 @@ pub fn run(
             .zip(widths)
             .collect(),
         adapt_steps: outcome.steps,
+        workload: Some(workload),
     };
     let latency_json = serde_json::json!({ "profile": profile, "probes": outcome.probes, "search": search_table, "final": { "keep_all": keep_all, "slim": slim_latency } });
     crate::io::hf_config::write(&run_dir.join("latency.json"), &latency_json)?;
     summary.write(&run_dir.join("summary.json"))?;
     crate::report::write_html(run_dir)?;
     Ok(summary)
+}
+
+/// Writes `model` into `dir` (config + weights), with the tokenizer for text models so that
+/// the export loads elsewhere as it is.
+fn save_model(model: &dyn Family, recipe: &Recipe, dir: &Path) -> Result<()> {
+    model.save(dir)?;
+    if recipe.data.format == DataFormat::Text {
+        let tokenizer = load_tokenizer(&recipe.model.dir)?;
+        let file = dir.join("tokenizer.json");
+        tokenizer.save(&file, false).map_err(|e| Error::Data {
+            file: file.clone(),
+            reason: format!("tokenizer not written: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// Default run directory of a recipe: `runs/<name>`.

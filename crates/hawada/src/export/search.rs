@@ -5,6 +5,7 @@
 //! whose measured latency meets the target, else the fastest.
 
 use crate::error::Result;
+use crate::gates::{enforce_follows, top_units};
 use crate::latency::measure::LatencyStats;
 use crate::model::{Group, KeepSet, UnitKind};
 use crate::progress::Observer;
@@ -46,17 +47,8 @@ fn step_units(group: &Group, multiple: i64) -> Option<i64> {
     }
 }
 
-/// The `count` highest-logit units of a group, ascending.
-fn top_units(logits: &[f32], count: usize) -> Vec<i64> {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    let mut kept: Vec<i64> = order.into_iter().take(count).map(|i| i as i64).collect();
-    kept.sort_unstable();
-    kept
-}
-
 /// Named candidate keep-sets: the trained keep-set, then every (multiple, floor|ceil) rounding
-/// of its counts, deduplicated (first name wins).
+/// of its counts with the `follows` rule re-applied, deduplicated (first name wins).
 pub fn candidates(
     groups: &[Group],
     logits: &[Vec<f32>],
@@ -76,7 +68,7 @@ pub fn candidates(
     for multiple in multiples {
         for ceil in [false, true] {
             let mut changed = false;
-            let keep = KeepSet(
+            let rounded = KeepSet(
                 groups
                     .iter()
                     .zip(logits)
@@ -96,10 +88,11 @@ pub fn candidates(
                             .max(min_keep.min(group.len))
                             .min(group.len);
                         changed = true;
-                        top_units(logits, units as usize)
+                        top_units(logits, units as usize, |_| true)
                     })
                     .collect(),
             );
+            let keep = enforce_follows(groups, logits, rounded);
             if changed && !out.iter().any(|(_, k)| *k == keep) {
                 out.push((
                     format!("×{multiple} {}", if ceil { "ceil" } else { "floor" }),

@@ -1,5 +1,6 @@
 //! The family registry: the only place that maps a `config.json` to a model family.
 
+pub mod llama;
 pub mod resnet;
 pub mod vit;
 
@@ -8,9 +9,41 @@ use crate::model::Family;
 use std::path::Path;
 use tch::{Device, Kind};
 
-/// Loads the model in `dir` (`config.json` + `model.safetensors`), dispatching on `model_type`.
-/// With `random_init`, only `config.json` is read and weights are random.
-pub fn load(dir: &Path, device: Device, kind: Kind, random_init: bool) -> Result<Box<dyn Family>> {
+fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "gguf")
+}
+
+/// Whether `path` holds weights: a GGUF file, or a directory with `model.safetensors` (or an
+/// index of shards).
+pub fn has_weights(path: &Path) -> bool {
+    (is_gguf(path) && path.is_file())
+        || path.join("model.safetensors").exists()
+        || path.join("model.safetensors.index.json").exists()
+}
+
+/// The end-of-text token id of a language model (`eos_token_id` of its config, or of its GGUF
+/// metadata); `None` where it has none.
+pub fn eos_token(path: &Path) -> Result<Option<i64>> {
+    let config = if is_gguf(path) {
+        crate::io::gguf::llama_config(&crate::io::gguf::Gguf::open(path)?)?
+    } else {
+        crate::io::hf_config::read_value(&path.join("config.json"))?
+    };
+    Ok(match config.get("eos_token_id") {
+        Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_i64()),
+        Some(v) => v.as_i64(),
+        None => None,
+    })
+}
+
+/// Loads the model at `path`: a GGUF file (LLaMA, dequantised), or a directory (`config.json` +
+/// weights) dispatched on `model_type`. With `random_init`, only the config is read and weights
+/// are random.
+pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Result<Box<dyn Family>> {
+    if is_gguf(path) {
+        return Ok(Box::new(llama::from_gguf(path, device, kind)?));
+    }
+    let dir = path;
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(Error::config(
@@ -34,10 +67,11 @@ pub fn load(dir: &Path, device: Device, kind: Kind, random_init: bool) -> Result
     match model_type.as_str() {
         "resnet" => resnet::load(dir, config, device, kind, random_init),
         "vit" => vit::load(dir, config, device, kind, random_init),
+        "llama" => llama::load(dir, config, device, kind, random_init),
         other => Err(Error::config(
             &config_path,
             "model_type",
-            format!("unknown family `{other}`; supported: resnet, vit"),
+            format!("unknown family `{other}`; supported: resnet, vit, llama"),
         )),
     }
 }

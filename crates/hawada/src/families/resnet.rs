@@ -13,7 +13,7 @@ use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_file_into, load_into, named_tensors};
 use crate::model::{
     unit_width, CostSite, Family, Group, KeepSet, Masks, Member, NormFolding, Phase, SiteOp,
-    UnitKind, Width,
+    UnitKind, Width, Workload,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -702,7 +702,8 @@ impl Family for Resnet {
             .linear(&self.fc.weight, Some(&self.fc.bias))
     }
 
-    fn cost_sites(&self) -> Vec<CostSite> {
+    /// Images have one workload shape; `workload` only brings the batch, which the profiler adds.
+    fn cost_sites(&self, _workload: Workload) -> Vec<CostSite> {
         let (stem_size, stage_sizes) = self.spatial_sizes();
         let width = |group: Option<usize>, fixed: i64| match group {
             Some(g) => Width::Group(g),
@@ -911,13 +912,16 @@ impl Family for Resnet {
         }
     }
 
-    fn input_shape(&self, batch: i64) -> Vec<i64> {
-        vec![
-            batch,
-            self.cfg.num_channels,
-            self.cfg.image_size,
-            self.cfg.image_size,
-        ]
+    fn random_input(&self, batch: i64, _tokens: i64) -> Tensor {
+        Tensor::randn(
+            [
+                batch,
+                self.cfg.num_channels,
+                self.cfg.image_size,
+                self.cfg.image_size,
+            ],
+            (self.vs.kind(), self.vs.device()),
+        )
     }
 }
 

@@ -12,6 +12,7 @@ use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_file_into, load_into, named_tensors};
 use crate::model::{
     unit_width, CostSite, Family, Group, KeepSet, Masks, Member, Phase, SiteOp, UnitKind, Width,
+    Workload,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -470,7 +471,8 @@ impl Family for Vit {
         self.classifier.forward(&cls)
     }
 
-    fn cost_sites(&self) -> Vec<CostSite> {
+    /// Images have one workload shape; `workload` only brings the batch, which the profiler adds.
+    fn cost_sites(&self, _workload: Workload) -> Vec<CostSite> {
         let t = self.cfg.tokens();
         let d = self.cfg.hidden_size;
         let head_dim = self.cfg.head_dim();
@@ -497,8 +499,11 @@ impl Family for Vit {
                 macs_per_in_out: (2 * t * t) as f64,
                 elems_per_out: (t * t / head_dim) as f64,
                 op: SiteOp::Attention {
-                    tokens: t,
+                    queries: t,
+                    keys: t,
                     head_dim,
+                    q_per_kv: 1,
+                    causal: false,
                 },
             });
             sites.push(linear(
@@ -561,13 +566,16 @@ impl Family for Vit {
         Ok(Box::new(slim))
     }
 
-    fn input_shape(&self, batch: i64) -> Vec<i64> {
-        vec![
-            batch,
-            self.cfg.num_channels,
-            self.cfg.image_size,
-            self.cfg.image_size,
-        ]
+    fn random_input(&self, batch: i64, _tokens: i64) -> Tensor {
+        Tensor::randn(
+            [
+                batch,
+                self.cfg.num_channels,
+                self.cfg.image_size,
+                self.cfg.image_size,
+            ],
+            (self.vs.kind(), self.vs.device()),
+        )
     }
 }
 

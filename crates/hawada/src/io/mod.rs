@@ -1,5 +1,6 @@
 //! Strict file I/O: safetensors tensors and JSON configs. Builds no module.
 
+pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
 

@@ -1,10 +1,11 @@
-//! Timing model forwards: the inference copy a deployment would run (sliced, fused), its input
-//! in the preferred layout, and the forward timed through `measure` (alone or round-robin).
+//! Timing model workloads: the inference copy a deployment would run (sliced, fused), its input
+//! in the preferred layout, and the workload (a forward, or a decoding step with a KV cache)
+//! timed through `measure` (alone or round-robin).
 
 use crate::cuda::CudaGraph;
 use crate::error::Result;
 use crate::latency::measure::{measure, measure_interleaved, LatencyStats, TimingProtocol};
-use crate::model::{Family, KeepSet, Masks, NormFolding, Phase};
+use crate::model::{Family, KeepSet, Masks, NormFolding, Phase, Workload};
 use tch::Tensor;
 
 /// A short A/B between the two inference rewrites of one copy; the full protocol then times
@@ -15,10 +16,14 @@ const CHOICE_PROTOCOL: TimingProtocol = TimingProtocol {
     cuda_graphs: false,
 };
 
-/// The model a deployment would run for `keep` at `batch`: sliced, in the device's layout, with
-/// normalisation folded or not, whichever measured faster here. Every latency HawAda reports is
-/// of such a copy.
-pub fn inference_copy(model: &dyn Family, keep: &KeepSet, batch: i64) -> Result<Box<dyn Family>> {
+/// The model a deployment would run for `keep` on `workload`: sliced, in the device's layout,
+/// with normalisation folded or not, whichever measured faster here. Every latency HawAda
+/// reports is of such a copy.
+pub fn inference_copy(
+    model: &dyn Family,
+    keep: &KeepSet,
+    workload: Workload,
+) -> Result<Box<dyn Family>> {
     let mut kept = model.slim(keep)?;
     kept.fuse_for_inference(NormFolding::Keep)?;
     if !kept.can_fold_norms() {
@@ -26,7 +31,8 @@ pub fn inference_copy(model: &dyn Family, keep: &KeepSet, batch: i64) -> Result<
     }
     let mut folded = model.slim(keep)?;
     folded.fuse_for_inference(NormFolding::Fold)?;
-    let [keep_ms, fold_ms] = measure_pair(kept.as_ref(), folded.as_ref(), batch, CHOICE_PROTOCOL);
+    let [keep_ms, fold_ms] =
+        measure_pair(kept.as_ref(), folded.as_ref(), workload, CHOICE_PROTOCOL)?;
     tracing::debug!(
         keep_ms = keep_ms.mean,
         fold_ms = fold_ms.mean,
@@ -39,43 +45,62 @@ pub fn inference_copy(model: &dyn Family, keep: &KeepSet, batch: i64) -> Result<
     })
 }
 
-/// One ungated forward of `model` on `x`, ready to time: eager, or replayed from a CUDA graph
-/// when `protocol.cuda_graphs` asks and the device is CUDA. A capture that fails falls back to
-/// eager, with a warning.
-fn forward_workload<'a>(
+/// The untimed call of `workload` on `model`: a forward of a random input, or a decoding step.
+pub fn workload_call<'a>(
     model: &'a dyn Family,
-    x: &'a Tensor,
+    workload: Workload,
+) -> Result<Box<dyn FnMut() -> Tensor + 'a>> {
+    match workload {
+        Workload::Forward { batch, tokens } => {
+            let x = model.prepare_input(model.random_input(batch, tokens));
+            let masks = Masks::none(model.groups().len());
+            Ok(Box::new(move || model.forward(&x, &masks, Phase::Eval)))
+        }
+        Workload::Decode { batch, context } => model.decode_step(batch, context),
+    }
+}
+
+/// `workload` on `model`, ready to time: eager, or replayed from a CUDA graph when
+/// `protocol.cuda_graphs` asks and the device is CUDA. A capture that fails falls back to
+/// eager, with a warning.
+pub fn timed_workload<'a>(
+    model: &'a dyn Family,
+    workload: Workload,
     protocol: TimingProtocol,
-) -> Box<dyn FnMut() + 'a> {
-    let masks = Masks::none(model.groups().len());
+) -> Result<Box<dyn FnMut() + 'a>> {
+    let mut call = workload_call(model, workload)?;
     let device = model.var_store().device();
     if protocol.cuda_graphs && device.is_cuda() {
-        match CudaGraph::capture(device, || model.forward(x, &masks, Phase::Eval)) {
+        match CudaGraph::capture(device, &mut call) {
             Ok((graph, _output)) => {
-                return Box::new(move || {
+                return Ok(Box::new(move || {
+                    // The graph replays into the call's buffers, which must outlive it.
+                    let _ = &call;
                     if let Err(e) = graph.replay() {
                         tracing::warn!(error = %e, "CUDA graph replay failed");
                     }
-                })
+                }))
             }
             Err(e) => {
-                tracing::warn!(error = %e, "CUDA graph capture failed; timing eager forwards")
+                tracing::warn!(error = %e, "CUDA graph capture failed; timing eager calls")
             }
         }
     }
-    Box::new(move || {
-        let _ = model.forward(x, &masks, Phase::Eval);
-    })
+    Ok(Box::new(move || {
+        let _ = call();
+    }))
 }
 
-/// Times the ungated forward of `model` on a random input of `batch`.
-pub fn measure_model(model: &dyn Family, batch: i64, protocol: TimingProtocol) -> LatencyStats {
+/// Times `workload` on `model`.
+pub fn measure_model(
+    model: &dyn Family,
+    workload: Workload,
+    protocol: TimingProtocol,
+) -> Result<LatencyStats> {
     let device = model.var_store().device();
-    let kind = model.var_store().kind();
     let _guard = tch::no_grad_guard();
-    let x = model.prepare_input(Tensor::randn(model.input_shape(batch), (kind, device)));
-    let mut run = forward_workload(model, &x, protocol);
-    measure(device, protocol, &mut run)
+    let mut run = timed_workload(model, workload, protocol)?;
+    Ok(measure(device, protocol, &mut run))
 }
 
 /// `model` timed round-robin with `keep_all` and rescaled so that keep-all reads
@@ -85,36 +110,32 @@ pub fn measure_against_keep_all(
     keep_all: &dyn Family,
     model: &dyn Family,
     reference_keep_all_ms: f64,
-    batch: i64,
+    workload: Workload,
     protocol: TimingProtocol,
-) -> LatencyStats {
-    let [keep_all_now, model_now] = measure_pair(keep_all, model, batch, protocol);
+) -> Result<LatencyStats> {
+    let [keep_all_now, model_now] = measure_pair(keep_all, model, workload, protocol)?;
     tracing::debug!(
         keep_all_now = keep_all_now.mean,
         model_now = model_now.mean,
         reference_keep_all_ms,
         "drift-corrected pair"
     );
-    model_now.scaled(reference_keep_all_ms / keep_all_now.mean)
+    Ok(model_now.scaled(reference_keep_all_ms / keep_all_now.mean))
 }
 
-/// Times two models round-robin on the same random input (see `measure_interleaved`).
+/// Times `workload` on two models round-robin (see `measure_interleaved`).
 pub fn measure_pair(
     a: &dyn Family,
     b: &dyn Family,
-    batch: i64,
+    workload: Workload,
     protocol: TimingProtocol,
-) -> [LatencyStats; 2] {
+) -> Result<[LatencyStats; 2]> {
     let device = a.var_store().device();
     let _guard = tch::no_grad_guard();
-    let x = a.prepare_input(Tensor::randn(
-        a.input_shape(batch),
-        (a.var_store().kind(), device),
-    ));
     let (mut run_a, mut run_b) = (
-        forward_workload(a, &x, protocol),
-        forward_workload(b, &x, protocol),
+        timed_workload(a, workload, protocol)?,
+        timed_workload(b, workload, protocol)?,
     );
     let stats = measure_interleaved(device, protocol, &mut [&mut run_a, &mut run_b]);
-    [stats[0], stats[1]]
+    Ok([stats[0], stats[1]])
 }

@@ -111,19 +111,26 @@ pub fn site_ms(
             })
             .mean
         }
-        SiteOp::Attention { tokens, head_dim } => {
-            let heads = (w_out / head_dim).max(1);
-            let q = Tensor::randn([batch, heads, tokens, head_dim], options);
+        SiteOp::Attention {
+            queries,
+            keys,
+            head_dim,
+            q_per_kv,
+            causal,
+        } => {
+            let kv_heads = (w_out / head_dim).max(1);
+            let q = Tensor::randn([batch, kv_heads * q_per_kv, queries, head_dim], options);
+            let kv = Tensor::randn([batch, kv_heads, keys, head_dim], options);
             measure(device, protocol, || {
                 let _ = Tensor::scaled_dot_product_attention(
                     &q,
-                    &q,
-                    &q,
+                    &kv,
+                    &kv,
                     None::<Tensor>,
                     0.0,
-                    false,
+                    causal,
                     None,
-                    false,
+                    q_per_kv > 1,
                 );
             })
             .mean

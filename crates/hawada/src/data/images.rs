@@ -1,6 +1,7 @@
 //! Image datasets in IDX format (MNIST / Fashion-MNIST, gzipped), as tensors already on the
-//! device. No model code.
+//! device: images and class labels, judged by top-1 accuracy.
 
+use super::{Examples, Metric};
 use crate::error::{Error, Result};
 use flate2::read::GzDecoder;
 use std::io::Read;
@@ -115,14 +116,6 @@ impl ImageDataset {
         })
     }
 
-    pub fn len(&self) -> i64 {
-        self.labels.size()[0]
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The first `n` examples (a view).
     pub fn take(&self, n: i64) -> ImageDataset {
         self.slice(0, n)
@@ -157,8 +150,14 @@ impl ImageDataset {
         x.to_kind(kind)
     }
 
-    /// A random batch of `batch` examples drawn by the global (seeded) generator, in `kind`.
-    pub fn random_batch(&self, batch: i64, kind: Kind) -> (Tensor, Tensor) {
+}
+
+impl Examples for ImageDataset {
+    fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    fn random_batch(&self, batch: i64, kind: Kind) -> (Tensor, Tensor) {
         let idx = Tensor::randint(self.len(), [batch], (Kind::Int64, self.images.device()));
         (
             self.shape_batch(self.images.index_select(0, &idx), kind),
@@ -166,16 +165,19 @@ impl ImageDataset {
         )
     }
 
-    /// Consecutive batches in order, each `(images in kind, labels)`.
-    pub fn batches(&self, batch: i64, kind: Kind) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
+    fn batches(&self, batch: i64, kind: Kind) -> Box<dyn Iterator<Item = (Tensor, Tensor)> + '_> {
         let n = self.len();
-        (0..n).step_by(batch.max(1) as usize).map(move |start| {
+        Box::new((0..n).step_by(batch.max(1) as usize).map(move |start| {
             let len = batch.min(n - start);
             (
                 self.shape_batch(self.images.narrow(0, start, len), kind),
                 self.labels.narrow(0, start, len),
             )
-        })
+        }))
+    }
+
+    fn metric(&self) -> Metric {
+        Metric::Top1Accuracy
     }
 }
 

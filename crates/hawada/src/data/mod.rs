@@ -1,0 +1,44 @@
+//! Datasets as tensors already on the device: labelled images (IDX) and tokenised text corpora,
+//! behind one trait the stages use. No model code.
+
+mod images;
+mod text;
+
+pub use images::{parse_idx, BatchShape, ImageDataset};
+pub use text::{load_tokenizer, tokenizer_from_gguf, TextDataset};
+
+use tch::{Kind, Tensor};
+
+/// How quality on a split is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Percent of examples whose top logit is the label (higher is better).
+    Top1Accuracy,
+    /// exp(mean next-token cross-entropy) (lower is better).
+    Perplexity,
+}
+
+impl Metric {
+    /// The key written into `summary.json`'s `quality.metric`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Metric::Top1Accuracy => "test_top1_accuracy_percent",
+            Metric::Perplexity => "test_perplexity",
+        }
+    }
+}
+
+/// A split of examples: model inputs with their targets (class labels `[batch]`, or next tokens
+/// `[batch, tokens]`).
+pub trait Examples {
+    fn len(&self) -> i64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A random batch drawn by the global (seeded) generator; float inputs in `kind` (token ids
+    /// stay i64).
+    fn random_batch(&self, batch: i64, kind: Kind) -> (Tensor, Tensor);
+    /// Consecutive batches in order.
+    fn batches(&self, batch: i64, kind: Kind) -> Box<dyn Iterator<Item = (Tensor, Tensor)> + '_>;
+    fn metric(&self) -> Metric;
+}
