@@ -8,3 +8,4 @@ VENV="$ROOT/.cache/torch-venv"
 "$VENV/bin/python" -c "import torchvision, transformers" 2>/dev/null || "$VENV/bin/pip" install -q torchvision==0.26.0 "transformers>=5,<6" numpy pillow safetensors
 "$VENV/bin/python" "$ROOT/fixtures/resnet/make_fixtures.py" "$ROOT/fixtures/resnet"
 "$VENV/bin/python" "$ROOT/fixtures/vit/make_fixtures.py" "$ROOT/fixtures/vit"
+"$VENV/bin/python" "$ROOT/fixtures/llama/make_fixtures.py" "$ROOT/fixtures/llama"

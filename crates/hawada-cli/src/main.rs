@@ -212,14 +212,21 @@ fn print_table(s: &Summary, run_dir: &Path) {
         "{:<28} {:>14} {:>14}",
         "parameters", s.params.teacher, s.params.slim
     );
+    let metric = match s.quality.metric.as_str() {
+        "test_perplexity" => "test perplexity",
+        _ => "test accuracy (%)",
+    };
     println!(
         "{:<28} {:>14.2} {:>14.2}",
-        "test accuracy (%)", s.quality.teacher, s.quality.slim
+        metric, s.quality.teacher, s.quality.slim
     );
     println!(
         "{:<28} {:>14} {:>14.2}",
-        "  slim before fine-tune (%)", "", s.quality.slim_before_finetune
+        "  slim before fine-tune", "", s.quality.slim_before_finetune
     );
+    if let Some(kl) = s.quality.slim_kl_to_teacher {
+        println!("{:<28} {:>14} {:>14.4}", "  KL to teacher (nats)", "", kl);
+    }
     println!(
         "speed-up {:.2}×, proxy ({}) MAPE {:.1}% Spearman {:.3} (n={}), wall {:.0} s",
         s.speedup, s.proxy.cost, s.proxy.mape, s.proxy.spearman, s.proxy.n, s.wall_s
@@ -310,7 +317,10 @@ fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
     model.to_device_layout();
     let slim_keep = hawada::bench::half_keep(model.as_ref());
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    model.slim(&slim_keep)?.save(&out.join("slim"))?;
+    let slim = model.slim(&slim_keep)?;
+    slim.save(&out.join("slim"))?;
+    hawada::bench::write_reference_io(slim.as_ref(), recipe.data.seq_len, &out.join("slim"))?;
+    drop(slim);
     let plan = hawada::bench::BenchPlan {
         workloads: recipe
             .bench

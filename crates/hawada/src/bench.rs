@@ -4,14 +4,15 @@
 
 use crate::cuda::CudaGraph;
 use crate::error::{Error, Result};
-use crate::gates::{GateOptions, Gates};
+use crate::gates::{enforce_follows, GateOptions, Gates};
 use crate::latency::forward::{inference_copy, measure_model, workload_call};
 use crate::latency::measure::{measure, LatencyStats, TimingProtocol};
 use crate::latency::proxy::LatencyProxy;
 use crate::model::{Family, KeepSet, Masks, Phase, Workload};
 use crate::train::{step_losses, Lagrangian, Models};
 use serde::Serialize;
-use tch::{nn, nn::OptimizerConfig};
+use std::path::Path;
+use tch::{nn, nn::OptimizerConfig, Tensor};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
@@ -35,15 +36,42 @@ pub struct BenchPlan<'a> {
     pub slim_keep: &'a KeepSet,
 }
 
-/// Keeps the first half (at least one) of every group's units: a fixed, reproducible slim model.
+/// Keeps the first half (at least one) of every group's units, with the `follows` rule applied:
+/// a fixed, reproducible slim model.
 pub fn half_keep(model: &dyn Family) -> KeepSet {
-    KeepSet(
-        model
-            .groups()
+    let groups = model.groups();
+    let keep = KeepSet(
+        groups
             .iter()
             .map(|g| (0..(g.len / 2).max(1)).collect())
             .collect(),
-    )
+    );
+    let logits: Vec<Vec<f32>> = groups.iter().map(|g| vec![0.0; g.len as usize]).collect();
+    enforce_follows(groups, &logits, keep)
+}
+
+/// Writes `model`'s output on a random input as `io.safetensors` (`input`, `logits` in f32)
+/// into `dir`, where its export lies, so another framework can check it loads the same model.
+pub fn write_reference_io(model: &dyn Family, tokens: i64, dir: &Path) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let input = model.random_input(2, tokens);
+    let logits = model.forward(
+        &model.prepare_input(input.shallow_clone()),
+        &Masks::none(model.groups().len()),
+        Phase::Eval,
+    );
+    let float = |t: &Tensor| {
+        if t.is_floating_point() {
+            t.to_kind(tch::Kind::Float)
+        } else {
+            t.shallow_clone()
+        }
+    };
+    let tensors = [("input", &input), ("logits", &logits)]
+        .into_iter()
+        .map(|(name, t)| (name.to_string(), float(t)))
+        .collect();
+    crate::io::safetensors::write(&dir.join("io.safetensors"), &tensors)
 }
 
 fn workload_name(workload: Workload) -> String {
@@ -189,7 +217,12 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport
 
     let slim = inference_copy(model, plan.slim_keep, first)?;
     for &workload in &plan.workloads {
-        rows.extend(workload_rows("slim", slim.as_ref(), workload, plan.protocol)?);
+        rows.extend(workload_rows(
+            "slim",
+            slim.as_ref(),
+            workload,
+            plan.protocol,
+        )?);
     }
     Ok(BenchReport {
         rows,

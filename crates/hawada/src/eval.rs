@@ -21,7 +21,7 @@ pub fn quality(model: &dyn Family, data: &dyn Examples, batch: i64, kind: Kind) 
     for (x, y) in data.batches(batch, kind) {
         let logits = logits(model, &masks, &x);
         let classes = logits.size()[logits.dim() - 1];
-        let (flat, targets) = (logits.view([-1, classes]), y.view([-1]));
+        let (flat, targets) = (logits.reshape([-1, classes]), y.reshape([-1]));
         count += targets.size()[0];
         sum += match data.metric() {
             Metric::Top1Accuracy => flat

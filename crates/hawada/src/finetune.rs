@@ -101,8 +101,8 @@ pub fn train_weights(
                 let classes = logits.size()[logits.dim() - 1];
                 logits
                     .to_kind(tch::Kind::Float)
-                    .view([-1, classes])
-                    .cross_entropy_for_logits(&y.view([-1]))
+                    .reshape([-1, classes])
+                    .cross_entropy_for_logits(&y.reshape([-1]))
             }
         };
         opt.zero_grad();

@@ -5,7 +5,7 @@
 //! needs its KV group) are enforced here and only here. Gates never know which tensor they scale.
 
 use crate::error::{Error, Result};
-use crate::model::{Group, KeepSet, Masks};
+use crate::model::{Group, KeepSet, Masks, UnitKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -281,6 +281,15 @@ fn split(groups: &[Group], flat: &Tensor) -> Vec<Tensor> {
         .collect()
 }
 
+/// The fewest units a group may keep: `min_keep` (at most its length), except a sublayer gate,
+/// whose point is that the whole sublayer may go.
+pub fn floor_units(group: &Group, min_keep: i64) -> i64 {
+    match group.kind {
+        UnitKind::Sublayer => 0,
+        _ => min_keep.min(group.len),
+    }
+}
+
 /// The keep rule on host values (see [`Gates::keep_set`]); separate so it is testable without
 /// tensors.
 pub fn keep_from_logits(groups: &[Group], logits: &[Vec<f32>], min_keep: i64) -> KeepSet {
@@ -293,7 +302,7 @@ pub fn keep_from_logits(groups: &[Group], logits: &[Vec<f32>], min_keep: i64) ->
                     .filter(|&i| values[i] > 0.0)
                     .map(|i| i as i64)
                     .collect();
-                let floor = (min_keep.min(g.len)) as usize;
+                let floor = floor_units(g, min_keep) as usize;
                 if kept.len() < floor {
                     kept = top_units(values, floor, |_| true);
                 }
@@ -334,8 +343,12 @@ pub fn enforce_follows(groups: &[Group], logits: &[Vec<f32>], mut keep: KeepSet)
             .filter(|&p| followers.iter().any(|&u| parent_of(u) == p))
             .collect();
         if parents.is_empty() {
-            // Nothing survives both ways: keep the parent of the best follower.
-            let best = top_units(&logits[i], 1, |_| true);
+            // No kept parent has a kept follower: keep the best follower of a kept parent (of
+            // any parent, if none is kept), and its parent.
+            let open = &keep.0[parent];
+            let best = top_units(&logits[i], 1, |u| {
+                open.is_empty() || open.contains(&parent_of(u as i64))
+            });
             parents = best.iter().map(|&u| parent_of(u)).collect();
         }
         let per_parent = ((followers.len() as f64 / parents.len() as f64).round() as i64)
@@ -358,7 +371,6 @@ pub fn enforce_follows(groups: &[Group], logits: &[Vec<f32>], mut keep: KeepSet)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::UnitKind;
 
     fn group(name: &str, len: i64, follows: Option<usize>) -> Group {
         Group {

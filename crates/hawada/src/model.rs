@@ -161,6 +161,10 @@ pub struct CostSite {
     pub elems_per_out: f64,
     /// The operator, so the latency profiler can run this site alone at any widths.
     pub op: SiteOp,
+    /// The sublayer group whose gate switches this site on or off; its cost scales with that
+    /// gate's keep probability. `None`: always present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled_by: Option<usize>,
 }
 
 /// A generic operator a cost site runs, per input sample (the profiler adds the batch).

@@ -8,7 +8,7 @@ use crate::eval;
 use crate::export::search::{candidates, search, Measurement, SearchContext};
 use crate::families;
 use crate::finetune::{train_weights, Objective, WeightTraining};
-use crate::gates::{enforce_follows, Gates};
+use crate::gates::{enforce_follows, floor_units, Gates};
 use crate::latency::forward::{
     inference_copy, measure_against_keep_all, measure_model, measure_pair,
 };
@@ -223,8 +223,8 @@ fn random_keep(model: &dyn Family, min_keep: i64) -> KeepSet {
             .map(|g| {
                 let fraction =
                     0.25 + 0.75 * Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]);
-                let k =
-                    ((g.len as f64 * fraction).round() as i64).clamp(min_keep.min(g.len), g.len);
+                let k = ((g.len as f64 * fraction).round() as i64)
+                    .clamp(floor_units(g, min_keep), g.len);
                 let mut kept = Vec::<i64>::try_from(
                     &Tensor::randperm(g.len, (Kind::Int64, Device::Cpu)).narrow(0, 0, k),
                 )
@@ -450,8 +450,7 @@ pub fn run(
     let student: &dyn Family = student_copy.as_deref().unwrap_or(model.as_ref());
     let mut next_input = || train.random_batch(recipe.adapt.batch, kind).0;
     let relative_target = recipe.target.fraction.is_some();
-    let keep_all_model =
-        inference_copy(model.as_ref(), &KeepSet::all(model.groups()), workload)?;
+    let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()), workload)?;
     let mut measure_keep = |keep: &KeepSet| -> Result<LatencyStats> {
         let slim = inference_copy(model.as_ref(), keep, workload)?;
         if !relative_target {

@@ -49,7 +49,7 @@ fn model(cfg: ResnetConfig, seed: i64) -> Resnet {
 }
 
 fn input(model: &Resnet, batch: i64) -> Tensor {
-    Tensor::randn(model.input_shape(batch), OPTS)
+    model.random_input(batch, 1)
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {

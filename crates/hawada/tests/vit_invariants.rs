@@ -37,7 +37,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn keep_all_gated_equals_teacher() {
     let model = model(1);
-    let x = Tensor::randn(model.input_shape(3), OPTS);
+    let x = model.random_input(3, 1);
     let teacher = model.forward(&x, &Masks::none(model.groups().len()), Phase::Eval);
     let gated = model.forward(
         &x,
@@ -58,7 +58,7 @@ proptest! {
             if kept.is_empty() { kept.push(0); }
             kept
         }).collect());
-        let x = Tensor::randn(model.input_shape(2), OPTS);
+        let x = model.random_input(2, 1);
         let masked = model.forward(&x, &Masks::from_keep(model.groups(), &keep, OPTS), Phase::Eval);
         let slim = model.slim(&keep).unwrap();
         let out = slim.forward(&x, &Masks::none(slim.groups().len()), Phase::Eval);

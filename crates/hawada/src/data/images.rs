@@ -149,7 +149,6 @@ impl ImageDataset {
         };
         x.to_kind(kind)
     }
-
 }
 
 impl Examples for ImageDataset {

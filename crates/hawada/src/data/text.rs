@@ -232,7 +232,13 @@ mod tests {
         let data = TextDataset::from_stream(&ids, 4, Device::Cpu);
         assert_eq!(data.len(), 2);
         let (x, y) = data.batches(2, Kind::Float).next().unwrap();
-        assert_eq!(Vec::<i64>::try_from(&x.flatten(0, -1)).unwrap(), vec![0, 1, 2, 3, 5, 6, 7, 8]);
-        assert_eq!(Vec::<i64>::try_from(&y.flatten(0, -1)).unwrap(), vec![1, 2, 3, 4, 6, 7, 8, 9]);
+        assert_eq!(
+            Vec::<i64>::try_from(&x.flatten(0, -1)).unwrap(),
+            vec![0, 1, 2, 3, 5, 6, 7, 8]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(&y.flatten(0, -1)).unwrap(),
+            vec![1, 2, 3, 4, 6, 7, 8, 9]
+        );
     }
 }

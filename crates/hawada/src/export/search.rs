@@ -5,7 +5,7 @@
 //! whose measured latency meets the target, else the fastest.
 
 use crate::error::Result;
-use crate::gates::{enforce_follows, top_units};
+use crate::gates::{enforce_follows, floor_units, top_units};
 use crate::latency::measure::LatencyStats;
 use crate::model::{Group, KeepSet, UnitKind};
 use crate::progress::Observer;
@@ -85,7 +85,7 @@ pub fn candidates(
                         };
                         let units = rounded
                             .max(step.min(group.len))
-                            .max(min_keep.min(group.len))
+                            .max(floor_units(group, min_keep))
                             .min(group.len);
                         changed = true;
                         top_units(logits, units as usize, |_| true)

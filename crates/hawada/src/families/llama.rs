@@ -63,6 +63,17 @@ pub struct LlamaConfig {
     /// SwiGLU units per gate.
     #[serde(default = "default_channels_per_gate")]
     pub channels_per_gate: i64,
+    /// Also gate whole attention and MLP sublayers (one gate each per layer). Small models at
+    /// small decode batches are bound by kernel count, not width: only removing sublayers makes
+    /// them faster there.
+    #[serde(default = "default_true")]
+    pub sublayer_gates: bool,
+    /// Slim: which layers keep their attention sublayer (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hawada_attention_layers: Option<Vec<bool>>,
+    /// Slim: which layers keep their MLP sublayer (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hawada_mlp_layers: Option<Vec<bool>>,
     /// Slim widths: query heads per layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hawada_heads: Option<Vec<i64>>,
@@ -88,6 +99,9 @@ fn default_rms_eps() -> f64 {
 }
 fn default_channels_per_gate() -> i64 {
     64
+}
+fn default_true() -> bool {
+    true
 }
 
 /// Rotary frequencies: base θ and the scaling rule.
@@ -129,6 +143,9 @@ impl LlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             channels_per_gate: 128,
+            sublayer_gates: true,
+            hawada_attention_layers: None,
+            hawada_mlp_layers: None,
             hawada_heads: None,
             hawada_kv_heads: None,
             hawada_intermediate_sizes: None,
@@ -165,6 +182,14 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> i64 {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether layer `i` has its attention and its MLP sublayer.
+    fn layer_sublayers(&self, i: usize) -> (bool, bool) {
+        (
+            self.hawada_attention_layers.as_ref().is_none_or(|l| l[i]),
+            self.hawada_mlp_layers.as_ref().is_none_or(|l| l[i]),
+        )
     }
 
     fn layer_widths(&self, i: usize) -> (i64, i64, i64) {
@@ -275,6 +300,21 @@ impl LlamaConfig {
                 }
             }
         }
+        for (field, list) in [
+            ("hawada_attention_layers", &self.hawada_attention_layers),
+            ("hawada_mlp_layers", &self.hawada_mlp_layers),
+        ] {
+            if list
+                .as_ref()
+                .is_some_and(|l| l.len() != self.num_hidden_layers)
+            {
+                return Err(Error::config(
+                    file,
+                    field,
+                    format!("expected {} entries, one per layer", self.num_hidden_layers),
+                ));
+            }
+        }
         for i in 0..self.num_hidden_layers {
             let (heads, kv_heads, _) = self.layer_widths(i);
             if heads % kv_heads != 0 {
@@ -341,10 +381,10 @@ impl Rotary {
     }
 }
 
-/// One layer's keys and values for decoding: `[batch, kv_heads, capacity, head_dim]` each.
+/// Keys and values for decoding, per layer with attention: `[batch, kv_heads, capacity,
+/// head_dim]` each.
 pub struct KvCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
 #[derive(Debug)]
@@ -373,8 +413,7 @@ impl Attention {
         let (b, t, _) = x
             .size3()
             .expect("hidden states are [batch, tokens, hidden]");
-        let split =
-            |y: Tensor, heads: i64| y.view([b, t, heads, head_dim]).transpose(1, 2);
+        let split = |y: Tensor, heads: i64| y.view([b, t, heads, head_dim]).transpose(1, 2);
         let q = rotary.apply(&split(self.q_proj.forward(x), self.heads));
         let k = rotary.apply(&split(self.k_proj.forward(x), self.kv_heads));
         let v = split(self.v_proj.forward(x), self.kv_heads);
@@ -442,12 +481,35 @@ impl Mlp {
     }
 }
 
+/// `h + gate · self_attn(input_layernorm(h))`.
+#[derive(Debug)]
+struct AttentionSublayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    /// The sublayer's gate group, when sublayers are gated.
+    gate: Option<usize>,
+}
+
+/// `h + gate · mlp(post_attention_layernorm(h))`.
+#[derive(Debug)]
+struct MlpSublayer {
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    gate: Option<usize>,
+}
+
+/// A decoder layer; a slim export may have dropped either sublayer.
 #[derive(Debug)]
 struct DecoderLayer {
-    self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
+    attention: Option<AttentionSublayer>,
+    feed_forward: Option<MlpSublayer>,
+}
+
+fn gated(out: Tensor, masks: &Masks, gate: Option<usize>) -> Tensor {
+    match gate.and_then(|g| masks.get(g)) {
+        Some(m) => out * m,
+        None => out,
+    }
 }
 
 pub struct Llama {
@@ -513,114 +575,130 @@ impl Llama {
         let model = &root / "model";
         let d = cfg.hidden_size;
         let head_dim = cfg.head_dim();
-        let embed_tokens = (&model / "embed_tokens").randn(
-            "weight",
-            &[cfg.vocab_size, d],
-            0.0,
-            0.02,
-        );
+        let embed_tokens =
+            (&model / "embed_tokens").randn("weight", &[cfg.vocab_size, d], 0.0, 0.02);
         let mut groups = Vec::new();
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let lp = &model / "layers" / i;
             let name = format!("model.layers.{i}");
             let (heads, kv_heads, mlp_width) = cfg.layer_widths(i);
-            let attn = &lp / "self_attn";
-            let weights_and_biases = |proj: &str, bias: bool, axis_block: i64| {
-                let mut m = vec![member(
-                    format!("{name}.self_attn.{proj}.weight"),
-                    0,
-                    axis_block,
-                )];
-                if bias {
-                    m.push(member(format!("{name}.self_attn.{proj}.bias"), 0, axis_block));
-                }
-                m
-            };
-            let kv_group = groups.len();
-            groups.push(Group {
-                name: format!("{name}.kv_groups"),
-                kind: UnitKind::KvGroups,
-                len: kv_heads,
-                unit_width: head_dim,
-                members: weights_and_biases("k_proj", cfg.attention_bias, head_dim)
-                    .into_iter()
-                    .chain(weights_and_biases("v_proj", cfg.attention_bias, head_dim))
-                    .collect(),
-                follows: None,
-            });
-            let head_group = groups.len();
-            let mut head_members = weights_and_biases("q_proj", cfg.attention_bias, head_dim);
-            head_members.push(member(
-                format!("{name}.self_attn.o_proj.weight"),
-                1,
-                head_dim,
-            ));
-            groups.push(Group {
-                name: format!("{name}.heads"),
-                kind: UnitKind::Heads,
-                len: heads,
-                unit_width: head_dim,
-                members: head_members,
-                follows: Some(kv_group),
-            });
-            let unit = unit_width(mlp_width, cfg.channels_per_gate);
-            let mlp_group = groups.len();
-            let mut mlp_members = vec![
-                member(format!("{name}.mlp.gate_proj.weight"), 0, unit),
-                member(format!("{name}.mlp.up_proj.weight"), 0, unit),
-                member(format!("{name}.mlp.down_proj.weight"), 1, unit),
-            ];
-            if cfg.mlp_bias {
-                mlp_members.push(member(format!("{name}.mlp.gate_proj.bias"), 0, unit));
-                mlp_members.push(member(format!("{name}.mlp.up_proj.bias"), 0, unit));
-            }
-            groups.push(Group {
-                name: format!("{name}.mlp"),
-                kind: UnitKind::Channels,
-                len: mlp_width / unit,
-                unit_width: unit,
-                members: mlp_members,
-                follows: None,
-            });
+            let (has_attention, has_mlp) = cfg.layer_sublayers(i);
             let eps = cfg.rms_norm_eps;
-            let mp = &lp / "mlp";
+            let sublayer_gate = |groups: &mut Vec<Group>, what: &str| {
+                cfg.sublayer_gates.then(|| {
+                    groups.push(Group {
+                        name: format!("{name}.{what}.sublayer"),
+                        kind: UnitKind::Sublayer,
+                        len: 1,
+                        unit_width: 1,
+                        members: Vec::new(),
+                        follows: None,
+                    });
+                    groups.len() - 1
+                })
+            };
+            let attention = has_attention.then(|| {
+                let attn = &lp / "self_attn";
+                let bias = cfg.attention_bias;
+                let rows = |proj: &str| {
+                    let mut m = vec![member(
+                        format!("{name}.self_attn.{proj}.weight"),
+                        0,
+                        head_dim,
+                    )];
+                    if bias {
+                        m.push(member(format!("{name}.self_attn.{proj}.bias"), 0, head_dim));
+                    }
+                    m
+                };
+                let kv_group = groups.len();
+                groups.push(Group {
+                    name: format!("{name}.kv_groups"),
+                    kind: UnitKind::KvGroups,
+                    len: kv_heads,
+                    unit_width: head_dim,
+                    members: rows("k_proj").into_iter().chain(rows("v_proj")).collect(),
+                    follows: None,
+                });
+                let head_group = groups.len();
+                let mut head_members = rows("q_proj");
+                head_members.push(member(
+                    format!("{name}.self_attn.o_proj.weight"),
+                    1,
+                    head_dim,
+                ));
+                groups.push(Group {
+                    name: format!("{name}.heads"),
+                    kind: UnitKind::Heads,
+                    len: heads,
+                    unit_width: head_dim,
+                    members: head_members,
+                    follows: Some(kv_group),
+                });
+                let gate = sublayer_gate(&mut groups, "self_attn");
+                AttentionSublayer {
+                    input_layernorm: RmsNorm::new(&lp / "input_layernorm", d, eps),
+                    self_attn: Attention {
+                        q_proj: Linear::new(&attn / "q_proj", d, heads * head_dim, bias),
+                        k_proj: Linear::new(&attn / "k_proj", d, kv_heads * head_dim, bias),
+                        v_proj: Linear::new(&attn / "v_proj", d, kv_heads * head_dim, bias),
+                        o_proj: Linear::new(&attn / "o_proj", heads * head_dim, d, bias),
+                        heads,
+                        kv_heads,
+                        head_group,
+                        kv_group,
+                    },
+                    gate,
+                }
+            });
+            let feed_forward = has_mlp.then(|| {
+                let unit = unit_width(mlp_width, cfg.channels_per_gate);
+                let group = groups.len();
+                let mut members = vec![
+                    member(format!("{name}.mlp.gate_proj.weight"), 0, unit),
+                    member(format!("{name}.mlp.up_proj.weight"), 0, unit),
+                    member(format!("{name}.mlp.down_proj.weight"), 1, unit),
+                ];
+                if cfg.mlp_bias {
+                    members.push(member(format!("{name}.mlp.gate_proj.bias"), 0, unit));
+                    members.push(member(format!("{name}.mlp.up_proj.bias"), 0, unit));
+                }
+                groups.push(Group {
+                    name: format!("{name}.mlp"),
+                    kind: UnitKind::Channels,
+                    len: mlp_width / unit,
+                    unit_width: unit,
+                    members,
+                    follows: None,
+                });
+                let gate = sublayer_gate(&mut groups, "mlp");
+                let mp = &lp / "mlp";
+                MlpSublayer {
+                    post_attention_layernorm: RmsNorm::new(
+                        &lp / "post_attention_layernorm",
+                        d,
+                        eps,
+                    ),
+                    mlp: Mlp {
+                        gate_proj: Linear::new(&mp / "gate_proj", d, mlp_width, cfg.mlp_bias),
+                        up_proj: Linear::new(&mp / "up_proj", d, mlp_width, cfg.mlp_bias),
+                        down_proj: Linear::new(&mp / "down_proj", mlp_width, d, cfg.mlp_bias),
+                        group,
+                    },
+                    gate,
+                }
+            });
             layers.push(DecoderLayer {
-                self_attn: Attention {
-                    q_proj: Linear::new(&attn / "q_proj", d, heads * head_dim, cfg.attention_bias),
-                    k_proj: Linear::new(
-                        &attn / "k_proj",
-                        d,
-                        kv_heads * head_dim,
-                        cfg.attention_bias,
-                    ),
-                    v_proj: Linear::new(
-                        &attn / "v_proj",
-                        d,
-                        kv_heads * head_dim,
-                        cfg.attention_bias,
-                    ),
-                    o_proj: Linear::new(&attn / "o_proj", heads * head_dim, d, cfg.attention_bias),
-                    heads,
-                    kv_heads,
-                    head_group,
-                    kv_group,
-                },
-                mlp: Mlp {
-                    gate_proj: Linear::new(&mp / "gate_proj", d, mlp_width, cfg.mlp_bias),
-                    up_proj: Linear::new(&mp / "up_proj", d, mlp_width, cfg.mlp_bias),
-                    down_proj: Linear::new(&mp / "down_proj", mlp_width, d, cfg.mlp_bias),
-                    group: mlp_group,
-                },
-                input_layernorm: RmsNorm::new(&lp / "input_layernorm", d, eps),
-                post_attention_layernorm: RmsNorm::new(&lp / "post_attention_layernorm", d, eps),
+                attention,
+                feed_forward,
             });
         }
         let norm = RmsNorm::new(&model / "norm", d, cfg.rms_norm_eps);
-        let lm_head =
-            (!cfg.tie_word_embeddings).then(|| Linear::new(&root / "lm_head", d, cfg.vocab_size, false));
-        let inv_freq = Tensor::from_slice(&inverse_frequencies(head_dim, theta, scaling))
-            .to_device(device);
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| Linear::new(&root / "lm_head", d, cfg.vocab_size, false));
+        let inv_freq =
+            Tensor::from_slice(&inverse_frequencies(head_dim, theta, scaling)).to_device(device);
         Ok(Llama {
             vs,
             cfg,
@@ -639,7 +717,8 @@ impl Llama {
 
     fn rotary(&self, start: i64, tokens: i64) -> Rotary {
         let kind = self.embed_tokens.kind();
-        let positions = Tensor::arange_start(start, start + tokens, (Kind::Float, self.inv_freq.device()));
+        let positions =
+            Tensor::arange_start(start, start + tokens, (Kind::Float, self.inv_freq.device()));
         let freqs = positions.outer(&self.inv_freq);
         let angles = Tensor::cat(&[&freqs, &freqs], -1);
         Rotary {
@@ -651,10 +730,17 @@ impl Llama {
     /// An empty KV cache for `batch` sequences of up to `capacity` tokens.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         let options = (self.embed_tokens.kind(), self.embed_tokens.device());
-        let shape = |l: &DecoderLayer| [batch, l.self_attn.kv_heads, capacity, self.cfg.head_dim()];
         KvCache {
-            keys: self.layers.iter().map(|l| Tensor::zeros(shape(l), options)).collect(),
-            values: self.layers.iter().map(|l| Tensor::zeros(shape(l), options)).collect(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.attention.as_ref().map(|a| {
+                        let shape = [batch, a.self_attn.kv_heads, capacity, self.cfg.head_dim()];
+                        (Tensor::zeros(shape, options), Tensor::zeros(shape, options))
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -674,16 +760,25 @@ impl Llama {
         let head_dim = self.cfg.head_dim();
         let mut h = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_ref().map(|(c, s)| (&c.keys[i], &c.values[i], *s));
-            h = &h
-                + layer.self_attn.forward(
-                    &layer.input_layernorm.forward(&h),
+            if let Some(a) = &layer.attention {
+                let layer_cache = cache
+                    .as_ref()
+                    .and_then(|(c, s)| c.layers[i].as_ref().map(|(k, v)| (k, v, *s)));
+                let out = a.self_attn.forward(
+                    &a.input_layernorm.forward(&h),
                     masks,
                     &rotary,
                     layer_cache,
                     head_dim,
                 );
-            h = &h + layer.mlp.forward(&layer.post_attention_layernorm.forward(&h), masks);
+                h = &h + gated(out, masks, a.gate);
+            }
+            if let Some(f) = &layer.feed_forward {
+                let out = f
+                    .mlp
+                    .forward(&f.post_attention_layernorm.forward(&h), masks);
+                h = &h + gated(out, masks, f.gate);
+            }
         }
         let h = self.norm.forward(&h);
         match &self.lm_head {
@@ -731,8 +826,9 @@ impl Family for Llama {
 
     fn decode_step(&self, batch: i64, context: i64) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
         let cache = self.new_cache(batch, context + 1);
-        for t in cache.keys.iter().chain(&cache.values) {
-            let _ = t.shallow_clone().normal_(0.0, 1.0);
+        for (k, v) in cache.layers.iter().flatten() {
+            let _ = k.shallow_clone().normal_(0.0, 1.0);
+            let _ = v.shallow_clone().normal_(0.0, 1.0);
         }
         let ids = Tensor::randint(
             self.cfg.vocab_size,
@@ -752,43 +848,51 @@ impl Family for Llama {
             Workload::Forward { tokens, .. } => (tokens, tokens, tokens, true),
             Workload::Decode { context, .. } => (1, 1, context + 1, false),
         };
-        let linear = |name: String, input: Width, output: Width| CostSite {
+        let linear = |name: String, input: Width, output: Width, gate: Option<usize>| CostSite {
             name,
             input,
             output,
             macs_per_in_out: rows as f64,
             elems_per_out: rows as f64,
             op: SiteOp::Linear { rows },
+            enabled_by: gate,
         };
+        let fixed = Width::Fixed(d);
         let mut sites = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let (heads, kv) = (Width::Group(a.head_group), Width::Group(a.kv_group));
-            let mlp = Width::Group(layer.mlp.group);
-            sites.push(linear(format!("layer{i}.q_proj"), Width::Fixed(d), heads));
-            sites.push(linear(format!("layer{i}.k_proj"), Width::Fixed(d), kv));
-            sites.push(linear(format!("layer{i}.v_proj"), Width::Fixed(d), kv));
-            let q_per_kv = a.heads / a.kv_heads;
-            // QKᵀ and AV per KV channel: its query heads × queries × keys (halved when causal).
-            let pairs = (queries * keys) as f64 * if causal { 0.5 } else { 1.0 };
-            sites.push(CostSite {
-                name: format!("layer{i}.sdpa"),
-                input: Width::Fixed(1),
-                output: kv,
-                macs_per_in_out: 2.0 * q_per_kv as f64 * pairs,
-                elems_per_out: keys as f64,
-                op: SiteOp::Attention {
-                    queries,
-                    keys,
-                    head_dim,
-                    q_per_kv,
-                    causal,
-                },
-            });
-            sites.push(linear(format!("layer{i}.o_proj"), heads, Width::Fixed(d)));
-            sites.push(linear(format!("layer{i}.gate_proj"), Width::Fixed(d), mlp));
-            sites.push(linear(format!("layer{i}.up_proj"), Width::Fixed(d), mlp));
-            sites.push(linear(format!("layer{i}.down_proj"), mlp, Width::Fixed(d)));
+            if let Some(sub) = &layer.attention {
+                let a = &sub.self_attn;
+                let (heads, kv) = (Width::Group(a.head_group), Width::Group(a.kv_group));
+                sites.push(linear(format!("layer{i}.q_proj"), fixed, heads, sub.gate));
+                sites.push(linear(format!("layer{i}.k_proj"), fixed, kv, sub.gate));
+                sites.push(linear(format!("layer{i}.v_proj"), fixed, kv, sub.gate));
+                let q_per_kv = a.heads / a.kv_heads;
+                // QKᵀ and AV per KV channel: its query heads × queries × keys (halved when
+                // causal).
+                let pairs = (queries * keys) as f64 * if causal { 0.5 } else { 1.0 };
+                sites.push(CostSite {
+                    name: format!("layer{i}.sdpa"),
+                    input: Width::Fixed(1),
+                    output: kv,
+                    macs_per_in_out: 2.0 * q_per_kv as f64 * pairs,
+                    elems_per_out: keys as f64,
+                    op: SiteOp::Attention {
+                        queries,
+                        keys,
+                        head_dim,
+                        q_per_kv,
+                        causal,
+                    },
+                    enabled_by: sub.gate,
+                });
+                sites.push(linear(format!("layer{i}.o_proj"), heads, fixed, sub.gate));
+            }
+            if let Some(sub) = &layer.feed_forward {
+                let mlp = Width::Group(sub.mlp.group);
+                sites.push(linear(format!("layer{i}.gate_proj"), fixed, mlp, sub.gate));
+                sites.push(linear(format!("layer{i}.up_proj"), fixed, mlp, sub.gate));
+                sites.push(linear(format!("layer{i}.down_proj"), mlp, fixed, sub.gate));
+            }
         }
         sites
     }
@@ -806,27 +910,60 @@ impl Family for Llama {
     }
 
     fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>> {
-        let tensors = slice_tensors(&self.groups, &named_tensors(&self.vs), keep)?;
-        let mut cfg = self.cfg.clone();
+        let mut tensors = slice_tensors(&self.groups, &named_tensors(&self.vs), keep)?;
+        let kept = |gate: Option<usize>| gate.is_none_or(|g| !keep.0[g].is_empty());
         let width = |group: usize| keep.0[group].len() as i64 * self.groups[group].unit_width;
-        let heads: Vec<i64> = self
-            .layers
-            .iter()
-            .map(|l| keep.0[l.self_attn.head_group].len() as i64)
-            .collect();
-        let kv_heads: Vec<i64> = self
-            .layers
-            .iter()
-            .map(|l| keep.0[l.self_attn.kv_group].len() as i64)
-            .collect();
-        let mlp: Vec<i64> = self.layers.iter().map(|l| width(l.mlp.group)).collect();
+        let (mut heads, mut kv_heads, mut mlp) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut attention_layers, mut mlp_layers) = (Vec::new(), Vec::new());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (h, kv, m) = self.cfg.layer_widths(i);
+            let prefix = format!("model.layers.{i}.");
+            let drop = |tensors: &mut BTreeMap<String, Tensor>, parts: [&str; 2]| {
+                tensors.retain(|name, _| {
+                    !parts
+                        .iter()
+                        .any(|p| name.starts_with(&format!("{prefix}{p}.")))
+                });
+            };
+            match layer.attention.as_ref().filter(|a| kept(a.gate)) {
+                Some(a) => {
+                    heads.push(keep.0[a.self_attn.head_group].len() as i64);
+                    kv_heads.push(keep.0[a.self_attn.kv_group].len() as i64);
+                    attention_layers.push(true);
+                }
+                None => {
+                    drop(&mut tensors, ["self_attn", "input_layernorm"]);
+                    heads.push(h);
+                    kv_heads.push(kv);
+                    attention_layers.push(false);
+                }
+            }
+            match layer.feed_forward.as_ref().filter(|f| kept(f.gate)) {
+                Some(f) => {
+                    mlp.push(width(f.mlp.group));
+                    mlp_layers.push(true);
+                }
+                None => {
+                    drop(&mut tensors, ["mlp", "post_attention_layernorm"]);
+                    mlp.push(m);
+                    mlp_layers.push(false);
+                }
+            }
+        }
         if heads.iter().chain(&kv_heads).chain(&mlp).any(|&w| w == 0) {
             return Err(Error::Invalid(
-                "keep-set removes every unit of a site; min_keep must be ≥ 1".into(),
+                "keep-set removes every unit of a kept sublayer; min_keep must be ≥ 1".into(),
             ));
         }
+        let mut cfg = self.cfg.clone();
         let uniform = |w: &[i64]| w.iter().all(|&x| x == w[0]);
-        if uniform(&heads) && uniform(&kv_heads) && uniform(&mlp) {
+        let all = |l: &[bool]| l.iter().all(|&x| x);
+        if uniform(&heads)
+            && uniform(&kv_heads)
+            && uniform(&mlp)
+            && all(&attention_layers)
+            && all(&mlp_layers)
+        {
             // Every layer alike: a stock LlamaConfig.
             cfg.num_attention_heads = heads[0];
             cfg.num_key_value_heads = Some(kv_heads[0]);
@@ -835,10 +972,14 @@ impl Family for Llama {
             cfg.hawada_heads = None;
             cfg.hawada_kv_heads = None;
             cfg.hawada_intermediate_sizes = None;
+            cfg.hawada_attention_layers = None;
+            cfg.hawada_mlp_layers = None;
         } else {
             cfg.hawada_heads = Some(heads);
             cfg.hawada_kv_heads = Some(kv_heads);
             cfg.hawada_intermediate_sizes = Some(mlp);
+            cfg.hawada_attention_layers = (!all(&attention_layers)).then_some(attention_layers);
+            cfg.hawada_mlp_layers = (!all(&mlp_layers)).then_some(mlp_layers);
         }
         let kind = self.vs.kind();
         let mut slim = Llama::new(cfg, self.vs.device(), Path::new("<slim config>"))?;
@@ -864,13 +1005,11 @@ fn read_checkpoint(dir: &Path) -> Result<(BTreeMap<String, Tensor>, std::path::P
         return Ok((crate::io::safetensors::read(&single)?, single));
     }
     let index = dir.join("model.safetensors.index.json");
-    let value = crate::io::hf_config::read_value(&index).map_err(|_| {
-        Error::Data {
-            file: single.clone(),
-            reason: "missing, and no model.safetensors.index.json lists shards; give an HF \
+    let value = crate::io::hf_config::read_value(&index).map_err(|_| Error::Data {
+        file: single.clone(),
+        reason: "missing, and no model.safetensors.index.json lists shards; give an HF \
                      directory with weights, or set model.random_init"
-                .into(),
-        }
+            .into(),
     })?;
     let shards: std::collections::BTreeSet<String> = value
         .get("weight_map")

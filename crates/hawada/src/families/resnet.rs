@@ -724,6 +724,7 @@ impl Family for Resnet {
                         stride: conv.stride,
                         input_size: out_size * conv.stride,
                     },
+                    enabled_by: None,
                 }
             };
         let mut sites = vec![conv_site(
@@ -805,6 +806,7 @@ impl Family for Resnet {
             macs_per_in_out: 1.0,
             elems_per_out: 1.0,
             op: SiteOp::Linear { rows: 1 },
+            enabled_by: None,
         });
         sites
     }

@@ -483,6 +483,7 @@ impl Family for Vit {
             macs_per_in_out: t as f64,
             elems_per_out: t as f64,
             op: SiteOp::Linear { rows: t },
+            enabled_by: None,
         };
         let mut sites = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -505,6 +506,7 @@ impl Family for Vit {
                     q_per_kv: 1,
                     causal: false,
                 },
+                enabled_by: None,
             });
             sites.push(linear(
                 format!("layer{i}.attention.output"),

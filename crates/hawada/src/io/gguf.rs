@@ -272,7 +272,11 @@ impl Gguf {
     /// A metadata value, or an error naming the key.
     pub fn get(&self, key: &str) -> Result<&Value> {
         self.metadata.get(key).ok_or_else(|| {
-            Error::config(&self.file, key, "missing from the GGUF metadata".to_string())
+            Error::config(
+                &self.file,
+                key,
+                "missing from the GGUF metadata".to_string(),
+            )
         })
     }
 
@@ -286,24 +290,27 @@ impl Gguf {
             file: self.file.clone(),
             reason: format!("tensor `{name}`: {reason}"),
         };
-        let (type_name, block_bytes, block_elems) = block_layout(info.ggml_type).ok_or_else(|| {
-            bad(format!(
-                "ggml type {} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are)",
-                info.ggml_type
-            ))
-        })?;
+        let (type_name, block_bytes, block_elems) =
+            block_layout(info.ggml_type).ok_or_else(|| {
+                bad(format!(
+                    "ggml type {} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are)",
+                    info.ggml_type
+                ))
+            })?;
         let count: u64 = info.dims.iter().product();
-        if count % block_elems as u64 != 0 {
+        if !count.is_multiple_of(block_elems as u64) {
             return Err(bad(format!(
                 "{count} elements are not whole {type_name} blocks of {block_elems}"
             )));
         }
         let len = (count as usize / block_elems) * block_bytes;
         let start = self.data_start + info.offset as usize;
-        let raw = self
-            .bytes
-            .get(start..start + len)
-            .ok_or_else(|| bad(format!("data [{start}, {}) lies past the file end", start + len)))?;
+        let raw = self.bytes.get(start..start + len).ok_or_else(|| {
+            bad(format!(
+                "data [{start}, {}) lies past the file end",
+                start + len
+            ))
+        })?;
         let values = dequantise(info.ggml_type, raw, count as usize);
         let shape: Vec<i64> = info.dims.iter().rev().map(|&d| d as i64).collect();
         Ok(Tensor::from_slice(&values).view(shape.as_slice()))
@@ -416,7 +423,11 @@ pub fn llama_config(gguf: &Gguf) -> Result<serde_json::Value> {
     }
     let heads = meta_i64(gguf, "llama.attention.head_count")?;
     let hidden = meta_i64(gguf, "llama.embedding_length")?;
-    let vocab = match gguf.metadata.get("llama.vocab_size").and_then(Value::as_i64) {
+    let vocab = match gguf
+        .metadata
+        .get("llama.vocab_size")
+        .and_then(Value::as_i64)
+    {
         Some(v) => v,
         None => gguf
             .get("tokenizer.ggml.tokens")?

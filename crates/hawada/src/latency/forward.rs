@@ -79,7 +79,7 @@ pub fn timed_workload<'a>(
                     if let Err(e) = graph.replay() {
                         tracing::warn!(error = %e, "CUDA graph replay failed");
                     }
-                }))
+                }));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "CUDA graph capture failed; timing eager calls")

@@ -10,8 +10,9 @@ use tch::{Device, Kind, Tensor};
 /// Total cost of all sites at per-site widths, differentiable. Vectorised over sites: one
 /// kernel chain per call, whatever the model size.
 pub trait SiteCost: Send {
-    /// `w_in`, `w_out`: `[n_sites]` f32. Returns a scalar.
-    fn total(&self, w_in: &Tensor, w_out: &Tensor) -> Tensor;
+    /// `w_in`, `w_out`: `[n_sites]` f32; each site's cost is multiplied by `presence`
+    /// `[n_sites]` (1, or the keep probability of the sublayer it belongs to). Returns a scalar.
+    fn total(&self, w_in: &Tensor, w_out: &Tensor, presence: &Tensor) -> Tensor;
     /// A short name for reports ("flops", "table").
     fn name(&self) -> &'static str;
 }
@@ -43,9 +44,8 @@ impl FlopCost {
 }
 
 impl SiteCost for FlopCost {
-    fn total(&self, w_in: &Tensor, w_out: &Tensor) -> Tensor {
-        ((w_in * w_out * &self.matmul_flops).sum(Kind::Float)
-            + (w_out * &self.elementwise_flops).sum(Kind::Float))
+    fn total(&self, w_in: &Tensor, w_out: &Tensor, presence: &Tensor) -> Tensor {
+        ((w_in * &self.matmul_flops + &self.elementwise_flops) * w_out * presence).sum(Kind::Float)
             / 1e9
     }
     fn name(&self) -> &'static str {
@@ -78,6 +78,9 @@ pub struct LatencyProxy {
     /// `[widths…, 1]`: a one-hot on its group, or its fixed width in the last column.
     select_in: Tensor,
     select_out: Tensor,
+    /// `[n_sites, n_groups + 1]`: a one-hot on the sublayer group that switches the site, or 1
+    /// in the last column.
+    select_presence: Tensor,
     group_lens: Vec<i64>,
     device: Device,
     pub a: f64,
@@ -127,6 +130,12 @@ impl LatencyProxy {
                 .to_device(device),
             select_in: selection(sites, groups.len(), |s| s.input, device),
             select_out: selection(sites, groups.len(), |s| s.output, device),
+            select_presence: selection(
+                sites,
+                groups.len(),
+                |s| s.enabled_by.map_or(Width::Fixed(1), Width::Group),
+                device,
+            ),
             group_lens: groups.iter().map(|g| g.len).collect(),
             device,
             a: 1.0,
@@ -152,6 +161,7 @@ impl LatencyProxy {
         self.cost.total(
             &self.select_in.mv(&extended),
             &self.select_out.mv(&extended),
+            &self.select_presence.mv(&extended),
         )
     }
 
@@ -330,6 +340,7 @@ mod tests {
             macs_per_in_out: 9.0,
             elems_per_out: 1.0,
             op: crate::model::SiteOp::Linear { rows: 1 },
+            enabled_by: None,
         }];
         let proxy = LatencyProxy::new(
             &sites,

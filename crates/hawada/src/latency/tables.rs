@@ -171,11 +171,37 @@ pub fn measure_tables(
             (full_in, full_out, in_grid, out_grid)
         })
         .collect();
-    let total: usize = plan.iter().map(|(_, _, i, o)| i.len() + o.len() - 1).sum();
+    // Sites with the same operator and grids (every layer of a uniform transformer) share one
+    // measured table.
+    type Shape = (String, i64, i64, Vec<i64>, Vec<i64>);
+    let shape_of = |site: &CostSite, p: &(i64, i64, Vec<i64>, Vec<i64>)| -> Shape {
+        (format!("{:?}", site.op), p.0, p.1, p.2.clone(), p.3.clone())
+    };
+    let mut distinct: Vec<Shape> = Vec::new();
+    for (site, p) in sites.iter().zip(&plan) {
+        let shape = shape_of(site, p);
+        if !distinct.contains(&shape) {
+            distinct.push(shape);
+        }
+    }
+    let total: usize = distinct
+        .iter()
+        .map(|(_, _, _, i, o)| i.len() + o.len() - 1)
+        .sum();
     observer.begin("site tables", total as u64);
     let mut done = 0u64;
+    let mut measured: Vec<(Shape, SiteTable)> = Vec::new();
     let mut tables = Vec::with_capacity(sites.len());
-    for (site, (full_in, full_out, in_grid, out_grid)) in sites.iter().zip(plan) {
+    for (site, p) in sites.iter().zip(&plan) {
+        let shape = shape_of(site, p);
+        if let Some((_, table)) = measured.iter().find(|(s, _)| *s == shape) {
+            tables.push(SiteTable {
+                name: site.name.clone(),
+                ..table.clone()
+            });
+            continue;
+        }
+        let (full_in, full_out, in_grid, out_grid) = p.clone();
         let mut time = |w_in: i64, w_out: i64| {
             done += 1;
             let ms = site_ms(site.op, w_in, w_out, options.batch, options.protocol, dtype);
@@ -203,14 +229,16 @@ pub fn measure_tables(
                 }
             })
             .collect();
-        tables.push(SiteTable {
+        let table = SiteTable {
             name: site.name.clone(),
             in_widths: in_grid,
             in_ms,
             out_widths: out_grid,
             out_ms,
             full_ms,
-        });
+        };
+        measured.push((shape, table.clone()));
+        tables.push(table);
     }
     observer.end();
     SiteTables {
@@ -388,10 +416,11 @@ impl TableCost {
 }
 
 impl SiteCost for TableCost {
-    fn total(&self, w_in: &Tensor, w_out: &Tensor) -> Tensor {
+    fn total(&self, w_in: &Tensor, w_out: &Tensor, presence: &Tensor) -> Tensor {
         (smoothed(&self.in_x, &self.in_y, &self.in_full, w_in)
             * smoothed(&self.out_x, &self.out_y, &self.out_full, w_out)
-            / &self.full)
+            / &self.full
+            * presence)
             .sum(Kind::Float)
     }
     fn name(&self) -> &'static str {
@@ -447,7 +476,9 @@ mod tests {
         ] {
             let w_in = Tensor::from_slice(&[3.0f32, w]).to_kind(opts.0);
             let w_out = Tensor::from_slice(&[w, 10.0f32]);
-            let total = cost.total(&w_in, &w_out).double_value(&[]);
+            let total = cost
+                .total(&w_in, &w_out, &Tensor::ones([2], opts))
+                .double_value(&[]);
             // a: 2.0 · T_out(w) / 2.0; b: T_in(w) · 3.0 / 3.0.
             assert!(
                 (total - (expected_a + expected_b)).abs() < 1e-5,
@@ -462,7 +493,12 @@ mod tests {
         let w = Tensor::from_slice(&[20.0f32]).set_requires_grad(true);
         let w_in = Tensor::cat(&[Tensor::from_slice(&[3.0f32]), w.shallow_clone()], 0);
         let w_out = Tensor::cat(&[w.shallow_clone(), Tensor::from_slice(&[10.0f32])], 0);
-        cost.total(&w_in, &w_out).backward();
+        cost.total(
+            &w_in,
+            &w_out,
+            &Tensor::ones([2], (Kind::Float, Device::Cpu)),
+        )
+        .backward();
         // Window ±6 around 20, clamped to [8, 24]: a's secant (2 − 1)/10 · T_in/full = 0.1;
         // b's secant (3 − 1.25)/10 · T_out/full = 0.175.
         assert!(
@@ -485,7 +521,11 @@ mod tests {
         };
         let w = Tensor::from_slice(&[12.0f32]).set_requires_grad(true);
         TableCost::new(&falling, Device::Cpu)
-            .total(&Tensor::from_slice(&[3.0f32]), &w)
+            .total(
+                &Tensor::from_slice(&[3.0f32]),
+                &w,
+                &Tensor::from_slice(&[1.0f32]),
+            )
             .backward();
         assert_eq!(w.grad().double_value(&[0]), 0.0);
     }

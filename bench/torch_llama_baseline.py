@@ -1,0 +1,89 @@
+"""PyTorch eager baseline for `hawada bench` on a LLaMA recipe, run in the same call on the same
+card: HF transformers' LlamaForCausalLM (SDPA attention) with the same config, random init, bf16,
+eval, no grad, timed as HawAda times (10 warm-up, 50 timed, each synchronised):
+  * prefill: one forward of BATCH x TOKENS with all logits (as HawAda's forward row);
+  * decode: one new token per sequence at a fixed position CONTEXT with a StaticCache of
+    CONTEXT + 1 (as HawAda's fixed-position decode step), eager.
+Also measures the card's device-to-device copy bandwidth and the time to read the weights once
+at it, the floor for batch-1 decoding. With --hawada, prints HawAda / PyTorch ratios per row.
+
+Usage: python3 bench/torch_llama_baseline.py --config models/llama-3.2-1b/config.json \
+         --prefill 8x512 --decode 1@512 --decode 16@512 --out OUT/torch.json [--hawada bench.json]
+"""
+import argparse
+import json
+import sys
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+from torch_baseline import timeit
+
+
+def bandwidth_gbs(device):
+    n = 1 << 29  # 1 GiB of bf16
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    stats = timeit(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (stats["p50"] * 1e-3) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--prefill", action="append", default=[], help="BATCHxTOKENS")
+    ap.add_argument("--decode", action="append", default=[], help="BATCH@CONTEXT")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--hawada", help="HawAda bench.json to compare with")
+    args = ap.parse_args()
+    raw = json.load(open(args.config))
+    raw = {k: v for k, v in raw.items() if k not in ("channels_per_gate", "sublayer_gates") and not k.startswith("hawada_")}
+    config = LlamaConfig(**raw, attn_implementation="sdpa")
+    device = "cuda"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    with torch.no_grad():
+        for spec in args.prefill:
+            batch, tokens = map(int, spec.split("x"))
+            ids = torch.randint(0, config.vocab_size, (batch, tokens), device=device)
+            rows.append({"name": f"keep-all forward {tokens} tok (eager, transformers sdpa)", "batch": batch,
+                         "latency_ms": timeit(lambda: model(input_ids=ids))})
+        for spec in args.decode:
+            batch, context = map(int, spec.split("@"))
+            cache = StaticCache(config=config, max_cache_len=context + 1)
+            prompt = torch.randint(0, config.vocab_size, (batch, context), device=device)
+            model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(context, device=device))
+            step_ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+            position = torch.tensor([context], device=device)
+            rows.append({"name": f"keep-all decode @{context} (eager, transformers StaticCache)", "batch": batch,
+                         "latency_ms": timeit(lambda: model(input_ids=step_ids, past_key_values=cache, cache_position=position))})
+    bw = bandwidth_gbs(device)
+    floor_ms = weight_bytes / (bw * 1e9) * 1e3
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "dtype": "bf16", "rows": rows, "weight_bytes": weight_bytes, "copy_bandwidth_gbs": bw, "weight_read_ms": floor_ms}
+    json.dump(out, open(args.out, "w"), indent=2)
+    print(f"card {out['device']} | torch {torch.__version__} | transformers {transformers.__version__}")
+    print(f"weights {weight_bytes / 1e9:.3f} GB | d2d copy bandwidth {bw:.0f} GB/s | one read of the weights {floor_ms:.3f} ms")
+    for r in rows:
+        print(f"  pytorch {r['name']:<58} b{r['batch']:<3} mean {r['latency_ms']['mean']:8.3f} p95 {r['latency_ms']['p95']:8.3f} ms")
+    if args.hawada:
+        ours = json.load(open(args.hawada))["rows"]
+        print(f"{'workload':<30} {'batch':>5} {'HawAda ms':>10} {'PyTorch ms':>11} {'ratio':>6}  HawAda variant")
+        for r in rows:
+            prefix = r["name"].split(" (")[0]
+            cands = [o for o in ours if o["name"].startswith(prefix) and o["batch"] == r["batch"]]
+            if not cands:
+                continue
+            best = min(cands, key=lambda o: o["latency_ms"]["mean"])
+            h, t = best["latency_ms"]["mean"], r["latency_ms"]["mean"]
+            print(f"{prefix:<30} {r['batch']:>5} {h:>10.3f} {t:>11.3f} {h / t:>6.3f}  {best['name']}")
+            if prefix.startswith("keep-all decode") and r["batch"] == 1:
+                print(f"{'  vs one weight read':<30} {1:>5} {h:>10.3f} {floor_ms:>11.3f} {h / floor_ms:>6.3f}  (target ≤ 2.0)")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

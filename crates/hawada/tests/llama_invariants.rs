@@ -1,0 +1,278 @@
+//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling), the
+//! KV-cache decode against the full forward, and parity with HF transformers'
+//! `LlamaForCausalLM` on a golden fixture (fixtures/llama, made by make_fixtures.py; tolerance:
+//! max abs ≤ 1e-4 × max |logit|).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use hawada::families::{
+    self,
+    llama::{Llama, LlamaConfig},
+};
+use hawada::gates::enforce_follows;
+use hawada::model::{Family, KeepSet, Masks, Phase, UnitKind};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+fn model(seed: i64) -> Llama {
+    tch::manual_seed(seed);
+    let model = Llama::new(LlamaConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
+    // Larger weights than the 0.02 init and non-trivial norms, so masking shows everywhere.
+    tch::no_grad(|| {
+        for (name, mut t) in model.var_store().variables() {
+            let noise = Tensor::randn_like(&t) * if name.contains("norm") { 0.3 } else { 0.2 };
+            let _ = t.g_add_(&noise);
+        }
+    });
+    model
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn forward(model: &dyn Family, x: &Tensor, masks: &Masks) -> Tensor {
+    tch::no_grad(|| model.forward(x, masks, Phase::Eval))
+}
+
+#[test]
+fn keep_all_gated_equals_teacher() {
+    let model = model(1);
+    let x = model.random_input(3, 10);
+    let teacher = forward(&model, &x, &Masks::none(model.groups().len()));
+    let gated = forward(
+        &model,
+        &x,
+        &Masks::from_keep(model.groups(), &KeepSet::all(model.groups()), OPTS),
+    );
+    assert_eq!(teacher.size(), vec![3, 10, 64]);
+    assert!(max_abs(&teacher, &gated) <= 1e-5);
+}
+
+fn random_keep(model: &Llama, seed: u64) -> KeepSet {
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    let groups = model.groups();
+    let keep = KeepSet(
+        groups
+            .iter()
+            .map(|g| {
+                let mut kept: Vec<i64> = (0..g.len).filter(|_| next() % 3 != 0).collect();
+                // Whole sublayers may go; other groups keep at least one unit.
+                if kept.is_empty() && g.kind != UnitKind::Sublayer {
+                    kept.push(0);
+                }
+                kept
+            })
+            .collect(),
+    );
+    let logits: Vec<Vec<f32>> = groups
+        .iter()
+        .map(|g| (0..g.len).map(|_| (next() % 100) as f32).collect())
+        .collect();
+    enforce_follows(groups, &logits, keep)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+    #[test]
+    fn slim_equals_hard_masked(seed in 0u64..10_000) {
+        let model = model(seed as i64);
+        let keep = random_keep(&model, seed);
+        let x = model.random_input(2, 9);
+        let masked = forward(&model, &x, &Masks::from_keep(model.groups(), &keep, OPTS));
+        let slim = model.slim(&keep).unwrap();
+        let out = forward(slim.as_ref(), &x, &Masks::none(slim.groups().len()));
+        let scale = masked.abs().max().double_value(&[]).max(1e-6);
+        prop_assert!(max_abs(&masked, &out) / scale <= 1e-4);
+    }
+}
+
+#[test]
+fn every_query_head_keeps_its_own_kv_head_after_export() {
+    // Keep KV group 1 only, and its second query head: the slim model must attend that head
+    // to KV head 1's keys, which the masked model shows.
+    let model = model(5);
+    let mut keep = KeepSet::all(model.groups());
+    for (i, g) in model.groups().iter().enumerate() {
+        match g.kind {
+            UnitKind::KvGroups => keep.0[i] = vec![1],
+            UnitKind::Heads => keep.0[i] = vec![3],
+            _ => {}
+        }
+    }
+    let x = model.random_input(1, 7);
+    let masked = forward(&model, &x, &Masks::from_keep(model.groups(), &keep, OPTS));
+    let slim = model.slim(&keep).unwrap();
+    let out = forward(slim.as_ref(), &x, &Masks::none(slim.groups().len()));
+    assert!(max_abs(&masked, &out) <= 1e-4 * masked.abs().max().double_value(&[]));
+    let cfg = slim.config_json();
+    assert_eq!(cfg["num_attention_heads"], 1);
+    assert_eq!(cfg["num_key_value_heads"], 1);
+    assert!(
+        cfg.get("hawada_heads").is_none(),
+        "uniform widths give a stock config"
+    );
+}
+
+#[test]
+fn dropped_sublayers_leave_the_export_and_it_still_equals_the_masked_model() {
+    let model = model(7);
+    let mut keep = KeepSet::all(model.groups());
+    for (i, g) in model.groups().iter().enumerate() {
+        if g.name == "model.layers.0.self_attn.sublayer" || g.name == "model.layers.1.mlp.sublayer"
+        {
+            keep.0[i].clear();
+        }
+    }
+    let x = model.random_input(2, 6);
+    let masked = forward(&model, &x, &Masks::from_keep(model.groups(), &keep, OPTS));
+    let slim = model.slim(&keep).unwrap();
+    let out = forward(slim.as_ref(), &x, &Masks::none(slim.groups().len()));
+    assert!(max_abs(&masked, &out) <= 1e-4 * masked.abs().max().double_value(&[]));
+    let names: Vec<String> = slim.var_store().variables().into_keys().collect();
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("model.layers.0.self_attn.")
+            || n.starts_with("model.layers.0.input_layernorm.")
+            || n.starts_with("model.layers.1.mlp.")));
+    let cfg = slim.config_json();
+    assert_eq!(
+        cfg["hawada_attention_layers"],
+        serde_json::json!([false, true])
+    );
+    assert_eq!(cfg["hawada_mlp_layers"], serde_json::json!([true, false]));
+    // Decoding through a slim model without attention in a layer works too.
+    let step = slim.decode_step(2, 4).unwrap();
+    let mut step = step;
+    assert_eq!(tch::no_grad(&mut step).size(), vec![2, 1, 64]);
+}
+
+#[test]
+fn decoding_with_the_kv_cache_equals_the_full_forward() {
+    let model = model(2);
+    let ids = model.random_input(2, 8);
+    let full = forward(&model, &ids, &Masks::none(model.groups().len()));
+    let cache = model.new_cache(2, 8);
+    let masks = Masks::none(model.groups().len());
+    let prefill =
+        tch::no_grad(|| model.forward_cached(&ids.narrow(1, 0, 5), &masks, Some((&cache, 0))));
+    assert!(max_abs(&prefill, &full.narrow(1, 0, 5)) <= 1e-5);
+    for position in 5..8 {
+        let step = tch::no_grad(|| {
+            model.forward_cached(
+                &ids.narrow(1, position, 1),
+                &masks,
+                Some((&cache, position)),
+            )
+        });
+        assert!(
+            max_abs(&step, &full.narrow(1, position, 1)) <= 1e-5,
+            "position {position}"
+        );
+    }
+}
+
+#[test]
+fn groups_cover_every_width_axis_once_and_heads_follow_kv_groups() {
+    let model = model(0);
+    let mut seen: BTreeMap<(String, i64), usize> = BTreeMap::new();
+    for g in model.groups() {
+        for m in &g.members {
+            *seen.entry((m.tensor.clone(), m.axis)).or_default() += 1;
+        }
+    }
+    assert!(seen.values().all(|&n| n == 1));
+    let names: Vec<String> = model.var_store().variables().into_keys().collect();
+    for layer in 0..2 {
+        for (proj, axis) in [
+            ("self_attn.q_proj", 0),
+            ("self_attn.k_proj", 0),
+            ("self_attn.v_proj", 0),
+            ("self_attn.o_proj", 1),
+            ("mlp.gate_proj", 0),
+            ("mlp.up_proj", 0),
+            ("mlp.down_proj", 1),
+        ] {
+            let tensor = format!("model.layers.{layer}.{proj}.weight");
+            assert!(names.contains(&tensor), "{tensor}");
+            assert_eq!(seen.get(&(tensor.clone(), axis)), Some(&1), "{tensor}");
+        }
+    }
+    for g in model.groups() {
+        if g.kind == UnitKind::Heads {
+            let parent = g.follows.expect("query heads follow their KV group");
+            assert_eq!(model.groups()[parent].kind, UnitKind::KvGroups);
+        }
+    }
+    // gate_proj and up_proj rows and down_proj columns go together.
+    let mlp = model
+        .groups()
+        .iter()
+        .find(|g| g.name.ends_with(".0.mlp"))
+        .unwrap();
+    let tensors: Vec<&str> = mlp.members.iter().map(|m| m.tensor.as_str()).collect();
+    assert_eq!(
+        tensors,
+        [
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.down_proj.weight"
+        ]
+    );
+}
+
+#[test]
+fn export_load_export_is_identity_with_per_layer_widths() {
+    let model = model(3);
+    let mut keep = random_keep(&model, 11);
+    // Layer 0 keeps everything: the widths differ per layer.
+    for (i, g) in model.groups().iter().enumerate() {
+        if g.name.starts_with("model.layers.0.") {
+            keep.0[i] = (0..g.len).collect();
+        }
+    }
+    let slim = model.slim(&keep).unwrap();
+    assert!(slim.config_json().get("hawada_heads").is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    slim.save(&a).unwrap();
+    families::load(&a, Device::Cpu, Kind::Float, false)
+        .unwrap()
+        .save(&b)
+        .unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn matches_hf_transformers_llama_with_gqa_and_llama3_rope() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/llama");
+    let model = families::load(&root.join("model"), Device::Cpu, Kind::Float, false).unwrap();
+    let io = hawada::io::safetensors::read(&root.join("io.safetensors")).unwrap();
+    let logits = forward(
+        model.as_ref(),
+        &io["input_ids"],
+        &Masks::none(model.groups().len()),
+    );
+    let scale = io["logits"].abs().max().double_value(&[]);
+    let diff = max_abs(&logits, &io["logits"]);
+    assert!(
+        diff <= 1e-4 * scale,
+        "max abs diff {diff} vs logit scale {scale}"
+    );
+}

