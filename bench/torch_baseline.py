@@ -26,15 +26,16 @@ WARMUP, TIMED = 10, 50
 
 
 def timeit(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(WARMUP):
         fn()
-    torch.cuda.synchronize()
+    sync()
     samples = []
     for _ in range(TIMED):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     n = len(samples)

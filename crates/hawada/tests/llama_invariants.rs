@@ -276,3 +276,22 @@ fn matches_hf_transformers_llama_with_gqa_and_llama3_rope() {
         "max abs diff {diff} vs logit scale {scale}"
     );
 }
+
+#[test]
+fn fused_inference_copy_equals_the_model_prefill_and_decode() {
+    let model = model(9);
+    let mut fused = model.slim(&KeepSet::all(model.groups())).unwrap();
+    fused
+        .fuse_for_inference(hawada::model::NormFolding::Keep)
+        .unwrap();
+    let x = model.random_input(2, 7);
+    let masks = Masks::none(model.groups().len());
+    let reference = forward(&model, &x, &masks);
+    assert!(max_abs(&reference, &forward(fused.as_ref(), &x, &masks)) <= 1e-5);
+    tch::manual_seed(3);
+    let mut step = model.decode_step(2, 5).unwrap();
+    let plain = tch::no_grad(&mut step);
+    tch::manual_seed(3);
+    let mut fused_step = fused.decode_step(2, 5).unwrap();
+    assert!(max_abs(&plain, &tch::no_grad(&mut fused_step)) <= 1e-5);
+}

@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_into, named_tensors};
 use crate::model::{
-    unit_width, CostSite, Family, Group, KeepSet, Masks, Member, Phase, SiteOp, UnitKind, Width,
-    Workload,
+    unit_width, CostSite, Family, Group, KeepSet, Masks, Member, NormFolding, Phase, SiteOp,
+    UnitKind, Width, Workload,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -342,6 +342,17 @@ impl Linear {
             bias: bias.then(|| p.zeros("bias", &[c_out])),
         }
     }
+
+    /// The projections stacked along their outputs: one GEMM computing all of them.
+    fn stacked(parts: &[&Linear]) -> Linear {
+        let _guard = tch::no_grad_guard();
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
+        Linear {
+            weight: Tensor::cat(&weights, 0),
+            bias: biases.map(|b| Tensor::cat(&b, 0)),
+        }
+    }
     fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
@@ -397,6 +408,8 @@ struct Attention {
     kv_heads: i64,
     head_group: usize,
     kv_group: usize,
+    /// Inference copies: q, k and v stacked into one projection (one GEMM instead of three).
+    fused_qkv: Option<Linear>,
 }
 
 impl Attention {
@@ -414,9 +427,24 @@ impl Attention {
             .size3()
             .expect("hidden states are [batch, tokens, hidden]");
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, head_dim]).transpose(1, 2);
-        let q = rotary.apply(&split(self.q_proj.forward(x), self.heads));
-        let k = rotary.apply(&split(self.k_proj.forward(x), self.kv_heads));
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (q, k, v) = match &self.fused_qkv {
+            Some(qkv) => {
+                let (h, kv) = (self.heads, self.kv_heads);
+                let y = split(qkv.forward(x), h + 2 * kv);
+                // One rotation for the query and key heads together.
+                let qk = rotary.apply(&y.narrow(1, 0, h + kv));
+                (
+                    qk.narrow(1, 0, h),
+                    qk.narrow(1, h, kv),
+                    y.narrow(1, h + kv, kv),
+                )
+            }
+            None => (
+                rotary.apply(&split(self.q_proj.forward(x), self.heads)),
+                rotary.apply(&split(self.k_proj.forward(x), self.kv_heads)),
+                split(self.v_proj.forward(x), self.kv_heads),
+            ),
+        };
         let (k, v) = match cache {
             Some((keys, values, start)) => {
                 keys.narrow(2, start, t).copy_(&k);
@@ -468,11 +496,20 @@ struct Mlp {
     up_proj: Linear,
     down_proj: Linear,
     group: usize,
+    /// Inference copies: gate and up stacked into one projection.
+    fused_gate_up: Option<Linear>,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor, masks: &Masks) -> Tensor {
-        let u = self.gate_proj.forward(x).silu() * self.up_proj.forward(x);
+        let u = match &self.fused_gate_up {
+            Some(gate_up) => {
+                let both = gate_up.forward(x);
+                let width = both.size()[both.dim() - 1] / 2;
+                both.narrow(-1, 0, width).silu() * both.narrow(-1, width, width)
+            }
+            None => self.gate_proj.forward(x).silu() * self.up_proj.forward(x),
+        };
         let u = match masks.get(self.group) {
             Some(m) => u * m,
             None => u,
@@ -648,6 +685,7 @@ impl Llama {
                         kv_heads,
                         head_group,
                         kv_group,
+                        fused_qkv: None,
                     },
                     gate,
                 }
@@ -685,6 +723,7 @@ impl Llama {
                         up_proj: Linear::new(&mp / "up_proj", d, mlp_width, cfg.mlp_bias),
                         down_proj: Linear::new(&mp / "down_proj", mlp_width, d, cfg.mlp_bias),
                         group,
+                        fused_gate_up: None,
                     },
                     gate,
                 }
@@ -907,6 +946,22 @@ impl Family for Llama {
 
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).expect("LlamaConfig always serialises")
+    }
+
+    /// Stacks q/k/v and gate/up into single projections (fewer, larger GEMMs; decoding is
+    /// bound by kernel count at small batches). Outputs are unchanged.
+    fn fuse_for_inference(&mut self, _folding: NormFolding) -> Result<()> {
+        for layer in &mut self.layers {
+            if let Some(sub) = &mut layer.attention {
+                let a = &mut sub.self_attn;
+                a.fused_qkv = Some(Linear::stacked(&[&a.q_proj, &a.k_proj, &a.v_proj]));
+            }
+            if let Some(sub) = &mut layer.feed_forward {
+                let m = &mut sub.mlp;
+                m.fused_gate_up = Some(Linear::stacked(&[&m.gate_proj, &m.up_proj]));
+            }
+        }
+        Ok(())
     }
 
     fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>> {
