@@ -185,11 +185,12 @@ impl LatencySection {
             cuda_graphs: self.cuda_graphs,
         }
     }
+    /// Site tables are timed as the whole model is: replayed from CUDA graphs when it is.
     pub fn table_protocol(&self) -> TimingProtocol {
         TimingProtocol {
             warmup_runs: self.table_warmup_runs,
             timed_runs: self.table_timed_runs,
-            cuda_graphs: false,
+            cuda_graphs: self.cuda_graphs,
         }
     }
 }

@@ -254,7 +254,7 @@ pub struct RunEnv<'a> {
 fn teacher(
     recipe: &Recipe,
     recipe_file: &Path,
-    train: &dyn Examples,
+    train: Option<&dyn Examples>,
     env: &RunEnv<'_>,
 ) -> Result<Box<dyn Family>> {
     let (run_dir, device, kind, metrics, observer) = (
@@ -267,7 +267,7 @@ fn teacher(
     let dir = &recipe.model.dir;
     let has_weights = families::has_weights(dir);
     if !has_weights && !recipe.model.random_init {
-        let Some(spec) = &recipe.teacher_training else {
+        let (Some(spec), Some(train)) = (&recipe.teacher_training, train) else {
             return Err(Error::config(recipe_file, "model.dir", format!("{} holds no model.safetensors; give a model directory, set model.random_init, or add [teacher_training]", dir.display())));
         };
         tracing::info!(dir = %dir.display(), "training the teacher (self-trained, cached for later runs)");
@@ -399,8 +399,17 @@ pub fn profile(
     observer: &dyn Observer,
 ) -> Result<Profile> {
     let env = open_run(recipe, recipe_file, run_dir, observer)?;
-    let splits = load_splits(recipe, env.device)?;
-    let model = teacher(recipe, recipe_file, splits.train.as_ref(), &env)?;
+    // Data only matters here when the teacher must be trained first.
+    let needs_training = recipe.teacher_training.is_some()
+        && !recipe.model.random_init
+        && !families::has_weights(&recipe.model.dir);
+    let splits = if needs_training {
+        Some(load_splits(recipe, env.device)?)
+    } else {
+        None
+    };
+    let train = splits.as_ref().map(|s| s.train.as_ref());
+    let model = teacher(recipe, recipe_file, train, &env)?;
     Ok(profile_stage(model.as_ref(), recipe, &env)?.0)
 }
 
@@ -420,7 +429,7 @@ pub fn run(
         calibration,
         test,
     } = load_splits(recipe, device)?;
-    let model = teacher(recipe, recipe_file, train.as_ref(), &env)?;
+    let model = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
     let n_groups = model.groups().len();
     tracing::info!(
         family = model.family(),

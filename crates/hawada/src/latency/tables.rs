@@ -8,6 +8,7 @@
 //! one dimension of measurements per gated side instead of a full 2-D grid. Tables are cached
 //! per (device, driver, libtorch, dtype, batch, grid, model) so a rerun is free.
 
+use crate::cuda::CudaGraph;
 use crate::error::{Error, Result};
 use crate::latency::measure::{measure, TimingProtocol};
 use crate::latency::proxy::SiteCost;
@@ -73,7 +74,9 @@ fn unit_of(width: Width, groups: &[Group]) -> Option<i64> {
     }
 }
 
-/// Mean ms of `op` alone at widths `w_in → w_out` for `batch` samples.
+/// Mean ms of `op` alone at widths `w_in → w_out` for `batch` samples; replayed from a CUDA
+/// graph when `protocol.cuda_graphs` asks (as whole models are then timed: without it, a small
+/// site's table would carry a launch overhead the graph-replayed model does not pay).
 pub fn site_ms(
     op: SiteOp,
     w_in: i64,
@@ -92,7 +95,7 @@ pub fn site_ms(
         }
     };
     let bias = Tensor::randn([w_out], options);
-    match op {
+    let mut call: Box<dyn FnMut() -> Tensor> = match op {
         SiteOp::Conv2d {
             kernel,
             stride,
@@ -104,12 +107,10 @@ pub fn site_ms(
             ));
             let weight =
                 channels_last(Tensor::randn([w_out, w_in, kernel, kernel], options) * 0.05);
-            measure(device, protocol, || {
-                let _ = x
-                    .conv2d(&weight, Some(&bias), [stride], [kernel / 2], [1], 1)
-                    .relu_();
+            Box::new(move || {
+                x.conv2d(&weight, Some(&bias), [stride], [kernel / 2], [1], 1)
+                    .relu_()
             })
-            .mean
         }
         SiteOp::Attention {
             queries,
@@ -121,8 +122,8 @@ pub fn site_ms(
             let kv_heads = (w_out / head_dim).max(1);
             let q = Tensor::randn([batch, kv_heads * q_per_kv, queries, head_dim], options);
             let kv = Tensor::randn([batch, kv_heads, keys, head_dim], options);
-            measure(device, protocol, || {
-                let _ = Tensor::scaled_dot_product_attention(
+            Box::new(move || {
+                Tensor::scaled_dot_product_attention(
                     &q,
                     &kv,
                     &kv,
@@ -131,19 +132,32 @@ pub fn site_ms(
                     causal,
                     None,
                     q_per_kv > 1,
-                );
+                )
             })
-            .mean
         }
         SiteOp::Linear { rows } => {
             let x = Tensor::randn([batch * rows, w_in], (kind, device));
             let weight = Tensor::randn([w_out, w_in], options) * 0.05;
-            measure(device, protocol, || {
-                let _ = x.linear(&weight, Some(&bias));
-            })
-            .mean
+            Box::new(move || x.linear(&weight, Some(&bias)))
+        }
+    };
+    if protocol.cuda_graphs && device.is_cuda() {
+        match CudaGraph::capture(device, &mut call) {
+            Ok((graph, _output)) => {
+                return measure(device, protocol, || {
+                    if let Err(e) = graph.replay() {
+                        tracing::warn!(error = %e, "CUDA graph replay failed");
+                    }
+                })
+                .mean
+            }
+            Err(e) => tracing::warn!(error = %e, "site graph capture failed; timing eagerly"),
         }
     }
+    measure(device, protocol, || {
+        let _ = call();
+    })
+    .mean
 }
 
 /// Measures every site's tables (see the module doc).
@@ -273,11 +287,16 @@ pub fn cache_key(
     ))
     .unwrap_or_default();
     format!(
-        "device={device_name}|driver={driver}|libtorch=2.11.0|dtype={kind:?}|batch={}|grid={}|runs={}+{}|model={:016x}",
+        "device={device_name}|driver={driver}|libtorch=2.11.0|dtype={kind:?}|batch={}|grid={}|runs={}+{}{}|model={:016x}",
         options.batch,
         options.grid_step,
         options.protocol.warmup_runs,
         options.protocol.timed_runs,
+        if options.protocol.cuda_graphs {
+            "|graphs"
+        } else {
+            ""
+        },
         fingerprint(&model)
     )
 }
