@@ -25,13 +25,13 @@ from safetensors.torch import load_file
 WARMUP, TIMED = 10, 50
 
 
-def timeit(fn):
+def timeit(fn, warmup=WARMUP, timed=TIMED):
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(WARMUP):
+    for _ in range(warmup):
         fn()
     sync()
     samples = []
-    for _ in range(TIMED):
+    for _ in range(timed):
         sync()
         start = time.perf_counter()
         fn()

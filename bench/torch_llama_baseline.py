@@ -6,11 +6,14 @@ eval, no grad, timed as HawAda times (10 warm-up, 50 timed, each synchronised):
     generation loop runs it: a DynamicCache prefilled with CONTEXT tokens, each timed call
     appending one (the context grows by the 60 warm-up + timed calls, ~12% at 512: slightly in
     HawAda's favour for attention, which is a small share of a step at these lengths).
+  * generate: `model.generate` of NEW tokens (greedy, no early stop) after a PROMPT-token prompt,
+    end to end (3 warm-up, 10 timed: one run is NEW eager decoding steps);
 Also measures the card's device-to-device copy bandwidth and the time to read the weights once
 at it, the floor for batch-1 decoding. With --hawada, prints HawAda / PyTorch ratios per row.
 
 Usage: python3 bench/torch_llama_baseline.py --config models/llama-3.2-1b/config.json \
-         --prefill 8x512 --decode 1@512 --decode 16@512 --out OUT/torch.json [--hawada bench.json]
+         --prefill 8x512 --decode 1@512 --decode 16@512 --generate 1@512+64 --out OUT/torch.json \
+         [--hawada bench.json]
 """
 import argparse
 import json
@@ -36,6 +39,7 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--prefill", action="append", default=[], help="BATCHxTOKENS")
     ap.add_argument("--decode", action="append", default=[], help="BATCH@CONTEXT")
+    ap.add_argument("--generate", action="append", default=[], help="BATCH@PROMPT+NEW")
     ap.add_argument("--out", required=True)
     ap.add_argument("--hawada", help="HawAda bench.json to compare with")
     ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke check)")
@@ -62,6 +66,14 @@ def main():
             step_ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
             rows.append({"name": f"keep-all decode @{context} (eager, transformers DynamicCache)", "batch": batch,
                          "latency_ms": timeit(lambda: model(input_ids=step_ids, past_key_values=cache, use_cache=True))})
+        for spec in args.generate:
+            batch, rest = spec.split("@")
+            prompt, new = map(int, rest.split("+"))
+            ids = torch.randint(0, config.vocab_size, (int(batch), prompt), device=device)
+            run = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                         min_new_tokens=new, do_sample=False, pad_token_id=0)
+            rows.append({"name": f"keep-all generate {prompt}+{new} (eager, transformers generate)", "batch": int(batch),
+                         "latency_ms": timeit(run, warmup=3, timed=10)})
     bw = bandwidth_gbs(device)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,

@@ -34,7 +34,7 @@ case "$STAGE" in
     cp .cache/carry/smollm2.part00 "$CARRY/"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     RECIPE=recipes/h100/llama32-1b-bench-bf16.toml
-    TORCH_ARGS=(--config models/llama-3.2-1b/config.json --prefill 8x512 --decode 1@512 --decode 16@512)
+    TORCH_ARGS=(--config models/llama-3.2-1b/config.json --prefill 8x512 --decode 1@512 --decode 16@512 --generate 1@512+64)
     "$BIN" bench "$RECIPE" --out "$WORK/bench1"
     cp "$WORK/bench1/bench.json" "$OUT/bench1.json"
     python3 bench/torch_llama_baseline.py "${TORCH_ARGS[@]}" --out "$OUT/torch1.json" --hawada "$OUT/bench1.json"

@@ -79,6 +79,9 @@ fn workload_name(workload: Workload) -> String {
         Workload::Forward { tokens, .. } if tokens > 1 => format!("forward {tokens} tok"),
         Workload::Forward { .. } => "forward".into(),
         Workload::Decode { context, .. } => format!("decode @{context}"),
+        Workload::Generate {
+            prompt, new_tokens, ..
+        } => format!("generate {prompt}+{new_tokens}"),
     }
 }
 

@@ -161,10 +161,18 @@ pub struct CostSite {
     pub elems_per_out: f64,
     /// The operator, so the latency profiler can run this site alone at any widths.
     pub op: SiteOp,
+    /// Calls of this site per timed workload (decoding steps of a generation); its cost counts
+    /// that many times.
+    #[serde(default = "one_call")]
+    pub calls: f64,
     /// The sublayer group whose gate switches this site on or off; its cost scales with that
     /// gate's keep probability. `None`: always present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled_by: Option<usize>,
+}
+
+fn one_call() -> f64 {
+    1.0
 }
 
 /// A generic operator a cost site runs, per input sample (the profiler adds the batch).
@@ -198,12 +206,22 @@ pub enum Workload {
     Forward { batch: i64, tokens: i64 },
     /// One decoding step: a new token for each of `batch` sequences after `context` cached ones.
     Decode { batch: i64, context: i64 },
+    /// A whole generation request: a prefill of `prompt` tokens (last-token logits only) into a
+    /// KV cache, then `new_tokens` decoding steps, for `batch` sequences. Prefill and decode
+    /// weighted as a request spends its time.
+    Generate {
+        batch: i64,
+        prompt: i64,
+        new_tokens: i64,
+    },
 }
 
 impl Workload {
     pub fn batch(&self) -> i64 {
         match *self {
-            Workload::Forward { batch, .. } | Workload::Decode { batch, .. } => batch,
+            Workload::Forward { batch, .. }
+            | Workload::Decode { batch, .. }
+            | Workload::Generate { batch, .. } => batch,
         }
     }
 }
@@ -220,11 +238,11 @@ pub trait Family: Send {
     fn forward(&self, x: &Tensor, masks: &Masks, phase: Phase) -> Tensor;
     /// Cost sites for the latency proxy, for the shapes of `workload`.
     fn cost_sites(&self, workload: Workload) -> Vec<CostSite>;
-    /// One decoding step at a fixed position, ready to time: a new token for each of `batch`
-    /// sequences after `context` cached ones (random cache), buffers allocated once so that a
-    /// CUDA graph can replay it. Families that do not decode say so.
-    fn decode_step(&self, batch: i64, context: i64) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
-        let _ = (batch, context);
+    /// A `Decode` or `Generate` workload with a KV cache, ready to time: buffers allocated once
+    /// and every position fixed, so that a CUDA graph can replay it (a decoding step writes the
+    /// same cache slot each call, after a random cache). Families that do not decode say so.
+    fn cached_workload(&self, workload: Workload) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
+        let _ = workload;
         Err(crate::error::Error::Invalid(format!(
             "the {} family has no decoding; use latency.workload = \"forward\"",
             self.family()

@@ -119,6 +119,8 @@ pub enum WorkloadKind {
     Forward,
     /// One decoding step per sequence with a KV cache of `context` tokens.
     Decode,
+    /// A generation request: prefill of `tokens` tokens, then `new_tokens` decoding steps.
+    Generate,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +137,9 @@ pub struct LatencySection {
     /// Cached tokens before a timed decoding step.
     #[serde(default = "default_context")]
     pub context: i64,
+    /// Decoding steps of a timed generation request.
+    #[serde(default = "default_new_tokens")]
+    pub new_tokens: i64,
     #[serde(default = "default_warmup_runs")]
     pub warmup_runs: usize,
     #[serde(default = "default_timed_runs")]
@@ -175,6 +180,11 @@ impl LatencySection {
             WorkloadKind::Decode => Workload::Decode {
                 batch: self.batch,
                 context: self.context,
+            },
+            WorkloadKind::Generate => Workload::Generate {
+                batch: self.batch,
+                prompt: self.tokens,
+                new_tokens: self.new_tokens,
             },
         }
     }
@@ -286,6 +296,9 @@ fn default_tokens() -> i64 {
 fn default_context() -> i64 {
     512
 }
+fn default_new_tokens() -> i64 {
+    64
+}
 fn default_warmup_runs() -> usize {
     TimingProtocol::default().warmup_runs
 }
@@ -391,6 +404,7 @@ impl Recipe {
         positive("latency.batch", self.latency.batch as f64)?;
         positive("latency.tokens", self.latency.tokens as f64)?;
         positive("latency.context", self.latency.context as f64)?;
+        positive("latency.new_tokens", self.latency.new_tokens as f64)?;
         positive("data.seq_len", self.data.seq_len as f64)?;
         positive("latency.timed_runs", self.latency.timed_runs as f64)?;
         positive("adapt.steps", self.adapt.steps as f64)?;

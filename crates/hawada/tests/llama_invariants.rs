@@ -10,7 +10,7 @@ use hawada::families::{
     llama::{Llama, LlamaConfig},
 };
 use hawada::gates::enforce_follows;
-use hawada::model::{Family, KeepSet, Masks, Phase, UnitKind};
+use hawada::model::{Family, KeepSet, Masks, Phase, UnitKind, Workload};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -152,8 +152,12 @@ fn dropped_sublayers_leave_the_export_and_it_still_equals_the_masked_model() {
     );
     assert_eq!(cfg["hawada_mlp_layers"], serde_json::json!([true, false]));
     // Decoding through a slim model without attention in a layer works too.
-    let step = slim.decode_step(2, 4).unwrap();
-    let mut step = step;
+    let mut step = slim
+        .cached_workload(Workload::Decode {
+            batch: 2,
+            context: 4,
+        })
+        .unwrap();
     assert_eq!(tch::no_grad(&mut step).size(), vec![2, 1, 64]);
 }
 
@@ -289,9 +293,85 @@ fn fused_inference_copy_equals_the_model_prefill_and_decode() {
     let reference = forward(&model, &x, &masks);
     assert!(max_abs(&reference, &forward(fused.as_ref(), &x, &masks)) <= 1e-5);
     tch::manual_seed(3);
-    let mut step = model.decode_step(2, 5).unwrap();
+    let decode = Workload::Decode {
+        batch: 2,
+        context: 5,
+    };
+    let mut step = model.cached_workload(decode).unwrap();
     let plain = tch::no_grad(&mut step);
     tch::manual_seed(3);
-    let mut fused_step = fused.decode_step(2, 5).unwrap();
+    let mut fused_step = fused.cached_workload(decode).unwrap();
     assert!(max_abs(&plain, &tch::no_grad(&mut fused_step)) <= 1e-5);
+}
+
+#[test]
+fn a_generation_workload_runs_prefill_then_steps_and_its_sites_count_every_step() {
+    let model = model(4);
+    let generate = Workload::Generate {
+        batch: 2,
+        prompt: 6,
+        new_tokens: 3,
+    };
+    let mut run = model.cached_workload(generate).unwrap();
+    assert_eq!(tch::no_grad(&mut run).size(), vec![2, 1, 64]);
+    let sites = model.cost_sites(generate);
+    let prefill: Vec<_> = sites
+        .iter()
+        .filter(|s| s.name.starts_with("prefill."))
+        .collect();
+    let decode: Vec<_> = sites
+        .iter()
+        .filter(|s| s.name.starts_with("decode."))
+        .collect();
+    assert_eq!(prefill.len(), decode.len());
+    assert!(prefill.iter().all(|s| s.calls == 1.0));
+    assert!(decode.iter().all(|s| s.calls == 3.0));
+    // A forward has no cache to decode with.
+    assert!(model
+        .cached_workload(Workload::Forward {
+            batch: 1,
+            tokens: 4
+        })
+        .is_err());
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_like_a_single_file() {
+    let model = model(6);
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = hawada::io::safetensors::named_tensors(model.var_store());
+    let (first, second): (Vec<_>, Vec<_>) = tensors
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let part: BTreeMap<String, Tensor> = part.into_iter().map(|(_, kv)| kv).collect();
+        for name in part.keys() {
+            weight_map.insert(name.clone(), shard.into());
+        }
+        hawada::io::safetensors::write(&dir.path().join(shard), &part).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        model.config_json().to_string(),
+    )
+    .unwrap();
+    let loaded = families::load(dir.path(), Device::Cpu, Kind::Float, false).unwrap();
+    let x = model.random_input(1, 5);
+    let masks = Masks::none(model.groups().len());
+    assert!(
+        max_abs(
+            &forward(&model, &x, &masks),
+            &forward(loaded.as_ref(), &x, &masks)
+        ) == 0.0
+    );
 }

@@ -792,6 +792,19 @@ impl Llama {
         masks: &Masks,
         cache: Option<(&KvCache, i64)>,
     ) -> Tensor {
+        self.logits(&self.hidden_states(ids, masks, cache))
+    }
+
+    /// `[batch, tokens, vocab]` logits of final hidden states `[batch, tokens, hidden]`.
+    fn logits(&self, h: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => h.linear(&self.embed_tokens, None::<Tensor>),
+        }
+    }
+
+    /// The final (normed) hidden states `[batch, tokens, hidden]` (see [`Self::forward_cached`]).
+    fn hidden_states(&self, ids: &Tensor, masks: &Masks, cache: Option<(&KvCache, i64)>) -> Tensor {
         let _span = tracing::trace_span!("llama").entered();
         let tokens = ids.size()[1];
         let start = cache.as_ref().map_or(0, |(_, s)| *s);
@@ -819,11 +832,101 @@ impl Llama {
                 h = &h + gated(out, masks, f.gate);
             }
         }
-        let h = self.norm.forward(&h);
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => h.linear(&self.embed_tokens, None::<Tensor>),
+        self.norm.forward(&h)
+    }
+
+    /// Cost sites of one pass over `queries` new tokens per sequence attending to `keys`
+    /// tokens (causal when they are the same tokens), each site called `calls` times per
+    /// workload; names prefixed with `prefix`.
+    fn sites_of_pass(&self, prefix: &str, queries: i64, keys: i64, calls: f64) -> Vec<CostSite> {
+        let d = self.cfg.hidden_size;
+        let head_dim = self.cfg.head_dim();
+        let rows = queries;
+        let causal = queries == keys && queries > 1;
+        let linear = |name: String, input: Width, output: Width, gate: Option<usize>| CostSite {
+            name,
+            input,
+            output,
+            macs_per_in_out: rows as f64,
+            elems_per_out: rows as f64,
+            op: SiteOp::Linear { rows },
+            enabled_by: gate,
+            calls,
+        };
+        let fixed = Width::Fixed(d);
+        let mut sites = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(sub) = &layer.attention {
+                let a = &sub.self_attn;
+                let (heads, kv) = (Width::Group(a.head_group), Width::Group(a.kv_group));
+                sites.push(linear(
+                    format!("{prefix}layer{i}.q_proj"),
+                    fixed,
+                    heads,
+                    sub.gate,
+                ));
+                sites.push(linear(
+                    format!("{prefix}layer{i}.k_proj"),
+                    fixed,
+                    kv,
+                    sub.gate,
+                ));
+                sites.push(linear(
+                    format!("{prefix}layer{i}.v_proj"),
+                    fixed,
+                    kv,
+                    sub.gate,
+                ));
+                let q_per_kv = a.heads / a.kv_heads;
+                // QKᵀ and AV per KV channel: its query heads × queries × keys (halved when
+                // causal).
+                let pairs = (queries * keys) as f64 * if causal { 0.5 } else { 1.0 };
+                sites.push(CostSite {
+                    name: format!("{prefix}layer{i}.sdpa"),
+                    input: Width::Fixed(1),
+                    output: kv,
+                    macs_per_in_out: 2.0 * q_per_kv as f64 * pairs,
+                    elems_per_out: keys as f64,
+                    op: SiteOp::Attention {
+                        queries,
+                        keys,
+                        head_dim,
+                        q_per_kv,
+                        causal,
+                    },
+                    enabled_by: sub.gate,
+                    calls,
+                });
+                sites.push(linear(
+                    format!("{prefix}layer{i}.o_proj"),
+                    heads,
+                    fixed,
+                    sub.gate,
+                ));
+            }
+            if let Some(sub) = &layer.feed_forward {
+                let mlp = Width::Group(sub.mlp.group);
+                sites.push(linear(
+                    format!("{prefix}layer{i}.gate_proj"),
+                    fixed,
+                    mlp,
+                    sub.gate,
+                ));
+                sites.push(linear(
+                    format!("{prefix}layer{i}.up_proj"),
+                    fixed,
+                    mlp,
+                    sub.gate,
+                ));
+                sites.push(linear(
+                    format!("{prefix}layer{i}.down_proj"),
+                    mlp,
+                    fixed,
+                    sub.gate,
+                ));
+            }
         }
+        sites
     }
 
     /// Greedy continuation of `prompt` by up to `new_tokens` tokens (stops after `eos`).
@@ -836,9 +939,12 @@ impl Llama {
         let mut position = 0;
         let mut out = Vec::new();
         for _ in 0..new_tokens {
-            let logits = self.forward_cached(&ids, &masks, Some((&cache, position)));
+            let h = self.hidden_states(&ids, &masks, Some((&cache, position)));
             position += ids.size()[1];
-            let next = logits.select(1, -1).argmax(-1, false);
+            let next = self
+                .logits(&h.narrow(1, h.size()[1] - 1, 1))
+                .select(1, 0)
+                .argmax(-1, false);
             let token = next.int64_value(&[0]);
             out.push(token);
             if Some(token) == eos {
@@ -863,77 +969,65 @@ impl Family for Llama {
         self.forward_cached(x, masks, None)
     }
 
-    fn decode_step(&self, batch: i64, context: i64) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
-        let cache = self.new_cache(batch, context + 1);
-        for (k, v) in cache.layers.iter().flatten() {
-            let _ = k.shallow_clone().normal_(0.0, 1.0);
-            let _ = v.shallow_clone().normal_(0.0, 1.0);
+    fn cached_workload(&self, workload: Workload) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
+        let (batch, prompt, steps, prefill) = match workload {
+            Workload::Decode { batch, context } => (batch, context, 1, false),
+            Workload::Generate {
+                batch,
+                prompt,
+                new_tokens,
+            } => (batch, prompt, new_tokens, true),
+            Workload::Forward { .. } => {
+                return Err(Error::Invalid(
+                    "a forward workload runs without a cache".into(),
+                ))
+            }
+        };
+        let cache = self.new_cache(batch, prompt + steps);
+        if !prefill {
+            // A decoding step reads what a prefill would have cached: random, never zeros.
+            for (k, v) in cache.layers.iter().flatten() {
+                let _ = k.shallow_clone().normal_(0.0, 1.0);
+                let _ = v.shallow_clone().normal_(0.0, 1.0);
+            }
         }
-        let ids = Tensor::randint(
-            self.cfg.vocab_size,
-            [batch, 1],
-            (Kind::Int64, self.vs.device()),
-        );
+        let device = self.vs.device();
+        let vocab = self.cfg.vocab_size;
+        let prompt_ids = Tensor::randint(vocab, [batch, prompt], (Kind::Int64, device));
+        let step_ids = Tensor::randint(vocab, [batch, 1], (Kind::Int64, device));
         let masks = Masks::none(self.groups.len());
         Ok(Box::new(move || {
-            self.forward_cached(&ids, &masks, Some((&cache, context)))
+            if prefill {
+                // A generation prefill needs the last position's logits only.
+                let h = self.hidden_states(&prompt_ids, &masks, Some((&cache, 0)));
+                let _ = self.logits(&h.narrow(1, prompt - 1, 1));
+            }
+            let mut logits = Tensor::new();
+            for step in 0..steps {
+                logits = self.forward_cached(&step_ids, &masks, Some((&cache, prompt + step)));
+            }
+            logits
         }))
     }
 
     fn cost_sites(&self, workload: Workload) -> Vec<CostSite> {
-        let d = self.cfg.hidden_size;
-        let head_dim = self.cfg.head_dim();
-        let (rows, queries, keys, causal) = match workload {
-            Workload::Forward { tokens, .. } => (tokens, tokens, tokens, true),
-            Workload::Decode { context, .. } => (1, 1, context + 1, false),
-        };
-        let linear = |name: String, input: Width, output: Width, gate: Option<usize>| CostSite {
-            name,
-            input,
-            output,
-            macs_per_in_out: rows as f64,
-            elems_per_out: rows as f64,
-            op: SiteOp::Linear { rows },
-            enabled_by: gate,
-        };
-        let fixed = Width::Fixed(d);
-        let mut sites = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            if let Some(sub) = &layer.attention {
-                let a = &sub.self_attn;
-                let (heads, kv) = (Width::Group(a.head_group), Width::Group(a.kv_group));
-                sites.push(linear(format!("layer{i}.q_proj"), fixed, heads, sub.gate));
-                sites.push(linear(format!("layer{i}.k_proj"), fixed, kv, sub.gate));
-                sites.push(linear(format!("layer{i}.v_proj"), fixed, kv, sub.gate));
-                let q_per_kv = a.heads / a.kv_heads;
-                // QKᵀ and AV per KV channel: its query heads × queries × keys (halved when
-                // causal).
-                let pairs = (queries * keys) as f64 * if causal { 0.5 } else { 1.0 };
-                sites.push(CostSite {
-                    name: format!("layer{i}.sdpa"),
-                    input: Width::Fixed(1),
-                    output: kv,
-                    macs_per_in_out: 2.0 * q_per_kv as f64 * pairs,
-                    elems_per_out: keys as f64,
-                    op: SiteOp::Attention {
-                        queries,
-                        keys,
-                        head_dim,
-                        q_per_kv,
-                        causal,
-                    },
-                    enabled_by: sub.gate,
-                });
-                sites.push(linear(format!("layer{i}.o_proj"), heads, fixed, sub.gate));
-            }
-            if let Some(sub) = &layer.feed_forward {
-                let mlp = Width::Group(sub.mlp.group);
-                sites.push(linear(format!("layer{i}.gate_proj"), fixed, mlp, sub.gate));
-                sites.push(linear(format!("layer{i}.up_proj"), fixed, mlp, sub.gate));
-                sites.push(linear(format!("layer{i}.down_proj"), mlp, fixed, sub.gate));
+        match workload {
+            Workload::Forward { tokens, .. } => self.sites_of_pass("", tokens, tokens, 1.0),
+            Workload::Decode { context, .. } => self.sites_of_pass("", 1, context + 1, 1.0),
+            Workload::Generate {
+                prompt, new_tokens, ..
+            } => {
+                // The prefill once, then each decoding step, timed at its mean context length.
+                let mut sites = self.sites_of_pass("prefill.", prompt, prompt, 1.0);
+                sites.extend(self.sites_of_pass(
+                    "decode.",
+                    1,
+                    prompt + (new_tokens + 1) / 2,
+                    new_tokens as f64,
+                ));
+                sites
             }
         }
-        sites
     }
 
     fn var_store(&self) -> &VarStore {

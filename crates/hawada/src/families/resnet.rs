@@ -725,6 +725,7 @@ impl Family for Resnet {
                         input_size: out_size * conv.stride,
                     },
                     enabled_by: None,
+                    calls: 1.0,
                 }
             };
         let mut sites = vec![conv_site(
@@ -807,6 +808,7 @@ impl Family for Resnet {
             elems_per_out: 1.0,
             op: SiteOp::Linear { rows: 1 },
             enabled_by: None,
+            calls: 1.0,
         });
         sites
     }

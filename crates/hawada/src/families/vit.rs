@@ -484,6 +484,7 @@ impl Family for Vit {
             elems_per_out: t as f64,
             op: SiteOp::Linear { rows: t },
             enabled_by: None,
+            calls: 1.0,
         };
         let mut sites = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -507,6 +508,7 @@ impl Family for Vit {
                     causal: false,
                 },
                 enabled_by: None,
+                calls: 1.0,
             });
             sites.push(linear(
                 format!("layer{i}.attention.output"),

@@ -56,7 +56,7 @@ pub fn workload_call<'a>(
             let masks = Masks::none(model.groups().len());
             Ok(Box::new(move || model.forward(&x, &masks, Phase::Eval)))
         }
-        Workload::Decode { batch, context } => model.decode_step(batch, context),
+        Workload::Decode { .. } | Workload::Generate { .. } => model.cached_workload(workload),
     }
 }
 

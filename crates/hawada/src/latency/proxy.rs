@@ -78,8 +78,8 @@ pub struct LatencyProxy {
     /// `[widths…, 1]`: a one-hot on its group, or its fixed width in the last column.
     select_in: Tensor,
     select_out: Tensor,
-    /// `[n_sites, n_groups + 1]`: a one-hot on the sublayer group that switches the site, or 1
-    /// in the last column.
+    /// `[n_sites, n_groups + 1]`: the site's calls per workload, on the column of the sublayer
+    /// group that switches it, or on the constant last column.
     select_presence: Tensor,
     group_lens: Vec<i64>,
     device: Device,
@@ -101,6 +101,19 @@ fn selection(
             Width::Group(g) => m[i * cols + g] = 1.0,
             Width::Fixed(n) => m[i * cols + n_groups] = n as f32,
         }
+    }
+    Tensor::from_slice(&m)
+        .view([sites.len() as i64, cols as i64])
+        .to_device(device)
+}
+
+/// `[n_sites, n_groups + 1]`: a site's calls per workload, on its sublayer gate's column or on
+/// the constant last column.
+fn presence(sites: &[CostSite], n_groups: usize, device: Device) -> Tensor {
+    let cols = n_groups + 1;
+    let mut m = vec![0f32; sites.len() * cols];
+    for (i, site) in sites.iter().enumerate() {
+        m[i * cols + site.enabled_by.unwrap_or(n_groups)] = site.calls as f32;
     }
     Tensor::from_slice(&m)
         .view([sites.len() as i64, cols as i64])
@@ -130,12 +143,7 @@ impl LatencyProxy {
                 .to_device(device),
             select_in: selection(sites, groups.len(), |s| s.input, device),
             select_out: selection(sites, groups.len(), |s| s.output, device),
-            select_presence: selection(
-                sites,
-                groups.len(),
-                |s| s.enabled_by.map_or(Width::Fixed(1), Width::Group),
-                device,
-            ),
+            select_presence: presence(sites, groups.len(), device),
             group_lens: groups.iter().map(|g| g.len).collect(),
             device,
             a: 1.0,
@@ -341,6 +349,7 @@ mod tests {
             elems_per_out: 1.0,
             op: crate::model::SiteOp::Linear { rows: 1 },
             enabled_by: None,
+            calls: 1.0,
         }];
         let proxy = LatencyProxy::new(
             &sites,
@@ -357,5 +366,18 @@ mod tests {
         let all = proxy.cost_of_keep(&KeepSet(vec![vec![0, 1, 2, 3]]));
         let expected = (2.0 * 9.0 * 3.0 * 8.0 + 4.0 * 8.0) / 1e9;
         assert!((all - expected).abs() <= 1e-6 * expected);
+        // A site called three times per workload costs three times as much.
+        let thrice = [CostSite {
+            calls: 3.0,
+            ..sites[0].clone()
+        }];
+        let proxy = LatencyProxy::new(
+            &thrice,
+            &groups,
+            Box::new(FlopCost::new(&thrice, Device::Cpu)),
+            Device::Cpu,
+        );
+        let cost = proxy.cost_of_keep(&KeepSet(vec![vec![0, 1, 2, 3]]));
+        assert!((cost - 3.0 * expected).abs() <= 1e-6 * expected);
     }
 }
