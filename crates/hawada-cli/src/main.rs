@@ -119,7 +119,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let file = recipe;
             let recipe = Recipe::from_file(&file)
                 .with_context(|| format!("reading recipe {}", file.display()))?;
-            ensure_data(&recipe)?;
+            if hawada::run::needs_teacher_training(&recipe) {
+                ensure_data(&recipe)?;
+            }
             let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
             let observer = progress::Bars::default();
             let p = hawada::run::profile(&recipe, &file, &run_dir, &observer)

@@ -17,7 +17,7 @@ use crate::latency::proxy::{Fidelity, LatencyProxy, Sample};
 use crate::latency::tables::{
     cache_key, load_cached, measure_tables, store_cached, SiteTables, TableCost, TableOptions,
 };
-use crate::model::{Family, KeepSet, Masks};
+use crate::model::{Family, KeepSet, Masks, UnitKind};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
 use crate::report::{LatencyPair, Params, ProxySummary, Quality, Summary};
@@ -211,20 +211,27 @@ pub fn profile_stage(
     Ok((profile, proxy))
 }
 
-/// A random sub-architecture keeping a fraction in [0.25, 1] of each group's units, with the
-/// `follows` rule applied.
+/// A random sub-architecture: an overall keep fraction drawn from [0.25, 1], each group keeping
+/// that fraction ± 0.15 of its units (a sublayer: kept with that probability), the `follows`
+/// rule applied. Drawing the overall size first spreads the whole-model latencies over the range
+/// the gates and the export search explore; independent per-group fractions would average out
+/// to nearly one size, and a proxy's ranking would be judged on noise.
 fn random_keep(model: &dyn Family, min_keep: i64) -> KeepSet {
+    let uniform = || Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]);
+    let overall = 0.25 + 0.75 * uniform();
     let groups = model.groups();
     let flat: Vec<Vec<f32>> = groups.iter().map(|g| vec![0.0; g.len as usize]).collect();
     let keep = KeepSet(
-        model
-            .groups()
+        groups
             .iter()
             .map(|g| {
-                let fraction =
-                    0.25 + 0.75 * Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]);
-                let k = ((g.len as f64 * fraction).round() as i64)
-                    .clamp(floor_units(g, min_keep), g.len);
+                let k = if g.kind == UnitKind::Sublayer {
+                    g.len * i64::from(uniform() < overall)
+                } else {
+                    let fraction = (overall + 0.3 * (uniform() - 0.5)).clamp(0.25, 1.0);
+                    ((g.len as f64 * fraction).round() as i64)
+                        .clamp(floor_units(g, min_keep), g.len)
+                };
                 let mut kept = Vec::<i64>::try_from(
                     &Tensor::randperm(g.len, (Kind::Int64, Device::Cpu)).narrow(0, 0, k),
                 )
@@ -390,6 +397,14 @@ fn open_run<'a>(
     })
 }
 
+/// Whether the recipe's teacher must first be trained (it has `[teacher_training]`, and its
+/// model holds no weights yet), which needs the data.
+pub fn needs_teacher_training(recipe: &Recipe) -> bool {
+    recipe.teacher_training.is_some()
+        && !recipe.model.random_init
+        && !families::has_weights(&recipe.model.dir)
+}
+
 /// `hawada profile`: the teacher and the profile stage only; returns the profile (also in
 /// `profile.json` of `run_dir`, which a later `hawada run` there reuses).
 pub fn profile(
@@ -400,10 +415,7 @@ pub fn profile(
 ) -> Result<Profile> {
     let env = open_run(recipe, recipe_file, run_dir, observer)?;
     // Data only matters here when the teacher must be trained first.
-    let needs_training = recipe.teacher_training.is_some()
-        && !recipe.model.random_init
-        && !families::has_weights(&recipe.model.dir);
-    let splits = if needs_training {
+    let splits = if needs_teacher_training(recipe) {
         Some(load_splits(recipe, env.device)?)
     } else {
         None
