@@ -187,8 +187,9 @@ pub enum SiteOp {
     /// Dense layer on `rows` rows per sample (tokens; 1 for a classifier head), bias included.
     Linear { rows: i64 },
     /// Scaled dot-product attention of `queries` over `keys` tokens per sample; the output
-    /// width counts KV heads × `head_dim` channels, each KV head serving `q_per_kv` query heads
-    /// (1 without GQA).
+    /// width counts KV heads × `head_dim` channels; a gated input width counts query heads ×
+    /// `head_dim` (rounded up to a multiple of the KV heads), a fixed one means `q_per_kv` query
+    /// heads per KV head (1 without GQA).
     Attention {
         queries: i64,
         keys: i64,

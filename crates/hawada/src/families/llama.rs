@@ -878,14 +878,16 @@ impl Llama {
                     sub.gate,
                 ));
                 let q_per_kv = a.heads / a.kv_heads;
-                // QKᵀ and AV per KV channel: its query heads × queries × keys (halved when
-                // causal).
+                // Query channels in, KV channels out: pruning either changes the cost (QKᵀ and
+                // AV work per query channel; K and V reads per KV channel). MACs: 2 per query
+                // channel and (query, key) pair (halved when causal), spread over the full KV
+                // width so the FLOP count is exact at full KV width.
                 let pairs = (queries * keys) as f64 * if causal { 0.5 } else { 1.0 };
                 sites.push(CostSite {
                     name: format!("{prefix}layer{i}.sdpa"),
-                    input: Width::Fixed(1),
+                    input: heads,
                     output: kv,
-                    macs_per_in_out: 2.0 * q_per_kv as f64 * pairs,
+                    macs_per_in_out: 2.0 * pairs / (a.kv_heads * head_dim) as f64,
                     elems_per_out: keys as f64,
                     op: SiteOp::Attention {
                         queries,

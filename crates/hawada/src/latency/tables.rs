@@ -120,7 +120,13 @@ pub fn site_ms(
             causal,
         } => {
             let kv_heads = (w_out / head_dim).max(1);
-            let q = Tensor::randn([batch, kv_heads * q_per_kv, queries, head_dim], options);
+            let q_heads = if w_in > 1 {
+                ((w_in / head_dim).max(1) + kv_heads - 1) / kv_heads * kv_heads
+            } else {
+                kv_heads * q_per_kv
+            };
+            let gqa = q_heads > kv_heads;
+            let q = Tensor::randn([batch, q_heads, queries, head_dim], options);
             let kv = Tensor::randn([batch, kv_heads, keys, head_dim], options);
             Box::new(move || {
                 Tensor::scaled_dot_product_attention(
@@ -131,7 +137,7 @@ pub fn site_ms(
                     0.0,
                     causal,
                     None,
-                    q_per_kv > 1,
+                    gqa,
                 )
             })
         }
