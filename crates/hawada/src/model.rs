@@ -284,6 +284,11 @@ pub trait Family: Send {
         x
     }
 
+    /// The longest sequence (tokens) the model takes, for sequence models.
+    fn max_tokens(&self) -> Option<i64> {
+        None
+    }
+
     /// Number of parameters (excluding buffers such as batch-norm running statistics).
     fn num_params(&self) -> i64 {
         self.var_store()

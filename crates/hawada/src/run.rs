@@ -397,6 +397,33 @@ fn open_run<'a>(
     })
 }
 
+/// Sequence lengths the recipe asks for must fit the model's context.
+fn check_lengths(model: &dyn Family, recipe: &Recipe, recipe_file: &Path) -> Result<()> {
+    let Some(max) = model.max_tokens() else {
+        return Ok(());
+    };
+    let latency = &recipe.latency;
+    let timed = match latency.workload() {
+        crate::model::Workload::Forward { tokens, .. } => ("latency.tokens", tokens),
+        crate::model::Workload::Decode { context, .. } => ("latency.context", context + 1),
+        crate::model::Workload::Generate {
+            prompt, new_tokens, ..
+        } => ("latency.tokens", prompt + new_tokens),
+    };
+    let text =
+        (recipe.data.format == DataFormat::Text).then_some(("data.seq_len", recipe.data.seq_len));
+    for (field, tokens) in std::iter::once(timed).chain(text) {
+        if tokens > max {
+            return Err(Error::config(
+                recipe_file,
+                field,
+                format!("needs {tokens} tokens per sequence; the model's context is {max}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether the recipe's teacher must first be trained (it has `[teacher_training]`, and its
 /// model holds no weights yet), which needs the data.
 pub fn needs_teacher_training(recipe: &Recipe) -> bool {
@@ -422,6 +449,7 @@ pub fn profile(
     };
     let train = splits.as_ref().map(|s| s.train.as_ref());
     let model = teacher(recipe, recipe_file, train, &env)?;
+    check_lengths(model.as_ref(), recipe, recipe_file)?;
     Ok(profile_stage(model.as_ref(), recipe, &env)?.0)
 }
 
@@ -442,6 +470,7 @@ pub fn run(
         test,
     } = load_splits(recipe, device)?;
     let model = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
+    check_lengths(model.as_ref(), recipe, recipe_file)?;
     let n_groups = model.groups().len();
     tracing::info!(
         family = model.family(),

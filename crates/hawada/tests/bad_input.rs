@@ -265,3 +265,162 @@ fn a_keep_set_that_empties_a_site_is_refused() {
     let err = model.slim(&keep).err().unwrap().to_string();
     assert!(err.contains("min_keep"), "{err}");
 }
+
+/// A GGUF v3 file with llama metadata and one tensor of `ggml_type`, 32 elements of zeros.
+fn tiny_gguf(path: &Path, magic: &[u8], ggml_type: u32) {
+    let string = |s: &str| {
+        let mut b = (s.len() as u64).to_le_bytes().to_vec();
+        b.extend(s.as_bytes());
+        b
+    };
+    let mut bytes = magic.to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(1u64.to_le_bytes()); // tensors
+    bytes.extend(1u64.to_le_bytes()); // metadata
+    bytes.extend(string("general.architecture"));
+    bytes.extend(8u32.to_le_bytes());
+    bytes.extend(string("llama"));
+    bytes.extend(string("blk.0.attn_q.weight"));
+    bytes.extend(1u32.to_le_bytes());
+    bytes.extend(32u64.to_le_bytes());
+    bytes.extend(ggml_type.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes());
+    while bytes.len() % 32 != 0 {
+        bytes.push(0);
+    }
+    bytes.extend([0u8; 128]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    tiny_gguf(&path, b"GGML", 0);
+    let err = families::load(&path, Device::Cpu, Kind::Float, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model.gguf") && err.contains("magic"), "{err}");
+}
+
+#[test]
+fn an_unsupported_gguf_tensor_type_names_the_tensor_and_the_types_that_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    tiny_gguf(&path, b"GGUF", 6); // Q5_0
+    let gguf = hawada::io::gguf::Gguf::open(&path).unwrap();
+    let err = gguf
+        .tensor("blk.0.attn_q.weight")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("Q4_1"),
+        "{err}"
+    );
+    // Loading the model stops at the first missing metadata key, named.
+    let err = families::load(&path, Device::Cpu, Kind::Float, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("llama.attention.head_count"), "{err}");
+}
+
+fn llama_dir(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut config = serde_json::to_value(hawada::families::llama::LlamaConfig::tiny()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    families::load(dir, Device::Cpu, Kind::Float, true)
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn kv_heads_that_do_not_divide_the_query_heads_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = llama_dir(dir.path(), |c| c["num_key_value_heads"] = 3.into());
+    assert!(
+        err.contains("config.json") && err.contains("num_key_value_heads"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_rope_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = llama_dir(dir.path(), |c| {
+        c["rope_scaling"]["rope_type"] = "yarn".into()
+    });
+    assert!(
+        err.contains("rope_scaling") && err.contains("yarn"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_sequence_longer_than_the_models_context_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = serde_json::to_value(hawada::families::llama::LlamaConfig::tiny()).unwrap();
+    config["max_position_embeddings"] = 64.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let text = format!(
+        r#"name = "long"
+device = "cpu"
+[model]
+dir = "{}"
+random_init = true
+[data]
+format = "text"
+dir = "{}"
+seq_len = 32
+[latency]
+workload = "decode"
+batch = 1
+context = 100
+[target]
+fraction = 0.5
+[adapt]
+steps = 1
+batch = 1
+probe_every = 1
+checkpoint_every = 1
+[finetune]
+steps = 0
+batch = 1
+lr = 0.001
+"#,
+        dir.path().display(),
+        dir.path().display()
+    );
+    let recipe_file = dir.path().join("long.toml");
+    let recipe = Recipe::parse(&text, &recipe_file).unwrap();
+    let err = hawada::run::profile(
+        &recipe,
+        &recipe_file,
+        &dir.path().join("run"),
+        &hawada::progress::Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("long.toml") && err.contains("latency.context") && err.contains("64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn decoding_a_vision_model_is_a_clear_error() {
+    let model = Resnet::new(ResnetConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
+    let err = model
+        .cached_workload(hawada::model::Workload::Decode {
+            batch: 1,
+            context: 4,
+        })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("resnet") && err.contains("forward"), "{err}");
+}

@@ -1139,6 +1139,10 @@ impl Family for Llama {
         Ok(Box::new(slim))
     }
 
+    fn max_tokens(&self) -> Option<i64> {
+        Some(self.cfg.max_position_embeddings)
+    }
+
     fn random_input(&self, batch: i64, tokens: i64) -> Tensor {
         Tensor::randint(
             self.cfg.vocab_size,
