@@ -285,7 +285,7 @@ fn tiny_gguf(path: &Path, magic: &[u8], ggml_type: u32) {
     bytes.extend(32u64.to_le_bytes());
     bytes.extend(ggml_type.to_le_bytes());
     bytes.extend(0u64.to_le_bytes());
-    while bytes.len() % 32 != 0 {
+    while !bytes.len().is_multiple_of(32) {
         bytes.push(0);
     }
     bytes.extend([0u8; 128]);
