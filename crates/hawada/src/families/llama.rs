@@ -15,6 +15,7 @@
 //! config is a stock `LlamaConfig`.
 
 use crate::error::{Error, Result};
+use super::layers::Linear;
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_into, named_tensors};
 use crate::model::{
@@ -326,35 +327,6 @@ impl LlamaConfig {
             }
         }
         self.rope(file).map(|_| ())
-    }
-}
-
-#[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn new(p: nn::Path, c_in: i64, c_out: i64, bias: bool) -> Self {
-        Linear {
-            weight: p.randn("weight", &[c_out, c_in], 0.0, 0.02),
-            bias: bias.then(|| p.zeros("bias", &[c_out])),
-        }
-    }
-
-    /// The projections stacked along their outputs: one GEMM computing all of them.
-    fn stacked(parts: &[&Linear]) -> Linear {
-        let _guard = tch::no_grad_guard();
-        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
-        Linear {
-            weight: Tensor::cat(&weights, 0),
-            bias: biases.map(|b| Tensor::cat(&b, 0)),
-        }
-    }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
     }
 }
 

@@ -1,5 +1,7 @@
-//! The family registry: the only place that maps a `config.json` to a model family.
+//! The family registry: the only place that maps a `config.json` (or a GGUF file) to a model
+//! family. `layers` holds the building blocks families share.
 
+mod layers;
 pub mod llama;
 pub mod resnet;
 pub mod vit;

@@ -8,6 +8,7 @@
 //! is the stock config plus per-layer `hawada_heads` and `hawada_intermediate_sizes` lists.
 
 use crate::error::{Error, Result};
+use super::layers::Linear;
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_file_into, load_into, named_tensors};
 use crate::model::{
@@ -192,24 +193,6 @@ impl VitConfig {
             }
         }
         Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn new(p: nn::Path, c_in: i64, c_out: i64, bias: bool) -> Self {
-        Linear {
-            weight: p.randn("weight", &[c_out, c_in], 0.0, 0.02),
-            bias: bias.then(|| p.zeros("bias", &[c_out])),
-        }
-    }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
     }
 }
 
