@@ -14,8 +14,8 @@
 //! `hawada_intermediate_sizes`; when every layer shares one width those lists are dropped and the
 //! config is a stock `LlamaConfig`.
 
-use crate::error::{Error, Result};
 use super::layers::Linear;
+use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_into, named_tensors};
 use crate::model::{

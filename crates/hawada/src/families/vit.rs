@@ -7,8 +7,8 @@
 //! the output projection go together) and MLP units in groups of `channels_per_gate`. A slim export
 //! is the stock config plus per-layer `hawada_heads` and `hawada_intermediate_sizes` lists.
 
-use crate::error::{Error, Result};
 use super::layers::Linear;
+use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_file_into, load_into, named_tensors};
 use crate::model::{
