@@ -126,9 +126,16 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
         "latency.json",
         "report.html",
         "summary.json",
+        "plots/kd.png",
+        "plots/lambda.png",
+        "plots/latency.png",
+        "plots/finetune.png",
+        "plots/pareto.png",
     ] {
         assert!(run_dir.join(file).exists(), "missing {file}");
     }
+    let html = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
+    assert!(html.contains(r#"<img src="plots/pareto.png""#), "{html}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
             .unwrap();

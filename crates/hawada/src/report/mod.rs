@@ -1,0 +1,267 @@
+//! Run outputs a person reads: `summary.json` (stable keys: add, never rename), PNG charts in
+//! `plots/` drawn from `metrics.jsonl` and `summary.json`, and `report.html` showing both.
+//! Computes nothing the run did not record.
+
+mod plot;
+
+use plot::{Chart, Series};
+
+use crate::error::{Error, Result};
+use crate::latency::measure::LatencyStats;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LatencyPair {
+    pub keep_all: LatencyStats,
+    pub slim: LatencyStats,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Params {
+    pub teacher: i64,
+    pub slim: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Quality {
+    /// e.g. `test_top1_accuracy_percent`.
+    pub metric: String,
+    pub teacher: f64,
+    pub slim_before_finetune: f64,
+    pub slim: f64,
+    /// Mean KL(teacher ‖ slim) per prediction on the test split, nats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slim_kl_to_teacher: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxySummary {
+    pub mape: f64,
+    pub spearman: f64,
+    pub n: usize,
+    /// Which site cost the proxy used ("flops" or "table").
+    pub cost: String,
+}
+
+/// One measured candidate architecture of the export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Candidate {
+    pub name: String,
+    pub latency_ms: LatencyStats,
+    pub params: i64,
+    /// Agreement with the teacher on the calibration batch, percent.
+    pub agreement: f64,
+    pub widths: Vec<i64>,
+    /// Measured mean latency at or under the target.
+    pub meets_target: bool,
+    /// On the Pareto front of (latency, agreement).
+    pub pareto: bool,
+    /// The exported architecture.
+    pub picked: bool,
+}
+
+/// `summary.json`: the machine-readable result every run ends with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub family: String,
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub target_ms: f64,
+    pub latency_ms: LatencyPair,
+    /// How forwards were launched when timed: "eager" or "cuda_graph".
+    pub timing: String,
+    pub speedup: f64,
+    pub params: Params,
+    pub quality: Quality,
+    pub proxy: ProxySummary,
+    /// Fidelity of each proxy on the same held-out sub-architectures.
+    pub proxy_flops: crate::latency::proxy::Fidelity,
+    pub proxy_table: crate::latency::proxy::Fidelity,
+    pub search: Vec<Candidate>,
+    pub wall_s: f64,
+    /// Kept width per gate group of the exported model, `group name → channels`.
+    pub slim_widths: Vec<(String, i64)>,
+    pub adapt_steps: i64,
+    /// The timed shapes the latencies apply to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<crate::model::Workload>,
+}
+
+impl Summary {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::io::hf_config::write(path, self)
+    }
+}
+
+/// Writes `report.html` in `run_dir` from `metrics.jsonl`, `latency.json` and `summary.json`.
+pub fn write_html(run_dir: &Path) -> Result<()> {
+    let summary_path = run_dir.join("summary.json");
+    let summary: Summary = crate::io::hf_config::parse(
+        &summary_path,
+        crate::io::hf_config::read_value(&summary_path)?,
+    )?;
+    let metrics = crate::train::MetricsLog::new(run_dir.join("metrics.jsonl")).read();
+    let stage_points = |stage: &str, key: &str| -> Vec<(f64, f64)> {
+        metrics
+            .iter()
+            .filter(|m| m["stage"] == stage)
+            .filter_map(|m| Some((m["step"].as_f64()?, m[key].as_f64()?)))
+            .collect()
+    };
+    let line = |label, color, points| Series {
+        label,
+        color,
+        points,
+        dots: false,
+    };
+    let probes = stage_points("adapt", "real_ms");
+    let target: Vec<(f64, f64)> = stage_points("adapt", "proxy_ms")
+        .iter()
+        .map(|&(x, _)| (x, summary.target_ms))
+        .collect();
+    let candidates: Vec<(f64, f64)> = summary
+        .search
+        .iter()
+        .map(|c| (c.latency_ms.mean, c.agreement))
+        .collect();
+    let mut pareto: Vec<(f64, f64)> = summary
+        .search
+        .iter()
+        .filter(|c| c.pareto)
+        .map(|c| (c.latency_ms.mean, c.agreement))
+        .collect();
+    pareto.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let charts = [
+        (
+            "kd",
+            Chart {
+                title: "Gate training: KD loss",
+                x_label: "step",
+                y_label: "KD",
+                series: vec![line("KD", 0x1f77b4, stage_points("adapt", "kd"))],
+            },
+        ),
+        (
+            "lambda",
+            Chart {
+                title: "Gate training: lambda (dual variable)",
+                x_label: "step",
+                y_label: "lambda",
+                series: vec![line("lambda", 0xff7f0e, stage_points("adapt", "lambda"))],
+            },
+        ),
+        (
+            "latency",
+            Chart {
+                title: "Latency vs step: proxy, measured probes, target",
+                x_label: "step",
+                y_label: "ms",
+                series: vec![
+                    line("proxy", 0x2ca02c, stage_points("adapt", "proxy_ms")),
+                    Series {
+                        label: "measured (probe)",
+                        color: 0xd62728,
+                        points: probes,
+                        dots: true,
+                    },
+                    line("target", 0x7f7f7f, target),
+                ],
+            },
+        ),
+        (
+            "finetune",
+            Chart {
+                title: "Fine-tune: KD loss",
+                x_label: "step",
+                y_label: "KD",
+                series: vec![line("KD", 0x9467bd, stage_points("finetune", "loss"))],
+            },
+        ),
+        (
+            "pareto",
+            Chart {
+                title: "Export search: measured latency vs agreement",
+                x_label: "latency ms",
+                y_label: "agreement %",
+                series: vec![
+                    Series {
+                        label: "candidates",
+                        color: 0xff7f0e,
+                        points: candidates,
+                        dots: true,
+                    },
+                    line("Pareto front", 0x1f77b4, pareto),
+                ],
+            },
+        ),
+    ];
+    let plots = run_dir.join("plots");
+    std::fs::create_dir_all(&plots).map_err(|e| Error::io(&plots, e))?;
+    let mut images = String::new();
+    for (name, chart) in &charts {
+        chart.write_png(&plots.join(format!("{name}.png")))?;
+        let _ = write!(
+            images,
+            r#"<img src="plots/{name}.png" alt="{}">"#,
+            chart.title
+        );
+    }
+    let row = |name: &str, keep_all: String, slim: String| {
+        format!("<tr><td>{name}</td><td>{keep_all}</td><td>{slim}</td></tr>")
+    };
+    let l = &summary.latency_ms;
+    let table = [
+        row(
+            "latency mean (ms)",
+            format!("{:.3}", l.keep_all.mean),
+            format!("{:.3}", l.slim.mean),
+        ),
+        row(
+            "latency p95 (ms)",
+            format!("{:.3}", l.keep_all.p95),
+            format!("{:.3}", l.slim.p95),
+        ),
+        row(
+            "parameters",
+            summary.params.teacher.to_string(),
+            summary.params.slim.to_string(),
+        ),
+        row(
+            &summary.quality.metric,
+            format!("{:.2}", summary.quality.teacher),
+            format!(
+                "{:.2} (before fine-tune {:.2})",
+                summary.quality.slim, summary.quality.slim_before_finetune
+            ),
+        ),
+    ]
+    .join("");
+    let html = format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>HawAda report: {model}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}.charts img{{margin:6px;border:1px solid #eee}}</style></head>
+<body><h1>HawAda report: {model}</h1>
+<p>family <b>{family}</b> · device <b>{device}</b> · dtype <b>{dtype}</b> · timing <b>{timing}</b> · target <b>{target:.3} ms</b> · speed-up <b>{speedup:.2}×</b> · wall {wall:.0} s · proxy ({cost}) MAPE {mape:.1}% Spearman {spearman:.3} (n={n})</p>
+<table><tr><th></th><th>keep-all (teacher)</th><th>slim</th></tr>{table}</table>
+<div class="charts">{images}</div></body></html>"#,
+        model = summary.model,
+        family = summary.family,
+        device = summary.device,
+        dtype = summary.dtype,
+        timing = summary.timing,
+        target = summary.target_ms,
+        speedup = summary.speedup,
+        wall = summary.wall_s,
+        cost = summary.proxy.cost,
+        mape = summary.proxy.mape,
+        spearman = summary.proxy.spearman,
+        n = summary.proxy.n,
+    );
+    let path = run_dir.join("report.html");
+    crate::io::write_atomic(&path, html.as_bytes()).map_err(|e| match e {
+        Error::Io { source, .. } => Error::io(&path, source),
+        other => other,
+    })
+}
