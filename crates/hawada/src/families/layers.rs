@@ -1,6 +1,10 @@
-//! Layers several families share, as plain structs whose fields are checkpoint names
-//! (`weight`, `bias`), built from an `nn::Path` like candle's `with_tracing.rs` layers.
+//! What several families share: layers as plain structs whose fields are checkpoint names
+//! (`weight`, `bias`), built from an `nn::Path` like candle's `with_tracing.rs` layers; and the
+//! mechanics of whole-sublayer gates (the group, the gated output, dropping a sublayer's weights
+//! from a slim export).
 
+use crate::model::{Group, KeepSet, Masks, UnitKind};
+use std::collections::BTreeMap;
 use tch::{nn, Tensor};
 
 /// A dense layer `x·Wᵀ + b`: `weight` `[out, in]`, optional `bias` `[out]`.
@@ -34,4 +38,39 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
+}
+
+/// Appends the gate group of a whole sublayer named `{name}.sublayer` (one unit that removes the
+/// sublayer) when `enabled`; returns its index.
+pub fn sublayer_gate(groups: &mut Vec<Group>, name: &str, enabled: bool) -> Option<usize> {
+    enabled.then(|| {
+        groups.push(Group {
+            name: format!("{name}.sublayer"),
+            kind: UnitKind::Sublayer,
+            len: 1,
+            unit_width: 1,
+            members: Vec::new(),
+            follows: None,
+        });
+        groups.len() - 1
+    })
+}
+
+/// A sublayer's output scaled by its gate's mask, when it has a gate and the masks set it.
+pub fn gated(out: Tensor, masks: &Masks, gate: Option<usize>) -> Tensor {
+    match gate.and_then(|g| masks.get(g)) {
+        Some(m) => out * m,
+        None => out,
+    }
+}
+
+/// Whether a keep-set keeps the sublayer whose gate is `gate` (ungated sublayers always stay).
+pub fn sublayer_kept(keep: &KeepSet, gate: Option<usize>) -> bool {
+    gate.is_none_or(|g| !keep.0[g].is_empty())
+}
+
+/// Removes every tensor under one of `prefixes` (each a dotted module path, e.g.
+/// `model.layers.3.mlp`): the weights of a sublayer a slim model drops.
+pub fn drop_modules(tensors: &mut BTreeMap<String, Tensor>, prefixes: &[String]) {
+    tensors.retain(|name, _| !prefixes.iter().any(|p| name.starts_with(&format!("{p}."))));
 }

@@ -14,7 +14,7 @@
 //! `hawada_intermediate_sizes`; when every layer shares one width those lists are dropped and the
 //! config is a stock `LlamaConfig`.
 
-use super::layers::Linear;
+use super::layers::{drop_modules, gated, sublayer_gate, sublayer_kept, Linear};
 use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_into, named_tensors};
@@ -514,13 +514,6 @@ struct DecoderLayer {
     feed_forward: Option<MlpSublayer>,
 }
 
-fn gated(out: Tensor, masks: &Masks, gate: Option<usize>) -> Tensor {
-    match gate.and_then(|g| masks.get(g)) {
-        Some(m) => out * m,
-        None => out,
-    }
-}
-
 pub struct Llama {
     vs: VarStore,
     cfg: LlamaConfig,
@@ -594,19 +587,6 @@ impl Llama {
             let (heads, kv_heads, mlp_width) = cfg.layer_widths(i);
             let (has_attention, has_mlp) = cfg.layer_sublayers(i);
             let eps = cfg.rms_norm_eps;
-            let sublayer_gate = |groups: &mut Vec<Group>, what: &str| {
-                cfg.sublayer_gates.then(|| {
-                    groups.push(Group {
-                        name: format!("{name}.{what}.sublayer"),
-                        kind: UnitKind::Sublayer,
-                        len: 1,
-                        unit_width: 1,
-                        members: Vec::new(),
-                        follows: None,
-                    });
-                    groups.len() - 1
-                })
-            };
             let attention = has_attention.then(|| {
                 let attn = &lp / "self_attn";
                 let bias = cfg.attention_bias;
@@ -645,7 +625,11 @@ impl Llama {
                     members: head_members,
                     follows: Some(kv_group),
                 });
-                let gate = sublayer_gate(&mut groups, "self_attn");
+                let gate = sublayer_gate(
+                    &mut groups,
+                    &format!("{name}.self_attn"),
+                    cfg.sublayer_gates,
+                );
                 AttentionSublayer {
                     input_layernorm: RmsNorm::new(&lp / "input_layernorm", d, eps),
                     self_attn: Attention {
@@ -682,7 +666,7 @@ impl Llama {
                     members,
                     follows: None,
                 });
-                let gate = sublayer_gate(&mut groups, "mlp");
+                let gate = sublayer_gate(&mut groups, &format!("{name}.mlp"), cfg.sublayer_gates);
                 let mp = &lp / "mlp";
                 MlpSublayer {
                     post_attention_layernorm: RmsNorm::new(
@@ -1034,40 +1018,46 @@ impl Family for Llama {
 
     fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>> {
         let mut tensors = slice_tensors(&self.groups, &named_tensors(&self.vs), keep)?;
-        let kept = |gate: Option<usize>| gate.is_none_or(|g| !keep.0[g].is_empty());
         let width = |group: usize| keep.0[group].len() as i64 * self.groups[group].unit_width;
         let (mut heads, mut kv_heads, mut mlp) = (Vec::new(), Vec::new(), Vec::new());
         let (mut attention_layers, mut mlp_layers) = (Vec::new(), Vec::new());
         for (i, layer) in self.layers.iter().enumerate() {
             let (h, kv, m) = self.cfg.layer_widths(i);
-            let prefix = format!("model.layers.{i}.");
-            let drop = |tensors: &mut BTreeMap<String, Tensor>, parts: [&str; 2]| {
-                tensors.retain(|name, _| {
-                    !parts
-                        .iter()
-                        .any(|p| name.starts_with(&format!("{prefix}{p}.")))
-                });
-            };
-            match layer.attention.as_ref().filter(|a| kept(a.gate)) {
+            let module = |part: &str| format!("model.layers.{i}.{part}");
+            match layer
+                .attention
+                .as_ref()
+                .filter(|a| sublayer_kept(keep, a.gate))
+            {
                 Some(a) => {
                     heads.push(keep.0[a.self_attn.head_group].len() as i64);
                     kv_heads.push(keep.0[a.self_attn.kv_group].len() as i64);
                     attention_layers.push(true);
                 }
                 None => {
-                    drop(&mut tensors, ["self_attn", "input_layernorm"]);
+                    drop_modules(
+                        &mut tensors,
+                        &[module("self_attn"), module("input_layernorm")],
+                    );
                     heads.push(h);
                     kv_heads.push(kv);
                     attention_layers.push(false);
                 }
             }
-            match layer.feed_forward.as_ref().filter(|f| kept(f.gate)) {
+            match layer
+                .feed_forward
+                .as_ref()
+                .filter(|f| sublayer_kept(keep, f.gate))
+            {
                 Some(f) => {
                     mlp.push(width(f.mlp.group));
                     mlp_layers.push(true);
                 }
                 None => {
-                    drop(&mut tensors, ["mlp", "post_attention_layernorm"]);
+                    drop_modules(
+                        &mut tensors,
+                        &[module("mlp"), module("post_attention_layernorm")],
+                    );
                     mlp.push(m);
                     mlp_layers.push(false);
                 }
