@@ -139,3 +139,53 @@ fn matches_hf_transformers_vit() {
         "max abs diff {diff} vs logit scale {scale}"
     );
 }
+
+#[test]
+fn dropped_sublayers_leave_the_export_which_equals_the_masked_model_and_reloads() {
+    tch::manual_seed(4);
+    let cfg = VitConfig {
+        sublayer_gates: true,
+        ..VitConfig::tiny()
+    };
+    let model = Vit::new(cfg, Device::Cpu, Path::new("test")).unwrap();
+    let mut keep = KeepSet::all(model.groups());
+    for (i, g) in model.groups().iter().enumerate() {
+        if g.name == "vit.encoder.layer.0.attention.sublayer"
+            || g.name == "vit.encoder.layer.1.mlp.sublayer"
+        {
+            keep.0[i].clear();
+        }
+    }
+    let x = model.random_input(2, 1);
+    let masked = tch::no_grad(|| {
+        model.forward(
+            &x,
+            &Masks::from_keep(model.groups(), &keep, OPTS),
+            Phase::Eval,
+        )
+    });
+    let slim = model.slim(&keep).unwrap();
+    let out = tch::no_grad(|| slim.forward(&x, &Masks::none(slim.groups().len()), Phase::Eval));
+    assert!(max_abs(&masked, &out) <= 1e-4 * masked.abs().max().double_value(&[]));
+    let names: Vec<String> = slim.var_store().variables().into_keys().collect();
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("vit.encoder.layer.0.attention.")
+            || n.starts_with("vit.encoder.layer.0.layernorm_before.")
+            || n.starts_with("vit.encoder.layer.1.intermediate.")
+            || n.starts_with("vit.encoder.layer.1.output.")));
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    slim.save(&a).unwrap();
+    families::load(&a, Device::Cpu, Kind::Float, false)
+        .unwrap()
+        .save(&b)
+        .unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+}

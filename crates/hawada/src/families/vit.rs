@@ -7,7 +7,7 @@
 //! the output projection go together) and MLP units in groups of `channels_per_gate`. A slim export
 //! is the stock config plus per-layer `hawada_heads` and `hawada_intermediate_sizes` lists.
 
-use super::layers::Linear;
+use super::layers::{drop_modules, gated, sublayer_gate, sublayer_kept, Linear};
 use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_file_into, load_into, named_tensors};
@@ -44,6 +44,15 @@ pub struct VitConfig {
     /// MLP units per gate.
     #[serde(default = "default_channels_per_gate")]
     pub channels_per_gate: i64,
+    /// Also gate whole attention and MLP sublayers (one gate each per layer).
+    #[serde(default)]
+    pub sublayer_gates: bool,
+    /// Slim: which layers keep their attention sublayer (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hawada_attention_layers: Option<Vec<bool>>,
+    /// Slim: which layers keep their MLP sublayer (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hawada_mlp_layers: Option<Vec<bool>>,
     /// Slim widths: kept heads per layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hawada_heads: Option<Vec<i64>>,
@@ -86,6 +95,9 @@ impl VitConfig {
             qkv_bias: true,
             num_labels: Some(1000),
             channels_per_gate: 64,
+            sublayer_gates: false,
+            hawada_attention_layers: None,
+            hawada_mlp_layers: None,
             hawada_heads: None,
             hawada_intermediate_sizes: None,
             other: Default::default(),
@@ -176,6 +188,21 @@ impl VitConfig {
             ));
         }
         for (field, list) in [
+            ("hawada_attention_layers", &self.hawada_attention_layers),
+            ("hawada_mlp_layers", &self.hawada_mlp_layers),
+        ] {
+            if list
+                .as_ref()
+                .is_some_and(|l| l.len() != self.num_hidden_layers)
+            {
+                return Err(Error::config(
+                    file,
+                    field,
+                    format!("expected {} entries, one per layer", self.num_hidden_layers),
+                ));
+            }
+        }
+        for (field, list) in [
             ("hawada_heads", &self.hawada_heads),
             ("hawada_intermediate_sizes", &self.hawada_intermediate_sizes),
         ] {
@@ -222,20 +249,34 @@ impl LayerNorm {
     }
 }
 
-/// One encoder layer; fields follow `vit.encoder.layer.{i}`.
+/// `x + gate · attention(layernorm_before(x))`; fields follow `vit.encoder.layer.{i}`.
 #[derive(Debug)]
-struct Layer {
+struct AttentionSublayer {
+    layernorm_before: LayerNorm,
     query: Linear,
     key: Linear,
     value: Linear,
     output_dense: Linear,
-    intermediate_dense: Linear,
-    mlp_output_dense: Linear,
-    layernorm_before: LayerNorm,
-    layernorm_after: LayerNorm,
     heads: i64,
     head_group: usize,
+    gate: Option<usize>,
+}
+
+/// `x + gate · output(gelu(intermediate(layernorm_after(x))))`.
+#[derive(Debug)]
+struct MlpSublayer {
+    layernorm_after: LayerNorm,
+    intermediate_dense: Linear,
+    mlp_output_dense: Linear,
     mlp_group: usize,
+    gate: Option<usize>,
+}
+
+/// One encoder layer; a slim export may have dropped either sublayer.
+#[derive(Debug)]
+struct Layer {
+    attention: Option<AttentionSublayer>,
+    mlp: Option<MlpSublayer>,
 }
 
 pub struct Vit {
@@ -286,78 +327,104 @@ impl Vit {
                 .hawada_intermediate_sizes
                 .as_ref()
                 .map_or(cfg.intermediate_size, |m| m[i]);
-            let attn = &lp / "attention" / "attention";
-            let width = heads * head_dim;
-            let head_group = groups.len();
-            let mut members: Vec<Member> = ["query", "key", "value"]
-                .iter()
-                .flat_map(|t| {
-                    let mut m = vec![Member {
-                        tensor: format!("{name}.attention.attention.{t}.weight"),
-                        axis: 0,
-                        block: head_dim,
-                    }];
-                    if cfg.qkv_bias {
-                        m.push(Member {
-                            tensor: format!("{name}.attention.attention.{t}.bias"),
+            let has_attention = cfg.hawada_attention_layers.as_ref().is_none_or(|l| l[i]);
+            let has_mlp = cfg.hawada_mlp_layers.as_ref().is_none_or(|l| l[i]);
+            let eps = cfg.layer_norm_eps;
+            let attention = has_attention.then(|| {
+                let attn = &lp / "attention" / "attention";
+                let width = heads * head_dim;
+                let head_group = groups.len();
+                let mut members: Vec<Member> = ["query", "key", "value"]
+                    .iter()
+                    .flat_map(|t| {
+                        let mut m = vec![Member {
+                            tensor: format!("{name}.attention.attention.{t}.weight"),
                             axis: 0,
                             block: head_dim,
-                        });
-                    }
-                    m
-                })
-                .collect();
-            members.push(Member {
-                tensor: format!("{name}.attention.output.dense.weight"),
-                axis: 1,
-                block: head_dim,
+                        }];
+                        if cfg.qkv_bias {
+                            m.push(Member {
+                                tensor: format!("{name}.attention.attention.{t}.bias"),
+                                axis: 0,
+                                block: head_dim,
+                            });
+                        }
+                        m
+                    })
+                    .collect();
+                members.push(Member {
+                    tensor: format!("{name}.attention.output.dense.weight"),
+                    axis: 1,
+                    block: head_dim,
+                });
+                groups.push(Group {
+                    name: format!("{name}.heads"),
+                    kind: UnitKind::Heads,
+                    len: heads,
+                    unit_width: head_dim,
+                    members,
+                    follows: None,
+                });
+                let gate = sublayer_gate(
+                    &mut groups,
+                    &format!("{name}.attention"),
+                    cfg.sublayer_gates,
+                );
+                AttentionSublayer {
+                    layernorm_before: LayerNorm::new(&lp / "layernorm_before", d, eps),
+                    query: Linear::new(&attn / "query", d, width, cfg.qkv_bias),
+                    key: Linear::new(&attn / "key", d, width, cfg.qkv_bias),
+                    value: Linear::new(&attn / "value", d, width, cfg.qkv_bias),
+                    output_dense: Linear::new(
+                        &lp / "attention" / "output" / "dense",
+                        width,
+                        d,
+                        true,
+                    ),
+                    heads,
+                    head_group,
+                    gate,
+                }
             });
-            groups.push(Group {
-                name: format!("{name}.heads"),
-                kind: UnitKind::Heads,
-                len: heads,
-                unit_width: head_dim,
-                members,
-                follows: None,
-            });
-            let unit = unit_width(mlp, cfg.channels_per_gate);
-            let mlp_group = groups.len();
-            groups.push(Group {
-                name: format!("{name}.mlp"),
-                kind: UnitKind::Channels,
-                len: mlp / unit,
-                unit_width: unit,
-                members: vec![
-                    Member {
-                        tensor: format!("{name}.intermediate.dense.weight"),
-                        axis: 0,
-                        block: unit,
-                    },
-                    Member {
-                        tensor: format!("{name}.intermediate.dense.bias"),
-                        axis: 0,
-                        block: unit,
-                    },
-                    Member {
-                        tensor: format!("{name}.output.dense.weight"),
-                        axis: 1,
-                        block: unit,
-                    },
-                ],
-                follows: None,
+            let mlp_sublayer = has_mlp.then(|| {
+                let unit = unit_width(mlp, cfg.channels_per_gate);
+                let mlp_group = groups.len();
+                groups.push(Group {
+                    name: format!("{name}.mlp"),
+                    kind: UnitKind::Channels,
+                    len: mlp / unit,
+                    unit_width: unit,
+                    members: vec![
+                        Member {
+                            tensor: format!("{name}.intermediate.dense.weight"),
+                            axis: 0,
+                            block: unit,
+                        },
+                        Member {
+                            tensor: format!("{name}.intermediate.dense.bias"),
+                            axis: 0,
+                            block: unit,
+                        },
+                        Member {
+                            tensor: format!("{name}.output.dense.weight"),
+                            axis: 1,
+                            block: unit,
+                        },
+                    ],
+                    follows: None,
+                });
+                let gate = sublayer_gate(&mut groups, &format!("{name}.mlp"), cfg.sublayer_gates);
+                MlpSublayer {
+                    layernorm_after: LayerNorm::new(&lp / "layernorm_after", d, eps),
+                    intermediate_dense: Linear::new(&lp / "intermediate" / "dense", d, mlp, true),
+                    mlp_output_dense: Linear::new(&lp / "output" / "dense", mlp, d, true),
+                    mlp_group,
+                    gate,
+                }
             });
             layers.push(Layer {
-                query: Linear::new(&attn / "query", d, width, cfg.qkv_bias),
-                key: Linear::new(&attn / "key", d, width, cfg.qkv_bias),
-                value: Linear::new(&attn / "value", d, width, cfg.qkv_bias),
-                output_dense: Linear::new(&lp / "attention" / "output" / "dense", width, d, true),
-                intermediate_dense: Linear::new(&lp / "intermediate" / "dense", d, mlp, true),
-                mlp_output_dense: Linear::new(&lp / "output" / "dense", mlp, d, true),
-                layernorm_before: LayerNorm::new(&lp / "layernorm_before", d, cfg.layer_norm_eps),
-                layernorm_after: LayerNorm::new(&lp / "layernorm_after", d, cfg.layer_norm_eps),
-                heads,
-                head_group,
-                mlp_group,
+                attention,
+                mlp: mlp_sublayer,
             });
         }
         let layernorm = LayerNorm::new(&vit / "layernorm", d, cfg.layer_norm_eps);
@@ -380,7 +447,8 @@ impl Vit {
     }
 }
 
-impl Layer {
+impl AttentionSublayer {
+    /// The sublayer's output (before the residual add), `[batch, tokens, hidden]`.
     fn forward(&self, x: &Tensor, masks: &Masks, head_dim: i64) -> Tensor {
         let (b, t, _) = x
             .size3()
@@ -408,16 +476,34 @@ impl Layer {
             None => attn,
         };
         let attn = attn.transpose(1, 2).reshape([b, t, self.heads * head_dim]);
-        let x = x + self.output_dense.forward(&attn);
+        self.output_dense.forward(&attn)
+    }
+}
+
+impl MlpSublayer {
+    fn forward(&self, x: &Tensor, masks: &Masks) -> Tensor {
         let u = self
             .intermediate_dense
-            .forward(&self.layernorm_after.forward(&x))
+            .forward(&self.layernorm_after.forward(x))
             .gelu("none");
         let u = match masks.get(self.mlp_group) {
             Some(m) => &u * m,
             None => u,
         };
-        x + self.mlp_output_dense.forward(&u)
+        self.mlp_output_dense.forward(&u)
+    }
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, masks: &Masks, head_dim: i64) -> Tensor {
+        let mut x = x.shallow_clone();
+        if let Some(a) = &self.attention {
+            x = &x + gated(a.forward(&x, masks, head_dim), masks, a.gate);
+        }
+        if let Some(m) = &self.mlp {
+            x = &x + gated(m.forward(&x, masks), masks, m.gate);
+        }
+        x
     }
 }
 
@@ -459,51 +545,53 @@ impl Family for Vit {
         let t = self.cfg.tokens();
         let d = self.cfg.hidden_size;
         let head_dim = self.cfg.head_dim();
-        let linear = |name: String, input: Width, output: Width| CostSite {
+        let linear = |name: String, input: Width, output: Width, gate: Option<usize>| CostSite {
             name,
             input,
             output,
             macs_per_in_out: t as f64,
             elems_per_out: t as f64,
             op: SiteOp::Linear { rows: t },
-            enabled_by: None,
+            enabled_by: gate,
             calls: 1.0,
         };
+        let fixed = Width::Fixed(d);
         let mut sites = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let heads = Width::Group(layer.head_group);
-            let mlp = Width::Group(layer.mlp_group);
-            for proj in ["query", "key", "value"] {
-                sites.push(linear(format!("layer{i}.{proj}"), Width::Fixed(d), heads));
+            if let Some(a) = &layer.attention {
+                let heads = Width::Group(a.head_group);
+                for proj in ["query", "key", "value"] {
+                    sites.push(linear(format!("layer{i}.{proj}"), fixed, heads, a.gate));
+                }
+                // QKᵀ and AV: 2·t² MACs per query/value channel.
+                sites.push(CostSite {
+                    name: format!("layer{i}.sdpa"),
+                    input: Width::Fixed(1),
+                    output: heads,
+                    macs_per_in_out: (2 * t * t) as f64,
+                    elems_per_out: (t * t / head_dim) as f64,
+                    op: SiteOp::Attention {
+                        queries: t,
+                        keys: t,
+                        head_dim,
+                        q_per_kv: 1,
+                        causal: false,
+                    },
+                    enabled_by: a.gate,
+                    calls: 1.0,
+                });
+                sites.push(linear(
+                    format!("layer{i}.attention.output"),
+                    heads,
+                    fixed,
+                    a.gate,
+                ));
             }
-            // QKᵀ and AV: 2·t² MACs per query/value channel.
-            sites.push(CostSite {
-                name: format!("layer{i}.sdpa"),
-                input: Width::Fixed(1),
-                output: heads,
-                macs_per_in_out: (2 * t * t) as f64,
-                elems_per_out: (t * t / head_dim) as f64,
-                op: SiteOp::Attention {
-                    queries: t,
-                    keys: t,
-                    head_dim,
-                    q_per_kv: 1,
-                    causal: false,
-                },
-                enabled_by: None,
-                calls: 1.0,
-            });
-            sites.push(linear(
-                format!("layer{i}.attention.output"),
-                heads,
-                Width::Fixed(d),
-            ));
-            sites.push(linear(
-                format!("layer{i}.intermediate"),
-                Width::Fixed(d),
-                mlp,
-            ));
-            sites.push(linear(format!("layer{i}.output"), mlp, Width::Fixed(d)));
+            if let Some(m) = &layer.mlp {
+                let mlp = Width::Group(m.mlp_group);
+                sites.push(linear(format!("layer{i}.intermediate"), fixed, mlp, m.gate));
+                sites.push(linear(format!("layer{i}.output"), mlp, fixed, m.gate));
+            }
         }
         sites
     }
@@ -521,31 +609,71 @@ impl Family for Vit {
     }
 
     fn slim(&self, keep: &KeepSet) -> Result<Box<dyn Family>> {
-        let tensors = slice_tensors(&self.groups, &named_tensors(&self.vs), keep)?;
-        let mut cfg = self.cfg.clone();
-        cfg.hawada_heads = Some(
-            self.layers
-                .iter()
-                .map(|l| keep.0[l.head_group].len() as i64)
-                .collect(),
-        );
-        cfg.hawada_intermediate_sizes = Some(
-            self.layers
-                .iter()
-                .map(|l| keep.0[l.mlp_group].len() as i64 * self.groups[l.mlp_group].unit_width)
-                .collect(),
-        );
-        if cfg
-            .hawada_heads
-            .iter()
-            .flatten()
-            .chain(cfg.hawada_intermediate_sizes.iter().flatten())
-            .any(|&w| w == 0)
-        {
+        let mut tensors = slice_tensors(&self.groups, &named_tensors(&self.vs), keep)?;
+        let (mut heads, mut mlp) = (Vec::new(), Vec::new());
+        let (mut attention_layers, mut mlp_layers) = (Vec::new(), Vec::new());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let module = |part: &str| format!("vit.encoder.layer.{i}.{part}");
+            match layer
+                .attention
+                .as_ref()
+                .filter(|a| sublayer_kept(keep, a.gate))
+            {
+                Some(a) => {
+                    heads.push(keep.0[a.head_group].len() as i64);
+                    attention_layers.push(true);
+                }
+                None => {
+                    drop_modules(
+                        &mut tensors,
+                        &[module("attention"), module("layernorm_before")],
+                    );
+                    heads.push(
+                        self.cfg
+                            .hawada_heads
+                            .as_ref()
+                            .map_or(self.cfg.num_attention_heads, |h| h[i]),
+                    );
+                    attention_layers.push(false);
+                }
+            }
+            match layer.mlp.as_ref().filter(|m| sublayer_kept(keep, m.gate)) {
+                Some(m) => {
+                    mlp.push(
+                        keep.0[m.mlp_group].len() as i64 * self.groups[m.mlp_group].unit_width,
+                    );
+                    mlp_layers.push(true);
+                }
+                None => {
+                    drop_modules(
+                        &mut tensors,
+                        &[
+                            module("intermediate"),
+                            module("output"),
+                            module("layernorm_after"),
+                        ],
+                    );
+                    mlp.push(
+                        self.cfg
+                            .hawada_intermediate_sizes
+                            .as_ref()
+                            .map_or(self.cfg.intermediate_size, |m| m[i]),
+                    );
+                    mlp_layers.push(false);
+                }
+            }
+        }
+        if heads.iter().chain(&mlp).any(|&w| w == 0) {
             return Err(Error::Invalid(
-                "keep-set removes every unit of a site; min_keep must be ≥ 1".into(),
+                "keep-set removes every unit of a kept sublayer; min_keep must be ≥ 1".into(),
             ));
         }
+        let all = |l: &[bool]| l.iter().all(|&x| x);
+        let mut cfg = self.cfg.clone();
+        cfg.hawada_heads = Some(heads);
+        cfg.hawada_intermediate_sizes = Some(mlp);
+        cfg.hawada_attention_layers = (!all(&attention_layers)).then_some(attention_layers);
+        cfg.hawada_mlp_layers = (!all(&mlp_layers)).then_some(mlp_layers);
         let kind = self.vs.kind();
         let mut slim = Vit::new(cfg, self.vs.device(), Path::new("<slim config>"))?;
         slim.vs.set_kind(kind);
