@@ -297,20 +297,28 @@ impl Gguf {
                     info.ggml_type
                 ))
             })?;
-        let count: u64 = info.dims.iter().product();
+        let count = info
+            .dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= self.bytes.len() as u64 * 2)
+            .ok_or_else(|| bad(format!("dims {:?} exceed the file", info.dims)))?;
         if !count.is_multiple_of(block_elems as u64) {
             return Err(bad(format!(
                 "{count} elements are not whole {type_name} blocks of {block_elems}"
             )));
         }
         let len = (count as usize / block_elems) * block_bytes;
-        let start = self.data_start + info.offset as usize;
-        let raw = self.bytes.get(start..start + len).ok_or_else(|| {
-            bad(format!(
-                "data [{start}, {}) lies past the file end",
-                start + len
-            ))
-        })?;
+        let start = self.data_start.saturating_add(info.offset as usize);
+        let raw = self
+            .bytes
+            .get(start..start.saturating_add(len))
+            .ok_or_else(|| {
+                bad(format!(
+                    "{len} bytes of data at offset {start} lie past the file end ({} bytes)",
+                    self.bytes.len()
+                ))
+            })?;
         let values = dequantise(info.ggml_type, raw, count as usize);
         let shape: Vec<i64> = info.dims.iter().rev().map(|&d| d as i64).collect();
         Ok(Tensor::from_slice(&values).view(shape.as_slice()))
@@ -318,13 +326,26 @@ impl Gguf {
 }
 
 /// llama.cpp's converter permutes q/k rows of each head from HF's half-split rotary layout to
-/// interleaved pairs; this undoes it. `w` is `[heads · head_dim, cols]`.
-fn unpermute_rotary_rows(w: &Tensor, heads: i64) -> Tensor {
-    let (rows, cols) = w.size2().expect("projection weights are 2-D");
+/// interleaved pairs; this undoes it. `w` is `[heads · head_dim, cols]`; `name` and `file` name
+/// it in errors.
+fn unpermute_rotary_rows(w: &Tensor, heads: i64, name: &str, file: &Path) -> Result<Tensor> {
+    let shape = w.size();
+    let (rows, cols) = match shape[..] {
+        [rows, cols] if heads > 0 && rows % (2 * heads) == 0 => (rows, cols),
+        _ => {
+            return Err(Error::Data {
+                file: file.to_path_buf(),
+                reason: format!(
+                    "tensor `{name}` has shape {shape:?}; expected [heads · head_dim, cols] with \
+                     {heads} heads of an even head_dim"
+                ),
+            })
+        }
+    };
     let head_dim = rows / heads;
-    w.reshape([heads, head_dim / 2, 2, cols])
+    Ok(w.reshape([heads, head_dim / 2, 2, cols])
         .transpose(1, 2)
-        .reshape([rows, cols])
+        .reshape([rows, cols]))
 }
 
 /// HF `LlamaForCausalLM` name of a GGUF llama tensor, or `None` if it is not model state.
@@ -379,17 +400,18 @@ pub fn llama_tensors(gguf: &Gguf) -> Result<BTreeMap<String, Tensor>> {
             continue;
         };
         let mut t = gguf.tensor(name)?;
+        let file = gguf.file.as_path();
         if name.ends_with("attn_q.weight") {
-            t = unpermute_rotary_rows(&t, heads);
+            t = unpermute_rotary_rows(&t, heads, name, file)?;
         } else if name.ends_with("attn_k.weight") {
-            t = unpermute_rotary_rows(&t, kv_heads);
+            t = unpermute_rotary_rows(&t, kv_heads, name, file)?;
         } else if name.ends_with("attn_q.bias") || name.ends_with("attn_k.bias") {
             let h = if name.ends_with("attn_q.bias") {
                 heads
             } else {
                 kv_heads
             };
-            t = unpermute_rotary_rows(&t.view([-1, 1]), h).view([-1]);
+            t = unpermute_rotary_rows(&t.view([-1, 1]), h, name, file)?.view([-1]);
         }
         out.insert(hf, t.to_kind(Kind::Float));
     }
@@ -502,7 +524,18 @@ mod tests {
         let heads = 3;
         let w = Tensor::arange(3 * 8 * 5, (Kind::Float, tch::Device::Cpu)).view([24, 5]);
         let permuted = w.reshape([heads, 2, 4, 5]).transpose(1, 2).reshape([24, 5]);
-        assert!(unpermute_rotary_rows(&permuted, heads).equal(&w));
+        let file = Path::new("t.gguf");
+        assert!(unpermute_rotary_rows(&permuted, heads, "q", file)
+            .unwrap()
+            .equal(&w));
+        // Rows that are not whole heads: an error naming the tensor, not a panic.
+        let err = unpermute_rotary_rows(&w.narrow(0, 0, 10), heads, "blk.0.attn_q.weight", file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("blk.0.attn_q.weight") && err.contains("t.gguf"),
+            "{err}"
+        );
     }
 
     #[test]
