@@ -388,3 +388,29 @@ fn real_smollm2_on_sotu_runs_every_stage() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn an_unreachable_target_ends_cleanly_with_the_fastest_model_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("fraction = 0.7", "ms = 0.000001");
+    std::fs::write(&recipe, text).unwrap();
+    let run_dir = tmp.path().join("run");
+    let out = run_recipe(&recipe, &run_dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("target not reached"), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["target_met"], false);
+    // The pick is the fastest measured candidate.
+    let search = summary["search"].as_array().unwrap();
+    let fastest = search
+        .iter()
+        .map(|c| c["latency_ms"]["mean"].as_f64().unwrap())
+        .fold(f64::MAX, f64::min);
+    let picked = search.iter().find(|c| c["picked"] == true).unwrap();
+    assert_eq!(picked["latency_ms"]["mean"].as_f64().unwrap(), fastest);
+}

@@ -685,6 +685,10 @@ pub fn run(
             .zip(widths)
             .collect(),
         adapt_steps: outcome.steps,
+        target_met: Some(match recipe.target.fraction {
+            Some(fraction) => slim_latency.mean <= fraction * keep_all.mean,
+            None => slim_latency.mean <= profile.target_ms,
+        }),
         workload: Some(workload),
     };
     let latency_json = serde_json::json!({ "profile": profile, "probes": outcome.probes, "search": search_table, "final": { "keep_all": keep_all, "slim": slim_latency } });

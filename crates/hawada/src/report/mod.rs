@@ -85,6 +85,10 @@ pub struct Summary {
     /// Kept width per gate group of the exported model, `group name → channels`.
     pub slim_widths: Vec<(String, i64)>,
     pub adapt_steps: i64,
+    /// Whether the slim model meets the target: its measured mean against `target_ms`, or for a
+    /// relative target its ratio to keep-all measured alongside against the asked fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_met: Option<bool>,
     /// The timed shapes the latencies apply to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<crate::model::Workload>,
