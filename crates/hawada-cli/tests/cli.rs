@@ -414,3 +414,63 @@ fn an_unreachable_target_ends_cleanly_with_the_fastest_model_and_says_so() {
     let picked = search.iter().find(|c| c["picked"] == true).unwrap();
     assert_eq!(picked["latency_ms"]["mean"].as_f64().unwrap(), fastest);
 }
+
+fn stage_steps(run_dir: &Path, stage: &str) -> Vec<i64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["stage"] == stage)
+        .map(|v| v["step"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_run_killed_mid_adaptation_resumes_with_every_step_logged_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    // A target the gates cannot reach early, so adaptation runs long enough to be killed.
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("fraction = 0.7", "fraction = 0.2")
+        .replace("steps = 12", "steps = 200");
+    std::fs::write(&recipe, text).unwrap();
+    let run_dir = tmp.path().join("run");
+    let mut child = hawada()
+        .arg("run")
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while stage_steps(&run_dir, "adapt").len() < 10 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "adaptation never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!run_dir.join("summary.json").exists());
+    let before_resume = stage_steps(&run_dir, "adapt").len();
+    run_recipe(&recipe, &run_dir);
+    let adapt = stage_steps(&run_dir, "adapt");
+    assert_eq!(adapt, (0..adapt.len() as i64).collect::<Vec<_>>());
+    assert!(adapt.len() > before_resume, "the resumed run trained on");
+    let finetune = stage_steps(&run_dir, "finetune");
+    assert_eq!(finetune, (0..finetune.len() as i64).collect::<Vec<_>>());
+    assert!(run_dir.join("summary.json").exists());
+    // A line the kill cut short is gone after the resume: every line parses.
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    assert!(text
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+}
