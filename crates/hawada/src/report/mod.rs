@@ -71,7 +71,9 @@ pub struct Summary {
     pub dtype: String,
     pub target_ms: f64,
     pub latency_ms: LatencyPair,
-    /// How forwards were launched when timed: "eager" or "cuda_graph".
+    /// How forwards were launched when timed: "eager" or "cuda_graph" (summaries written before
+    /// this key existed were eager).
+    #[serde(default = "eager")]
     pub timing: String,
     pub speedup: f64,
     pub params: Params,
@@ -92,6 +94,10 @@ pub struct Summary {
     /// The timed shapes the latencies apply to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<crate::model::Workload>,
+}
+
+fn eager() -> String {
+    "eager".into()
 }
 
 impl Summary {

@@ -63,14 +63,10 @@ fn rgb(color: u32) -> Rgb888 {
     Rgb888::new((color >> 16) as u8, (color >> 8) as u8, color as u8)
 }
 
-fn tick(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
-    }
+/// A tick label with enough decimals to tell ticks `span / 4` apart.
+fn tick(v: f64, span: f64) -> String {
+    let decimals = (2.0 - span.abs().max(1e-9).log10().floor()).clamp(0.0, 5.0) as usize;
+    format!("{v:.decimals$}")
 }
 
 const WIDTH: u32 = 640;
@@ -111,11 +107,12 @@ impl Chart<'_> {
         for &(x, y) in &all {
             (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
         }
+        // A flat series sits mid-axis.
         if x1 <= x0 {
-            x1 = x0 + 1.0;
+            (x0, x1) = (x0 - 0.5, x1 + 0.5);
         }
         if y1 <= y0 {
-            y1 = y0 + 1.0;
+            (y0, y1) = (y0 - 0.5, y1 + 0.5);
         }
         let pad = 0.05 * (y1 - y0);
         (y0, y1) = (y0 - pad, y1 + pad);
@@ -136,14 +133,14 @@ impl Chart<'_> {
                 .into_styled(grid)
                 .draw(&mut canvas);
             let _ = Text::with_alignment(
-                &tick(fx),
+                &tick(fx, x1 - x0),
                 Point::new(px, h - BOTTOM + 14),
                 text,
                 Alignment::Center,
             )
             .draw(&mut canvas);
             let _ = Text::with_alignment(
-                &tick(fy),
+                &tick(fy, y1 - y0),
                 Point::new(LEFT - 5, py + 4),
                 text,
                 Alignment::Right,
