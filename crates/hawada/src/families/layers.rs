@@ -3,8 +3,10 @@
 //! mechanics of whole-sublayer gates (the group, the gated output, dropping a sublayer's weights
 //! from a slim export).
 
+use crate::error::{Error, Result};
 use crate::model::{Group, KeepSet, Masks, UnitKind};
 use std::collections::BTreeMap;
+use std::path::Path;
 use tch::{nn, Tensor};
 
 /// A dense layer `x·Wᵀ + b`: `weight` `[out, in]`, optional `bias` `[out]`.
@@ -73,4 +75,45 @@ pub fn sublayer_kept(keep: &KeepSet, gate: Option<usize>) -> bool {
 /// `model.layers.3.mlp`): the weights of a sublayer a slim model drops.
 pub fn drop_modules(tensors: &mut BTreeMap<String, Tensor>, prefixes: &[String]) {
     tensors.retain(|name, _| !prefixes.iter().any(|p| name.starts_with(&format!("{p}."))));
+}
+
+/// Checks the per-layer width lists of a slim config (`hawada_heads`, …): one positive entry per
+/// layer each, naming the first bad field of `file`.
+pub fn check_layer_widths(
+    file: &Path,
+    layers: usize,
+    lists: &[(&str, &Option<Vec<i64>>)],
+) -> Result<()> {
+    for (field, list) in lists {
+        if list
+            .as_ref()
+            .is_some_and(|l| l.len() != layers || l.iter().any(|&w| w <= 0))
+        {
+            return Err(Error::config(
+                file,
+                field,
+                format!("expected {layers} positive entries, one per layer"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the per-layer sublayer lists of a slim config (`hawada_attention_layers`, …): one
+/// entry per layer each.
+pub fn check_layer_flags(
+    file: &Path,
+    layers: usize,
+    lists: &[(&str, &Option<Vec<bool>>)],
+) -> Result<()> {
+    for (field, list) in lists {
+        if list.as_ref().is_some_and(|l| l.len() != layers) {
+            return Err(Error::config(
+                file,
+                field,
+                format!("expected {layers} entries, one per layer"),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -14,7 +14,10 @@
 //! `hawada_intermediate_sizes`; when every layer shares one width those lists are dropped and the
 //! config is a stock `LlamaConfig`.
 
-use super::layers::{drop_modules, gated, sublayer_gate, sublayer_kept, Linear};
+use super::layers::{
+    check_layer_flags, check_layer_widths, drop_modules, gated, sublayer_gate, sublayer_kept,
+    Linear,
+};
 use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_into, named_tensors};
@@ -283,39 +286,24 @@ impl LlamaConfig {
                 format!("`{}` is not supported; expected silu", self.hidden_act),
             ));
         }
-        for (field, list) in [
-            ("hawada_heads", &self.hawada_heads),
-            ("hawada_kv_heads", &self.hawada_kv_heads),
-            ("hawada_intermediate_sizes", &self.hawada_intermediate_sizes),
-        ] {
-            if let Some(list) = list {
-                if list.len() != self.num_hidden_layers || list.iter().any(|&w| w <= 0) {
-                    return Err(Error::config(
-                        file,
-                        field,
-                        format!(
-                            "expected {} positive entries, one per layer",
-                            self.num_hidden_layers
-                        ),
-                    ));
-                }
-            }
-        }
-        for (field, list) in [
-            ("hawada_attention_layers", &self.hawada_attention_layers),
-            ("hawada_mlp_layers", &self.hawada_mlp_layers),
-        ] {
-            if list
-                .as_ref()
-                .is_some_and(|l| l.len() != self.num_hidden_layers)
-            {
-                return Err(Error::config(
-                    file,
-                    field,
-                    format!("expected {} entries, one per layer", self.num_hidden_layers),
-                ));
-            }
-        }
+        let layers = self.num_hidden_layers;
+        check_layer_widths(
+            file,
+            layers,
+            &[
+                ("hawada_heads", &self.hawada_heads),
+                ("hawada_kv_heads", &self.hawada_kv_heads),
+                ("hawada_intermediate_sizes", &self.hawada_intermediate_sizes),
+            ],
+        )?;
+        check_layer_flags(
+            file,
+            layers,
+            &[
+                ("hawada_attention_layers", &self.hawada_attention_layers),
+                ("hawada_mlp_layers", &self.hawada_mlp_layers),
+            ],
+        )?;
         for i in 0..self.num_hidden_layers {
             let (heads, kv_heads, _) = self.layer_widths(i);
             if heads % kv_heads != 0 {

@@ -7,7 +7,10 @@
 //! the output projection go together) and MLP units in groups of `channels_per_gate`. A slim export
 //! is the stock config plus per-layer `hawada_heads` and `hawada_intermediate_sizes` lists.
 
-use super::layers::{drop_modules, gated, sublayer_gate, sublayer_kept, Linear};
+use super::layers::{
+    check_layer_flags, check_layer_widths, drop_modules, gated, sublayer_gate, sublayer_kept,
+    Linear,
+};
 use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_file_into, load_into, named_tensors};
@@ -187,39 +190,23 @@ impl VitConfig {
                 ),
             ));
         }
-        for (field, list) in [
-            ("hawada_attention_layers", &self.hawada_attention_layers),
-            ("hawada_mlp_layers", &self.hawada_mlp_layers),
-        ] {
-            if list
-                .as_ref()
-                .is_some_and(|l| l.len() != self.num_hidden_layers)
-            {
-                return Err(Error::config(
-                    file,
-                    field,
-                    format!("expected {} entries, one per layer", self.num_hidden_layers),
-                ));
-            }
-        }
-        for (field, list) in [
-            ("hawada_heads", &self.hawada_heads),
-            ("hawada_intermediate_sizes", &self.hawada_intermediate_sizes),
-        ] {
-            if let Some(list) = list {
-                if list.len() != self.num_hidden_layers || list.iter().any(|&w| w <= 0) {
-                    return Err(Error::config(
-                        file,
-                        field,
-                        format!(
-                            "expected {} positive entries, one per layer",
-                            self.num_hidden_layers
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        let layers = self.num_hidden_layers;
+        check_layer_flags(
+            file,
+            layers,
+            &[
+                ("hawada_attention_layers", &self.hawada_attention_layers),
+                ("hawada_mlp_layers", &self.hawada_mlp_layers),
+            ],
+        )?;
+        check_layer_widths(
+            file,
+            layers,
+            &[
+                ("hawada_heads", &self.hawada_heads),
+                ("hawada_intermediate_sizes", &self.hawada_intermediate_sizes),
+            ],
+        )
     }
 }
 
