@@ -290,12 +290,11 @@ fn generate(model_path: &Path, prompt: &str, tokens: usize, device: &str) -> any
     };
     let model = hawada::families::llama::open(model_path, device, kind)
         .with_context(|| format!("loading {}", model_path.display()))?;
-    let tokenizer = hawada::data::load_tokenizer(model_path)?;
+    let hawada::data::Vocabulary { tokenizer, eos } = hawada::data::load_vocabulary(model_path)?;
     let encoding = tokenizer
         .encode(prompt, false)
         .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
     let prompt_ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
-    let eos = hawada::families::eos_token(model_path)?;
     let started = std::time::Instant::now();
     let ids = model.generate(&prompt_ids, tokens, eos);
     let elapsed = started.elapsed().as_secs_f64();

@@ -2,7 +2,7 @@
 //! (each stage either reloads its recorded output or resumes from its checkpoint). With the CLI,
 //! the only caller of `families::load`.
 
-use crate::data::{load_tokenizer, BatchShape, Examples, ImageDataset, TextDataset};
+use crate::data::{load_vocabulary, BatchShape, Examples, ImageDataset, TextDataset};
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::export::search::{candidates, search, Measurement, SearchContext};
@@ -312,6 +312,8 @@ struct Splits {
     train: Box<dyn Examples>,
     calibration: Box<dyn Examples>,
     test: Box<dyn Examples>,
+    /// Text models: the tokenizer the data was cut with, saved beside every export.
+    tokenizer: Option<tokenizers::Tokenizer>,
 }
 
 fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
@@ -324,14 +326,13 @@ fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
 /// Documents tokenised with the model's tokenizer; the calibration tail is `data.holdout`
 /// sequences of the training split.
 fn load_text_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
-    let tokenizer = load_tokenizer(&recipe.model.dir)?;
-    let eos = families::eos_token(&recipe.model.dir)?;
+    let vocabulary = load_vocabulary(&recipe.model.dir)?;
     let (full_train, mut test) = TextDataset::load_dir(
         &recipe.data.dir,
-        &tokenizer,
+        &vocabulary.tokenizer,
         recipe.data.seq_len,
         recipe.data.test_documents,
-        eos,
+        vocabulary.eos,
         device,
     )?;
     if let Some(limit) = recipe.data.test_limit {
@@ -343,6 +344,7 @@ fn load_text_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
         train: Box::new(full_train.slice(0, train_len)),
         calibration: Box::new(full_train.slice(train_len, holdout)),
         test: Box::new(test),
+        tokenizer: Some(vocabulary.tokenizer),
     })
 }
 
@@ -368,6 +370,7 @@ fn load_image_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
         train: Box::new(full_train.take(full_train.len() - holdout)),
         calibration: Box::new(full_train.slice(full_train.len() - holdout, holdout)),
         test: Box::new(test),
+        tokenizer: None,
     })
 }
 
@@ -468,6 +471,7 @@ pub fn run(
         train,
         calibration,
         test,
+        tokenizer,
     } = load_splits(recipe, device)?;
     let model = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
     check_lengths(model.as_ref(), recipe, recipe_file)?;
@@ -581,7 +585,11 @@ pub fn run(
     let keep = searched[pick].clone();
     let calibration_agreement = search_table[pick].agreement;
     let mut slim = student.slim(&keep)?;
-    save_model(slim.as_ref(), recipe, &run_dir.join("slim-before-finetune"))?;
+    save_model(
+        slim.as_ref(),
+        tokenizer.as_ref(),
+        &run_dir.join("slim-before-finetune"),
+    )?;
     slim.to_device_layout();
     let slim_before = eval::quality(slim.as_ref(), test.as_ref(), recipe.eval.batch, kind);
     tracing::info!(picked = %search_table[pick].name, slim_before, calibration_agreement, "exported");
@@ -608,7 +616,7 @@ pub fn run(
             observer,
         )?;
     }
-    save_model(slim.as_ref(), recipe, &run_dir.join("slim"))?;
+    save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
     let slim_quality = eval::quality(slim.as_ref(), test.as_ref(), recipe.eval.batch, kind);
     let slim_kl = eval::kl_to_teacher(
         slim.as_ref(),
@@ -698,12 +706,15 @@ pub fn run(
     Ok(summary)
 }
 
-/// Writes `model` into `dir` (config + weights), with the tokenizer for text models so that
+/// Writes `model` into `dir` (config + weights), with the tokenizer of text models so that
 /// the export loads elsewhere as it is.
-fn save_model(model: &dyn Family, recipe: &Recipe, dir: &Path) -> Result<()> {
+fn save_model(
+    model: &dyn Family,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    dir: &Path,
+) -> Result<()> {
     model.save(dir)?;
-    if recipe.data.format == DataFormat::Text {
-        let tokenizer = load_tokenizer(&recipe.model.dir)?;
+    if let Some(tokenizer) = tokenizer {
         let file = dir.join("tokenizer.json");
         tokenizer.save(&file, false).map_err(|e| Error::Data {
             file: file.clone(),

@@ -5,7 +5,7 @@ mod images;
 mod text;
 
 pub use images::{parse_idx, BatchShape, ImageDataset};
-pub use text::{load_tokenizer, tokenizer_from_gguf, TextDataset};
+pub use text::{load_vocabulary, tokenizer_from_gguf, TextDataset, Vocabulary};
 
 use tch::{Kind, Tensor};
 

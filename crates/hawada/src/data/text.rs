@@ -95,10 +95,25 @@ pub fn tokenizer_from_gguf(gguf: &Gguf) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-/// The tokenizer of a model: `tokenizer.json` in an HF directory, or the one inside a GGUF file.
-pub fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
+/// A language model's tokenizer and its end-of-text token id.
+pub struct Vocabulary {
+    pub tokenizer: Tokenizer,
+    pub eos: Option<i64>,
+}
+
+/// The vocabulary of a model, each file read once: from a GGUF file (its BPE and
+/// `tokenizer.ggml.eos_token_id`), or from an HF directory (`tokenizer.json` and `config.json`'s
+/// `eos_token_id`, the first when it is a list).
+pub fn load_vocabulary(model: &Path) -> Result<Vocabulary> {
     if model.extension().is_some_and(|e| e == "gguf") {
-        return tokenizer_from_gguf(&Gguf::open(model)?);
+        let gguf = Gguf::open(model)?;
+        return Ok(Vocabulary {
+            tokenizer: tokenizer_from_gguf(&gguf)?,
+            eos: gguf
+                .metadata
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(Value::as_i64),
+        });
     }
     let file = model.join("tokenizer.json");
     if !file.exists() {
@@ -107,7 +122,14 @@ pub fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
             "missing; a language model directory needs its tokenizer.json",
         ));
     }
-    Tokenizer::from_file(&file).map_err(|e| tokenizer_error(&file, e))
+    let tokenizer = Tokenizer::from_file(&file).map_err(|e| tokenizer_error(&file, e))?;
+    let config = crate::io::hf_config::read_value(&model.join("config.json"))?;
+    let eos = match config.get("eos_token_id") {
+        Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_i64()),
+        Some(v) => v.as_i64(),
+        None => None,
+    };
+    Ok(Vocabulary { tokenizer, eos })
 }
 
 /// Sequences of `seq_len + 1` token ids `[n, seq_len + 1]` (i64): inputs are the first

@@ -23,21 +23,6 @@ pub fn has_weights(path: &Path) -> bool {
         || path.join("model.safetensors.index.json").exists()
 }
 
-/// The end-of-text token id of a language model (`eos_token_id` of its config, or of its GGUF
-/// metadata); `None` where it has none.
-pub fn eos_token(path: &Path) -> Result<Option<i64>> {
-    let config = if is_gguf(path) {
-        crate::io::gguf::llama_config(&crate::io::gguf::Gguf::open(path)?)?
-    } else {
-        crate::io::hf_config::read_value(&path.join("config.json"))?
-    };
-    Ok(match config.get("eos_token_id") {
-        Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_i64()),
-        Some(v) => v.as_i64(),
-        None => None,
-    })
-}
-
 /// Loads the model at `path`: a GGUF file (LLaMA, dequantised), or a directory (`config.json` +
 /// weights) dispatched on `model_type`. With `random_init`, only the config is read and weights
 /// are random.
