@@ -2,9 +2,10 @@
 //! in the preferred layout, and the workload (a forward, or a decoding step with a KV cache)
 //! timed through `measure` (alone or round-robin).
 
-use crate::cuda::CudaGraph;
 use crate::error::Result;
-use crate::latency::measure::{measure, measure_interleaved, LatencyStats, TimingProtocol};
+use crate::latency::measure::{
+    measure, measure_interleaved, replayable, LatencyStats, TimingProtocol,
+};
 use crate::model::{Family, KeepSet, Masks, NormFolding, Phase, Workload};
 use tch::Tensor;
 
@@ -68,27 +69,8 @@ pub fn timed_workload<'a>(
     workload: Workload,
     protocol: TimingProtocol,
 ) -> Result<Box<dyn FnMut() + 'a>> {
-    let mut call = workload_call(model, workload)?;
-    let device = model.var_store().device();
-    if protocol.cuda_graphs && device.is_cuda() {
-        match CudaGraph::capture(device, &mut call) {
-            Ok((graph, _output)) => {
-                return Ok(Box::new(move || {
-                    // The graph replays into the call's buffers, which must outlive it.
-                    let _ = &call;
-                    if let Err(e) = graph.replay() {
-                        tracing::warn!(error = %e, "CUDA graph replay failed");
-                    }
-                }));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "CUDA graph capture failed; timing eager calls")
-            }
-        }
-    }
-    Ok(Box::new(move || {
-        let _ = call();
-    }))
+    let call = workload_call(model, workload)?;
+    Ok(replayable(model.var_store().device(), protocol, call))
 }
 
 /// Times `workload` on `model`.

@@ -2,9 +2,10 @@
 //! runs each synchronised on the device; mean, median, p95 and std in milliseconds. Times a closure
 //! it is handed and builds no model.
 
+use crate::cuda::CudaGraph;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// Warm-up and timed run counts (DESIGN §4: ≥ 10 and ≥ 50 by default).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -132,6 +133,33 @@ pub fn device_name(device: Device) -> String {
             .unwrap_or_else(|_| format!("cuda:{i}")),
         other => format!("{other:?}"),
     }
+}
+
+/// `call` ready to time as `protocol` asks: replayed from a CUDA graph captured once when
+/// `protocol.cuda_graphs` is set and `device` is CUDA (a capture that fails falls back to eager
+/// calls, with a warning), else called eagerly. The graph replays into the buffers `call` owns,
+/// so the returned closure keeps `call` alive.
+pub fn replayable<'a>(
+    device: Device,
+    protocol: TimingProtocol,
+    mut call: Box<dyn FnMut() -> Tensor + 'a>,
+) -> Box<dyn FnMut() + 'a> {
+    if protocol.cuda_graphs && device.is_cuda() {
+        match CudaGraph::capture(device, &mut call) {
+            Ok((graph, _output)) => {
+                return Box::new(move || {
+                    let _ = &call;
+                    if let Err(e) = graph.replay() {
+                        tracing::warn!(error = %e, "CUDA graph replay failed");
+                    }
+                })
+            }
+            Err(e) => tracing::warn!(error = %e, "CUDA graph capture failed; timing eager calls"),
+        }
+    }
+    Box::new(move || {
+        let _ = call();
+    })
 }
 
 #[cfg(test)]

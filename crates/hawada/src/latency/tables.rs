@@ -8,9 +8,8 @@
 //! one dimension of measurements per gated side instead of a full 2-D grid. Tables are cached
 //! per (device, driver, libtorch, dtype, batch, grid, model) so a rerun is free.
 
-use crate::cuda::CudaGraph;
 use crate::error::{Error, Result};
-use crate::latency::measure::{measure, TimingProtocol};
+use crate::latency::measure::{measure, replayable, TimingProtocol};
 use crate::latency::proxy::SiteCost;
 use crate::model::{CostSite, Group, SiteOp, Width};
 use crate::progress::Observer;
@@ -95,7 +94,7 @@ pub fn site_ms(
         }
     };
     let bias = Tensor::randn([w_out], options);
-    let mut call: Box<dyn FnMut() -> Tensor> = match op {
+    let call: Box<dyn FnMut() -> Tensor> = match op {
         SiteOp::Conv2d {
             kernel,
             stride,
@@ -147,23 +146,8 @@ pub fn site_ms(
             Box::new(move || x.linear(&weight, Some(&bias)))
         }
     };
-    if protocol.cuda_graphs && device.is_cuda() {
-        match CudaGraph::capture(device, &mut call) {
-            Ok((graph, _output)) => {
-                return measure(device, protocol, || {
-                    if let Err(e) = graph.replay() {
-                        tracing::warn!(error = %e, "CUDA graph replay failed");
-                    }
-                })
-                .mean
-            }
-            Err(e) => tracing::warn!(error = %e, "site graph capture failed; timing eagerly"),
-        }
-    }
-    measure(device, protocol, || {
-        let _ = call();
-    })
-    .mean
+    let mut run = replayable(device, protocol, call);
+    measure(device, protocol, &mut run).mean
 }
 
 /// Measures every site's tables (see the module doc).
