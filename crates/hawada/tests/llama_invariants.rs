@@ -5,6 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
+use common::max_abs;
 use hawada::families::{
     self,
     llama::{Llama, LlamaConfig},
@@ -29,10 +32,6 @@ fn model(seed: i64) -> Llama {
         }
     });
     model
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 fn forward(model: &dyn Family, x: &Tensor, masks: &Masks) -> Tensor {
@@ -247,20 +246,7 @@ fn export_load_export_is_identity_with_per_layer_widths() {
     }
     let slim = model.slim(&keep).unwrap();
     assert!(slim.config_json().get("hawada_heads").is_some());
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    slim.save(&a).unwrap();
-    families::load(&a, Device::Cpu, Kind::Float, false)
-        .unwrap()
-        .save(&b)
-        .unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        assert_eq!(
-            std::fs::read(a.join(file)).unwrap(),
-            std::fs::read(b.join(file)).unwrap(),
-            "{file}"
-        );
-    }
+    common::export_roundtrip(slim.as_ref());
 }
 
 #[test]

@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
+use common::max_abs;
 use hawada::families::{
     self,
     resnet::{BlockType, Resnet, ResnetConfig},
@@ -50,10 +53,6 @@ fn model(cfg: ResnetConfig, seed: i64) -> Resnet {
 
 fn input(model: &Resnet, batch: i64) -> Tensor {
     model.random_input(batch, 1)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 fn configs() -> Vec<ResnetConfig> {
@@ -163,19 +162,7 @@ fn slim_equals_hard_masked_imagenet_stem() {
 fn export_load_export_is_identity() {
     let model = model(bottleneck_tiny(), 3);
     let slim = model.slim(&random_keep(&model, 3)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (first, second) = (dir.path().join("a"), dir.path().join("b"));
-    slim.save(&first).unwrap();
-    let loaded = families::load(&first, Device::Cpu, Kind::Float, false).unwrap();
-    loaded.save(&second).unwrap();
-    assert_eq!(
-        std::fs::read(first.join("config.json")).unwrap(),
-        std::fs::read(second.join("config.json")).unwrap()
-    );
-    assert_eq!(
-        std::fs::read(first.join("model.safetensors")).unwrap(),
-        std::fs::read(second.join("model.safetensors")).unwrap()
-    );
+    let loaded = common::export_roundtrip(slim.as_ref());
     let x = input(&model, 2);
     let none = Masks::none(slim.groups().len());
     assert_eq!(

@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
+use common::max_abs;
 use hawada::families::{
     self,
     vit::{Vit, VitConfig},
@@ -28,10 +31,6 @@ fn model(seed: i64) -> Vit {
         }
     });
     model
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]
@@ -78,20 +77,7 @@ fn export_load_export_is_identity() {
             .collect(),
     );
     let slim = model.slim(&keep).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    slim.save(&a).unwrap();
-    families::load(&a, Device::Cpu, Kind::Float, false)
-        .unwrap()
-        .save(&b)
-        .unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        assert_eq!(
-            std::fs::read(a.join(file)).unwrap(),
-            std::fs::read(b.join(file)).unwrap(),
-            "{file}"
-        );
-    }
+    common::export_roundtrip(slim.as_ref());
 }
 
 #[test]
@@ -174,18 +160,5 @@ fn dropped_sublayers_leave_the_export_which_equals_the_masked_model_and_reloads(
             || n.starts_with("vit.encoder.layer.0.layernorm_before.")
             || n.starts_with("vit.encoder.layer.1.intermediate.")
             || n.starts_with("vit.encoder.layer.1.output.")));
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    slim.save(&a).unwrap();
-    families::load(&a, Device::Cpu, Kind::Float, false)
-        .unwrap()
-        .save(&b)
-        .unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        assert_eq!(
-            std::fs::read(a.join(file)).unwrap(),
-            std::fs::read(b.join(file)).unwrap(),
-            "{file}"
-        );
-    }
+    common::export_roundtrip(slim.as_ref());
 }
