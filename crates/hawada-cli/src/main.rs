@@ -55,6 +55,16 @@ enum Command {
         #[arg(long, default_value = "bench-out")]
         out: PathBuf,
     },
+    /// Convert a model (a GGUF or ONNX file, or an HF directory) into an HF directory:
+    /// `config.json` + `model.safetensors` (+ `tokenizer.json` for a language model), the layout
+    /// every recipe and transformers load.
+    Convert {
+        model: PathBuf,
+        out_dir: PathBuf,
+        /// Weight dtype of the output: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Rewrite report.html of a finished run directory.
     Report { run_dir: PathBuf },
     /// Continue a prompt greedily with a language model (a GGUF file or an HF directory, e.g. a
@@ -149,6 +159,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Info => print_info()?,
         Command::Bench { recipe, out } => bench(&recipe, &out)?,
+        Command::Convert {
+            model,
+            out_dir,
+            dtype,
+        } => convert(&model, &out_dir, &dtype)?,
         Command::Report { run_dir } => {
             hawada::report::write_html(&run_dir)
                 .with_context(|| format!("writing the report of {}", run_dir.display()))?;
@@ -194,6 +209,28 @@ fn ensure_data(recipe: &Recipe) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> {
+    let kind = hawada::recipe::parse_dtype(dtype)
+        .with_context(|| format!("--dtype `{dtype}`: expected f32, bf16 or f16"))?;
+    let loaded = hawada::families::load(model, tch::Device::Cpu, kind, false)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let tokenizer = loaded
+        .max_tokens()
+        .map(|_| hawada::data::load_vocabulary(model).map(|v| v.tokenizer))
+        .transpose()
+        .with_context(|| format!("reading the tokenizer of {}", model.display()))?;
+    hawada::run::save_model(loaded.as_ref(), tokenizer.as_ref(), out_dir)
+        .with_context(|| format!("writing {}", out_dir.display()))?;
+    println!(
+        "{} ({}, {} parameters, {dtype}) → {}",
+        model.display(),
+        loaded.family(),
+        loaded.num_params(),
+        out_dir.display()
+    );
+    Ok(())
+}
+
 fn print_table(s: &Summary, run_dir: &Path) {
     let l = &s.latency_ms;
     println!();
@@ -214,18 +251,29 @@ fn print_table(s: &Summary, run_dir: &Path) {
         "{:<28} {:>14} {:>14}",
         "parameters", s.params.teacher, s.params.slim
     );
-    let metric = match s.quality.metric.as_str() {
-        "test_perplexity" => "test perplexity",
-        _ => "test accuracy (%)",
+    let (metric, digits) = match s.quality.metric.as_str() {
+        "test_perplexity" => ("test perplexity", 2),
+        "test_cls_cosine_to_teacher" => ("cls cosine to teacher", 4),
+        _ => ("test accuracy (%)", 2),
     };
     println!(
-        "{:<28} {:>14.2} {:>14.2}",
+        "{:<28} {:>14.digits$} {:>14.digits$}",
         metric, s.quality.teacher, s.quality.slim
     );
     println!(
-        "{:<28} {:>14} {:>14.2}",
+        "{:<28} {:>14} {:>14.digits$}",
         "  slim before fine-tune", "", s.quality.slim_before_finetune
     );
+    if let Some(p) = s.quality.slim_patch_cosine_to_teacher {
+        println!(
+            "{:<28} {:>14} {:>14.4}",
+            "patch cosine to teacher", 1, p.after_finetune
+        );
+        println!(
+            "{:<28} {:>14} {:>14.4}",
+            "  slim before fine-tune", "", p.before_finetune
+        );
+    }
     if let Some(kl) = s.quality.slim_kl_to_teacher {
         println!("{:<28} {:>14} {:>14.4}", "  KL to teacher (nats)", "", kl);
     }

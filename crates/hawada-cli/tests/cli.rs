@@ -474,3 +474,87 @@ fn a_run_killed_mid_adaptation_resumes_with_every_step_logged_once() {
         .lines()
         .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
 }
+
+#[test]
+fn real_dinov2_from_onnx_runs_every_stage_judged_by_feature_cosine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = repo().canonicalize().unwrap();
+    let text = std::fs::read_to_string(root.join("recipes/cpu/dinov2-s14-fmnist-smoke.toml"))
+        .unwrap()
+        .replace("\".cache/", &format!("\"{}/.cache/", root.display()));
+    let recipe = tmp.path().join("smoke.toml");
+    std::fs::write(&recipe, text).unwrap();
+    let run_dir = tmp.path().join("run");
+    let out = hawada()
+        .current_dir(tmp.path())
+        .arg("run")
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["family"], "dinov2");
+    assert_eq!(summary["quality"]["metric"], "test_cls_cosine_to_teacher");
+    let quality = &summary["quality"];
+    assert!((quality["teacher"].as_f64().unwrap() - 1.0).abs() < 1e-4);
+    for cosine in [
+        quality["slim"].as_f64().unwrap(),
+        quality["slim_patch_cosine_to_teacher"]["after_finetune"]
+            .as_f64()
+            .unwrap(),
+    ] {
+        assert!((-1.0..=1.0 + 1e-4).contains(&cosine), "{cosine}");
+    }
+    // The slim export is a Dinov2Model directory that loads back.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("slim/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "Dinov2Model");
+    assert_eq!(config["hawada_input_size"], 224);
+}
+
+#[test]
+fn convert_writes_an_onnx_backbone_as_a_directory_that_loads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("dinov2");
+    let out = hawada()
+        .arg("convert")
+        .arg(repo().join("fixtures/dinov2/model.onnx"))
+        .arg(&out_dir)
+        .args(["--dtype", "bf16"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let weights = hawada::io::safetensors::read(&out_dir.join("model.safetensors")).unwrap();
+    assert_eq!(
+        weights["encoder.layer.0.attention.attention.query.weight"].kind(),
+        tch::Kind::BFloat16
+    );
+    let reference =
+        hawada::io::safetensors::read(&repo().join("fixtures/dinov2/model/model.safetensors"))
+            .unwrap();
+    assert_eq!(
+        weights.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>()
+    );
+    let out = hawada()
+        .arg("convert")
+        .arg(tmp.path().join("missing.onnx"))
+        .arg(tmp.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.onnx"));
+}

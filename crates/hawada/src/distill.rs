@@ -1,7 +1,17 @@
 //! Knowledge-distillation losses as pure functions of tensors (Hinton et al. 2015).
 //! No optimizer, no model, no loop. Reductions run in f32 for range.
 
+use crate::model::Output;
 use tch::{Kind, Reduction, Tensor};
+
+/// The distillation loss for what a model outputs: tempered KL on logits ([`kd_kl`]), relative
+/// squared error on hidden states ([`relative_mse`]; the temperature does not apply).
+pub fn to_teacher(output: Output, student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
+    match output {
+        Output::Logits => kd_kl(student, teacher, temperature),
+        Output::Features => relative_mse(student, teacher),
+    }
+}
 
 /// `T² · KL(softmax(t/T) ‖ softmax(s/T))`, averaged over predictions: logits `[batch, classes]`
 /// (one per example) or `[batch, tokens, vocab]` (one per token).
@@ -21,6 +31,17 @@ pub fn mse(student: &Tensor, teacher: &Tensor) -> Tensor {
         .mse_loss(&teacher.to_kind(Kind::Float), Reduction::Mean)
 }
 
+/// `Σ‖s − t‖² / Σ‖t‖²` over hidden states, in f32: 0 for a perfect match, 1 for a zero student;
+/// unlike a plain MSE it does not depend on the features' scale, so the latency penalty weighs
+/// the same against it for any backbone.
+pub fn relative_mse(student: &Tensor, teacher: &Tensor) -> Tensor {
+    let t = teacher.to_kind(Kind::Float);
+    (student.to_kind(Kind::Float) - &t)
+        .square()
+        .sum(Kind::Float)
+        / t.square().sum(Kind::Float)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,6 +53,20 @@ mod tests {
         assert!(kd_kl(&t, &t, 2.0).double_value(&[]).abs() < 1e-6);
         let s = Tensor::randn([4, 10], (Kind::Float, Device::Cpu));
         assert!(kd_kl(&s, &t, 2.0).double_value(&[]) > 1e-3);
+    }
+
+    #[test]
+    fn relative_mse_is_zero_for_a_match_one_for_zeros_and_scale_free() {
+        let t = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
+        assert!(relative_mse(&t, &t).double_value(&[]).abs() < 1e-7);
+        let zeros = t.zeros_like();
+        assert!((relative_mse(&zeros, &t).double_value(&[]) - 1.0).abs() < 1e-6);
+        let s = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
+        let (a, b) = (
+            relative_mse(&s, &t).double_value(&[]),
+            relative_mse(&(&s * 10.0), &(&t * 10.0)).double_value(&[]),
+        );
+        assert!((a - b).abs() < 1e-5 * a);
     }
 
     #[test]

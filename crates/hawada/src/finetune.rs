@@ -14,7 +14,7 @@ use tch::{nn, nn::OptimizerConfig, Tensor};
 
 /// What a weight-training loop needs: the batches and how to score them.
 pub enum Objective<'a> {
-    /// Match the teacher's tempered distribution.
+    /// Match the teacher's tempered distribution (or its hidden states, for backbones).
     Distill {
         teacher: &'a dyn Family,
         temperature: f64,
@@ -94,7 +94,7 @@ pub fn train_weights(
                 let target = tch::no_grad(|| {
                     teacher.forward(&x, &Masks::none(teacher.groups().len()), Phase::Eval)
                 });
-                distill::kd_kl(&logits, &target, *temperature)
+                distill::to_teacher(model.output(), &logits, &target, *temperature)
             }
             // Classes or next tokens alike: one prediction per row of the flattened logits.
             Objective::Labels => {

@@ -227,6 +227,17 @@ impl Workload {
     }
 }
 
+/// What a forward returns, which decides how a student is distilled and judged against its
+/// teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Class or next-token logits (last axis): KD is tempered KL, agreement is top-1.
+    Logits,
+    /// Hidden states `[batch, tokens, hidden]`, token 0 the cls token (a backbone such as
+    /// DINOv2): KD is relative MSE, agreement is cosine similarity.
+    Features,
+}
+
 /// A model family: built from a config and weights, gated, tabulated, and slimmed.
 /// The core speaks only this trait.
 pub trait Family: Send {
@@ -235,8 +246,13 @@ pub trait Family: Send {
     /// The groups of prunable units and their coupling.
     fn groups(&self) -> &[Group];
     /// Logits for input `x`, with gates applied as multiplicative masks: `[batch, classes]` for
-    /// images, `[batch, tokens, vocab]` for token ids `[batch, tokens]`.
+    /// images, `[batch, tokens, vocab]` for token ids `[batch, tokens]`; or hidden states
+    /// `[batch, tokens, hidden]` where [`Family::output`] says `Features`.
     fn forward(&self, x: &Tensor, masks: &Masks, phase: Phase) -> Tensor;
+    /// What `forward` returns.
+    fn output(&self) -> Output {
+        Output::Logits
+    }
     /// Cost sites for the latency proxy, for the shapes of `workload`.
     fn cost_sites(&self, workload: Workload) -> Vec<CostSite>;
     /// A `Decode` or `Generate` workload with a KV cache, ready to time: buffers allocated once

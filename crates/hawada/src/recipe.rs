@@ -351,6 +351,16 @@ fn default_eval_batch() -> i64 {
 /// The embedded default: a self-trained ResNet on Fashion-MNIST, adapted to 0.6× keep-all latency.
 pub const DEFAULT_RECIPE: &str = include_str!("../../../recipes/cpu/fmnist-resnet18-small.toml");
 
+/// A dtype name (`f32`, `bf16`, `f16`) as a tch kind.
+pub fn parse_dtype(name: &str) -> Option<Kind> {
+    match name {
+        "f32" => Some(Kind::Float),
+        "bf16" => Some(Kind::BFloat16),
+        "f16" => Some(Kind::Half),
+        _ => None,
+    }
+}
+
 impl Recipe {
     /// Parses and validates recipe text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self> {
@@ -447,16 +457,13 @@ impl Recipe {
 
     /// The dtype as a tch kind.
     pub fn kind(&self, file: &Path) -> Result<Kind> {
-        match self.dtype.as_str() {
-            "f32" => Ok(Kind::Float),
-            "bf16" => Ok(Kind::BFloat16),
-            "f16" => Ok(Kind::Half),
-            other => Err(Error::config(
+        parse_dtype(&self.dtype).ok_or_else(|| {
+            Error::config(
                 file,
                 "dtype",
-                format!("unknown dtype `{other}`; expected f32, bf16 or f16"),
-            )),
-        }
+                format!("unknown dtype `{}`; expected f32, bf16 or f16", self.dtype),
+            )
+        })
     }
 
     /// The device, resolved: `auto` picks CUDA when present. Asking for CUDA without one is an error.

@@ -17,10 +17,10 @@ use crate::latency::proxy::{Fidelity, LatencyProxy, Sample};
 use crate::latency::tables::{
     cache_key, load_cached, measure_tables, store_cached, SiteTables, TableCost, TableOptions,
 };
-use crate::model::{Family, KeepSet, Masks, UnitKind};
+use crate::model::{Family, KeepSet, Masks, Output, UnitKind};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
-use crate::report::{LatencyPair, Params, ProxySummary, Quality, Summary};
+use crate::report::{LatencyPair, Params, PatchCosine, ProxySummary, Quality, Summary};
 use crate::train::{adapt, AdaptContext, MetricsLog, Models};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -482,8 +482,32 @@ pub fn run(
         params = model.num_params(),
         "teacher loaded"
     );
-    let metric = test.metric();
-    let teacher_quality = eval::quality(model.as_ref(), test.as_ref(), recipe.eval.batch, kind);
+    let metric = eval::metric_for(model.as_ref(), test.as_ref());
+    let quality_of = |m: &dyn Family| {
+        eval::quality(
+            m,
+            model.as_ref(),
+            test.as_ref(),
+            metric,
+            recipe.eval.batch,
+            kind,
+        )
+    };
+    let patch_cosine_of = |m: &dyn Family| {
+        (m.output() == Output::Features).then(|| {
+            let masks = Masks::none(m.groups().len());
+            eval::feature_cosine(
+                m,
+                &masks,
+                model.as_ref(),
+                test.as_ref(),
+                recipe.eval.batch,
+                kind,
+            )
+            .patches
+        })
+    };
+    let teacher_quality = quality_of(model.as_ref());
     tracing::info!(metric = metric.name(), teacher_quality, "teacher evaluated");
 
     // Profile: keep-all latency, site tables, both proxies fitted and judged.
@@ -591,7 +615,8 @@ pub fn run(
         &run_dir.join("slim-before-finetune"),
     )?;
     slim.to_device_layout();
-    let slim_before = eval::quality(slim.as_ref(), test.as_ref(), recipe.eval.batch, kind);
+    let slim_before = quality_of(slim.as_ref());
+    let patches_before = patch_cosine_of(slim.as_ref());
     tracing::info!(picked = %search_table[pick].name, slim_before, calibration_agreement, "exported");
 
     // Fine-tune by distillation.
@@ -617,7 +642,13 @@ pub fn run(
         )?;
     }
     save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
-    let slim_quality = eval::quality(slim.as_ref(), test.as_ref(), recipe.eval.batch, kind);
+    let slim_quality = quality_of(slim.as_ref());
+    let slim_patch_cosine = patches_before.zip(patch_cosine_of(slim.as_ref())).map(
+        |(before_finetune, after_finetune)| PatchCosine {
+            before_finetune,
+            after_finetune,
+        },
+    );
     let slim_kl = eval::kl_to_teacher(
         slim.as_ref(),
         model.as_ref(),
@@ -674,7 +705,8 @@ pub fn run(
             teacher: teacher_quality,
             slim_before_finetune: slim_before,
             slim: slim_quality,
-            slim_kl_to_teacher: Some(slim_kl),
+            slim_kl_to_teacher: slim_kl,
+            slim_patch_cosine_to_teacher: slim_patch_cosine,
         },
         proxy: ProxySummary {
             mape: profile.fidelity().mape,
@@ -708,7 +740,7 @@ pub fn run(
 
 /// Writes `model` into `dir` (config + weights), with the tokenizer of text models so that
 /// the export loads elsewhere as it is.
-fn save_model(
+pub fn save_model(
     model: &dyn Family,
     tokenizer: Option<&tokenizers::Tokenizer>,
     dir: &Path,

@@ -172,7 +172,12 @@ pub fn step_losses(
     let student = models
         .student
         .forward(x, &gates.masks(GateMode::Sample, kind), Phase::Eval);
-    let mut kd = distill::kd_kl(&student, &teacher, terms.kd_temperature);
+    let mut kd = distill::to_teacher(
+        models.student.output(),
+        &student,
+        &teacher,
+        terms.kd_temperature,
+    );
     if terms.mse_weight > 0.0 {
         kd += distill::mse(&student, &teacher) * terms.mse_weight;
     }

@@ -424,3 +424,73 @@ fn decoding_a_vision_model_is_a_clear_error() {
         .to_string();
     assert!(err.contains("resnet") && err.contains("forward"), "{err}");
 }
+
+/// The tiny DINOv2 ONNX export of fixtures/dinov2 with every occurrence of `from` (an
+/// initializer's name, in its initializer and in the nodes reading it) replaced by `to`, of the
+/// same length.
+fn onnx_with_renamed(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
+    assert_eq!(from.len(), to.len());
+    let onnx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/dinov2/model.onnx");
+    let mut bytes = std::fs::read(onnx).unwrap();
+    let mut found = 0;
+    for i in 0..bytes.len().saturating_sub(from.len()) {
+        if &bytes[i..i + from.len()] == from.as_bytes() {
+            bytes[i..i + from.len()].copy_from_slice(to.as_bytes());
+            found += 1;
+        }
+    }
+    assert!(found > 0, "{from} not in the fixture");
+    let path = dir.join("model.onnx");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn onnx_err(path: &Path) -> String {
+    families::load(path, Device::Cpu, Kind::Float, false)
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn an_onnx_without_the_backbone_weights_says_what_it_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = onnx_with_renamed(dir.path(), "embeddings.cls_token", "embeddings.cls_tokXX");
+    let err = onnx_err(&path);
+    assert!(
+        err.contains("model.onnx")
+            && err.contains("embeddings.cls_token")
+            && err.contains("DINOv2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_onnx_missing_a_projection_bias_names_the_initializer() {
+    // Without its bias the fc1 weight cannot be named: the bias is reported missing.
+    let dir = tempfile::tempdir().unwrap();
+    let path = onnx_with_renamed(
+        dir.path(),
+        "backbone.encoder.layer.0.mlp.fc1.bias",
+        "backbone.encoder.layer.0.mlp.fc1.bXXX",
+    );
+    let err = onnx_err(&path);
+    assert!(
+        err.contains("model.onnx") && err.contains("backbone.encoder.layer.0.mlp.fc1.bias"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_truncated_onnx_is_named_as_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/dinov2/model.onnx");
+    let bytes = std::fs::read(onnx).unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = onnx_err(&path);
+    assert!(
+        err.contains("model.onnx") && err.contains("not a readable ONNX model"),
+        "{err}"
+    );
+}

@@ -1,4 +1,5 @@
-//! Property harness over the parsers of user files (GGUF, safetensors, recipe TOML, config JSON):
+//! Property harness over the parsers of user files (GGUF, ONNX, safetensors, recipe TOML, config
+//! JSON):
 //! mutated and truncated inputs give `Ok` or an error, never a panic. The stand-in for a
 //! `cargo fuzz` target that runs in CI in seconds.
 
@@ -83,6 +84,16 @@ proptest! {
         let path = dir.path().join("m.gguf");
         std::fs::write(&path, mutate(valid_gguf(), &edits, cut)).unwrap();
         exercise_gguf(&path);
+    }
+
+    #[test]
+    fn mutated_onnx_never_panics(edits in prop::collection::vec((0usize..80_000, any::<u8>()), 0..8), cut in 0usize..80_000) {
+        // The tiny DINOv2 torch.onnx export of fixtures/dinov2, mutated, imported end to end.
+        let onnx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/dinov2/model.onnx");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, mutate(std::fs::read(onnx).unwrap(), &edits, cut)).unwrap();
+        let _ = families::load(&path, Device::Cpu, Kind::Float, false);
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub enum Metric {
     Top1Accuracy,
     /// exp(mean next-token cross-entropy) (lower is better).
     Perplexity,
+    /// Mean cosine similarity of the cls embedding to the teacher's (a backbone without labels;
+    /// the teacher scores 1, higher is better).
+    ClsCosine,
 }
 
 impl Metric {
@@ -24,6 +27,7 @@ impl Metric {
         match self {
             Metric::Top1Accuracy => "test_top1_accuracy_percent",
             Metric::Perplexity => "test_perplexity",
+            Metric::ClsCosine => "test_cls_cosine_to_teacher",
         }
     }
 }

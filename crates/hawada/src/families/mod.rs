@@ -15,20 +15,27 @@ fn is_gguf(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "gguf")
 }
 
-/// Whether `path` holds weights: a GGUF file, or a directory with `model.safetensors` (or an
-/// index of shards).
+fn is_onnx(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "onnx")
+}
+
+/// Whether `path` holds weights: a GGUF or ONNX file, or a directory with `model.safetensors`
+/// (or an index of shards).
 pub fn has_weights(path: &Path) -> bool {
-    (is_gguf(path) && path.is_file())
+    ((is_gguf(path) || is_onnx(path)) && path.is_file())
         || path.join("model.safetensors").exists()
         || path.join("model.safetensors.index.json").exists()
 }
 
-/// Loads the model at `path`: a GGUF file (LLaMA, dequantised), or a directory (`config.json` +
-/// weights) dispatched on `model_type`. With `random_init`, only the config is read and weights
-/// are random.
+/// Loads the model at `path`: a GGUF file (LLaMA, dequantised), an ONNX file (a DINOv2 backbone
+/// exported from transformers), or a directory (`config.json` + weights) dispatched on
+/// `model_type`. With `random_init`, only the config is read and weights are random.
 pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Result<Box<dyn Family>> {
     if is_gguf(path) {
         return Ok(Box::new(llama::from_gguf(path, device, kind)?));
+    }
+    if is_onnx(path) {
+        return Ok(Box::new(vit::from_onnx(path, device, kind)?));
     }
     let dir = path;
     let config_path = dir.join("config.json");
@@ -53,12 +60,12 @@ pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Resul
         .to_string();
     match model_type.as_str() {
         "resnet" => resnet::load(dir, config, device, kind, random_init),
-        "vit" => vit::load(dir, config, device, kind, random_init),
+        "vit" | "dinov2" => vit::load(dir, config, device, kind, random_init),
         "llama" => llama::load(dir, config, device, kind, random_init),
         other => Err(Error::config(
             &config_path,
             "model_type",
-            format!("unknown family `{other}`; supported: resnet, vit, llama"),
+            format!("unknown family `{other}`; supported: resnet, vit, dinov2, llama"),
         )),
     }
 }

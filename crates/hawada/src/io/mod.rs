@@ -1,7 +1,8 @@
-//! Strict file I/O: safetensors tensors and JSON configs. Builds no module.
+//! Strict file I/O: safetensors tensors, JSON configs, GGUF and ONNX weights. Builds no module.
 
 pub mod gguf;
 pub mod hf_config;
+pub mod onnx;
 pub mod safetensors;
 
 use crate::error::{Error, Result};

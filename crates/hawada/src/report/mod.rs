@@ -34,6 +34,17 @@ pub struct Quality {
     /// Mean KL(teacher ‖ slim) per prediction on the test split, nats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slim_kl_to_teacher: Option<f64>,
+    /// Backbones: mean cosine similarity of the slim model's patch features to the teacher's on
+    /// the test split, before and after fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slim_patch_cosine_to_teacher: Option<PatchCosine>,
+}
+
+/// Patch-feature cosine similarity to the teacher, before and after fine-tuning.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PatchCosine {
+    pub before_finetune: f64,
+    pub after_finetune: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,13 +252,25 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         ),
         row(
             &summary.quality.metric,
-            format!("{:.2}", summary.quality.teacher),
+            format!("{:.4}", summary.quality.teacher),
             format!(
-                "{:.2} (before fine-tune {:.2})",
+                "{:.4} (before fine-tune {:.4})",
                 summary.quality.slim, summary.quality.slim_before_finetune
             ),
         ),
     ]
+    .into_iter()
+    .chain(summary.quality.slim_patch_cosine_to_teacher.map(|p| {
+        row(
+            "patch cosine to teacher",
+            "1".into(),
+            format!(
+                "{:.4} (before fine-tune {:.4})",
+                p.after_finetune, p.before_finetune
+            ),
+        )
+    }))
+    .collect::<Vec<_>>()
     .join("");
     let html = format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>HawAda report: {model}</title>

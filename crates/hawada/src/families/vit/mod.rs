@@ -1,11 +1,20 @@
 //! ViT (Dosovitskiy et al. 2021) in Hugging Face's `ViTForImageClassification` layout and names
-//! (`vit.encoder.layer.{i}.attention.attention.query`, `…intermediate.dense`, `classifier`):
-//! pre-LayerNorm blocks, exact GELU, a cls token, learned position embeddings, attention through
-//! `scaled_dot_product_attention`.
+//! (`vit.encoder.layer.{i}.attention.attention.query`, `…intermediate.dense`, `classifier`), and
+//! its DINOv2 variant (Oquab et al. 2023) in HF's `Dinov2Model` layout (`encoder.layer.{i}.norm1`,
+//! `…mlp.fc1`, `…layer_scale1.lambda1`): pre-LayerNorm blocks, exact GELU, a cls token, learned
+//! position embeddings (interpolated bicubically in f32 when the input grid differs from theirs,
+//! as transformers does), attention through `scaled_dot_product_attention`. DINOv2 scales each
+//! sublayer's output by its LayerScale vector and returns the normalised hidden states of every
+//! token (a backbone: [`Output::Features`]); ViT returns class logits from the cls token.
+//! `onnx` imports a DINOv2 backbone from an ONNX export.
 //!
 //! Gate groups (DESIGN §2), per layer: attention heads (a head's q, k, v rows and its columns of
 //! the output projection go together) and MLP units in groups of `channels_per_gate`. A slim export
 //! is the stock config plus per-layer `hawada_heads` and `hawada_intermediate_sizes` lists.
+
+mod onnx;
+
+pub use onnx::from_onnx;
 
 use super::layers::{
     check_layer_flags, check_layer_widths, drop_modules, gated, sublayer_gate, sublayer_kept,
@@ -15,14 +24,15 @@ use crate::error::{Error, Result};
 use crate::export::slice::slice_tensors;
 use crate::io::safetensors::{load_file_into, load_into, named_tensors};
 use crate::model::{
-    unit_width, CostSite, Family, Group, KeepSet, Masks, Member, Phase, SiteOp, UnitKind, Width,
-    Workload,
+    unit_width, CostSite, Family, Group, KeepSet, Masks, Member, Output, Phase, SiteOp, UnitKind,
+    Width, Workload,
 };
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, nn::VarStore, Device, Kind, Tensor};
 
-/// `config.json` of a ViT classifier (HF `ViTConfig` fields, plus HawAda's slim widths).
+/// `config.json` of a ViT classifier (HF `ViTConfig` fields) or a DINOv2 backbone (HF
+/// `Dinov2Config`), plus HawAda's slim widths.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VitConfig {
     pub architectures: Vec<String>,
@@ -30,11 +40,17 @@ pub struct VitConfig {
     pub hidden_size: i64,
     pub num_hidden_layers: usize,
     pub num_attention_heads: i64,
-    pub intermediate_size: i64,
+    /// MLP width (ViT); DINOv2 configs give `mlp_ratio` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<i64>,
+    /// MLP width as a multiple of `hidden_size` (DINOv2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_ratio: Option<f64>,
     #[serde(default = "default_act")]
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Side of the square image the position embeddings were learned for.
     pub image_size: i64,
     pub patch_size: i64,
     pub num_channels: i64,
@@ -44,6 +60,10 @@ pub struct VitConfig {
     /// when this is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_labels: Option<i64>,
+    /// Side of the square images the model is run on, when not `image_size` (DINOv2 learned
+    /// its position embeddings at 518² and is run at 224²).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hawada_input_size: Option<i64>,
     /// MLP units per gate.
     #[serde(default = "default_channels_per_gate")]
     pub channels_per_gate: i64,
@@ -89,7 +109,8 @@ impl VitConfig {
             hidden_size: 768,
             num_hidden_layers: 12,
             num_attention_heads: 12,
-            intermediate_size: 3072,
+            intermediate_size: Some(3072),
+            mlp_ratio: None,
             hidden_act: default_act(),
             layer_norm_eps: default_eps(),
             image_size: 224,
@@ -97,6 +118,7 @@ impl VitConfig {
             num_channels: 3,
             qkv_bias: true,
             num_labels: Some(1000),
+            hawada_input_size: None,
             channels_per_gate: 64,
             sublayer_gates: false,
             hawada_attention_layers: None,
@@ -113,7 +135,7 @@ impl VitConfig {
             hidden_size: 16,
             num_hidden_layers: 2,
             num_attention_heads: 4,
-            intermediate_size: 32,
+            intermediate_size: Some(32),
             image_size: 8,
             patch_size: 4,
             num_channels: 1,
@@ -121,6 +143,42 @@ impl VitConfig {
             channels_per_gate: 4,
             ..Self::base_16()
         }
+    }
+
+    /// A two-layer DINOv2 backbone (width 16, LayerScale, MLP ratio 2) whose 3×3 grid of
+    /// position embeddings is interpolated to the 2×2 grid of its 8×8 input, for tests.
+    pub fn tiny_dinov2() -> Self {
+        VitConfig {
+            architectures: vec!["Dinov2Model".into()],
+            model_type: "dinov2".into(),
+            intermediate_size: None,
+            mlp_ratio: Some(2.0),
+            layer_norm_eps: 1e-6,
+            image_size: 12,
+            num_labels: None,
+            hawada_input_size: Some(8),
+            ..Self::tiny()
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        if self.model_type == "dinov2" {
+            Layout::Dinov2
+        } else {
+            Layout::Vit
+        }
+    }
+
+    /// MLP width: `intermediate_size`, else `mlp_ratio × hidden_size`.
+    pub fn mlp_width(&self) -> i64 {
+        self.intermediate_size.unwrap_or_else(|| {
+            (self.mlp_ratio.unwrap_or(0.0) * self.hidden_size as f64).round() as i64
+        })
+    }
+
+    /// Side of the images the model runs on.
+    pub fn input_size(&self) -> i64 {
+        self.hawada_input_size.unwrap_or(self.image_size)
     }
 
     /// Number of classes: `num_labels`, else the size of `id2label`.
@@ -137,19 +195,25 @@ impl VitConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// Tokens per image at the input size: the patches and the cls token.
     fn tokens(&self) -> i64 {
-        (self.image_size / self.patch_size).pow(2) + 1
+        (self.input_size() / self.patch_size).pow(2) + 1
     }
 
     fn validate(&self, file: &Path) -> Result<()> {
+        let labels = match self.layout() {
+            Layout::Vit => self.labels().unwrap_or(0),
+            Layout::Dinov2 => 1, // a backbone: no classifier
+        };
         for (field, v) in [
             ("hidden_size", self.hidden_size),
             ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
+            ("intermediate_size", self.mlp_width()),
             ("image_size", self.image_size),
+            ("hawada_input_size", self.input_size()),
             ("patch_size", self.patch_size),
             ("num_channels", self.num_channels),
-            ("num_labels", self.labels().unwrap_or(0)),
+            ("num_labels", labels),
             ("channels_per_gate", self.channels_per_gate),
         ] {
             if v <= 0 {
@@ -170,15 +234,17 @@ impl VitConfig {
                 ),
             ));
         }
-        if self.image_size % self.patch_size != 0 {
-            return Err(Error::config(
-                file,
-                "patch_size",
-                format!(
-                    "{} does not divide image_size {}",
-                    self.patch_size, self.image_size
-                ),
-            ));
+        for (field, size) in [
+            ("image_size", self.image_size),
+            ("hawada_input_size", self.input_size()),
+        ] {
+            if size % self.patch_size != 0 {
+                return Err(Error::config(
+                    file,
+                    field,
+                    format!("{size} is not a multiple of patch_size {}", self.patch_size),
+                ));
+            }
         }
         if self.hidden_act != "gelu" {
             return Err(Error::config(
@@ -210,6 +276,64 @@ impl VitConfig {
     }
 }
 
+/// Which checkpoint layout a config describes: module names differ, DINOv2 adds LayerScale and
+/// a mask token, and returns features rather than logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Vit,
+    Dinov2,
+}
+
+impl Layout {
+    /// Prefix of the backbone's tensors.
+    fn prefix(self) -> &'static str {
+        match self {
+            Layout::Vit => "vit.",
+            Layout::Dinov2 => "",
+        }
+    }
+    fn norm_before(self) -> &'static str {
+        match self {
+            Layout::Vit => "layernorm_before",
+            Layout::Dinov2 => "norm1",
+        }
+    }
+    fn norm_after(self) -> &'static str {
+        match self {
+            Layout::Vit => "layernorm_after",
+            Layout::Dinov2 => "norm2",
+        }
+    }
+    /// The MLP's first and second projection.
+    fn mlp_projections(self) -> [&'static str; 2] {
+        match self {
+            Layout::Vit => ["intermediate.dense", "output.dense"],
+            Layout::Dinov2 => ["mlp.fc1", "mlp.fc2"],
+        }
+    }
+    /// The modules of a layer's attention / MLP sublayer, which a slim export drops together.
+    fn sublayer_modules(self) -> [&'static [&'static str]; 2] {
+        match self {
+            Layout::Vit => [
+                &["attention", "layernorm_before"],
+                &["intermediate", "output", "layernorm_after"],
+            ],
+            Layout::Dinov2 => [
+                &["attention", "norm1", "layer_scale1"],
+                &["mlp", "norm2", "layer_scale2"],
+            ],
+        }
+    }
+}
+
+/// `p` extended by a dotted module path (`mlp.fc1`; `""` is `p` itself).
+fn sub<'a>(p: &nn::Path<'a>, dotted: &str) -> nn::Path<'a> {
+    dotted
+        .split('.')
+        .filter(|part| !part.is_empty())
+        .fold(p.clone(), |p, part| &p / part)
+}
+
 #[derive(Debug)]
 struct LayerNorm {
     weight: Tensor,
@@ -236,10 +360,13 @@ impl LayerNorm {
     }
 }
 
-/// `x + gate · attention(layernorm_before(x))`; fields follow `vit.encoder.layer.{i}`.
+/// `x + gate · layer_scale1 · attention(layernorm_before(x))`; fields follow
+/// `vit.encoder.layer.{i}` (`norm1` in DINOv2).
 #[derive(Debug)]
 struct AttentionSublayer {
     layernorm_before: LayerNorm,
+    /// DINOv2's `layer_scale1.lambda1`, `[hidden]`.
+    layer_scale: Option<Tensor>,
     query: Linear,
     key: Linear,
     value: Linear,
@@ -249,10 +376,13 @@ struct AttentionSublayer {
     gate: Option<usize>,
 }
 
-/// `x + gate · output(gelu(intermediate(layernorm_after(x))))`.
+/// `x + gate · layer_scale2 · output(gelu(intermediate(layernorm_after(x))))` (DINOv2:
+/// `mlp.fc2(gelu(mlp.fc1(norm2(x))))`).
 #[derive(Debug)]
 struct MlpSublayer {
     layernorm_after: LayerNorm,
+    /// DINOv2's `layer_scale2.lambda1`, `[hidden]`.
+    layer_scale: Option<Tensor>,
     intermediate_dense: Linear,
     mlp_output_dense: Linear,
     mlp_group: usize,
@@ -269,12 +399,15 @@ struct Layer {
 pub struct Vit {
     vs: VarStore,
     cfg: VitConfig,
+    layout: Layout,
     cls_token: Tensor,
+    /// `[1, 1 + grid², hidden]` for the grid of `image_size`.
     position_embeddings: Tensor,
     patch_projection: (Tensor, Tensor),
     layers: Vec<Layer>,
     layernorm: LayerNorm,
-    classifier: Linear,
+    /// ViT's classification head; DINOv2 is a backbone without one.
+    classifier: Option<Linear>,
     groups: Vec<Group>,
 }
 
@@ -284,13 +417,28 @@ impl Vit {
         cfg.validate(file)?;
         let vs = VarStore::new(device);
         let root = vs.root();
-        let vit = &root / "vit";
-        let emb = &vit / "embeddings";
+        let layout = cfg.layout();
+        let backbone = sub(&root, layout.prefix());
+        let emb = &backbone / "embeddings";
         let d = cfg.hidden_size;
         let head_dim = cfg.head_dim();
         let cls_token = emb.randn("cls_token", &[1, 1, d], 0.0, 0.02);
-        let position_embeddings =
-            emb.randn("position_embeddings", &[1, cfg.tokens(), d], 0.0, 0.02);
+        let positions = (cfg.image_size / cfg.patch_size).pow(2) + 1;
+        let position_embeddings = emb.randn("position_embeddings", &[1, positions, d], 0.0, 0.02);
+        if layout == Layout::Dinov2 {
+            // Only masked-image pretraining reads it; kept so that checkpoints load both ways.
+            let _mask_token = emb.zeros("mask_token", &[1, d]);
+        }
+        let layer_scale = |p: nn::Path| {
+            (layout == Layout::Dinov2).then(|| {
+                let value = cfg
+                    .other
+                    .get("layerscale_value")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(1.0);
+                p.var("lambda1", &[d], nn::Init::Const(value))
+            })
+        };
         let proj = &emb / "patch_embeddings" / "projection";
         let patch_projection = (
             proj.randn(
@@ -304,8 +452,8 @@ impl Vit {
         let mut groups = Vec::new();
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
-            let lp = &vit / "encoder" / "layer" / i;
-            let name = format!("vit.encoder.layer.{i}");
+            let lp = &backbone / "encoder" / "layer" / i;
+            let name = format!("{}encoder.layer.{i}", layout.prefix());
             let heads = cfg
                 .hawada_heads
                 .as_ref()
@@ -313,7 +461,7 @@ impl Vit {
             let mlp = cfg
                 .hawada_intermediate_sizes
                 .as_ref()
-                .map_or(cfg.intermediate_size, |m| m[i]);
+                .map_or(cfg.mlp_width(), |m| m[i]);
             let has_attention = cfg.hawada_attention_layers.as_ref().is_none_or(|l| l[i]);
             let has_mlp = cfg.hawada_mlp_layers.as_ref().is_none_or(|l| l[i]);
             let eps = cfg.layer_norm_eps;
@@ -358,7 +506,8 @@ impl Vit {
                     cfg.sublayer_gates,
                 );
                 AttentionSublayer {
-                    layernorm_before: LayerNorm::new(&lp / "layernorm_before", d, eps),
+                    layernorm_before: LayerNorm::new(&lp / layout.norm_before(), d, eps),
+                    layer_scale: layer_scale(&lp / "layer_scale1"),
                     query: Linear::new(&attn / "query", d, width, cfg.qkv_bias),
                     key: Linear::new(&attn / "key", d, width, cfg.qkv_bias),
                     value: Linear::new(&attn / "value", d, width, cfg.qkv_bias),
@@ -376,6 +525,7 @@ impl Vit {
             let mlp_sublayer = has_mlp.then(|| {
                 let unit = unit_width(mlp, cfg.channels_per_gate);
                 let mlp_group = groups.len();
+                let [fc1, fc2] = layout.mlp_projections();
                 groups.push(Group {
                     name: format!("{name}.mlp"),
                     kind: UnitKind::Channels,
@@ -383,17 +533,17 @@ impl Vit {
                     unit_width: unit,
                     members: vec![
                         Member {
-                            tensor: format!("{name}.intermediate.dense.weight"),
+                            tensor: format!("{name}.{fc1}.weight"),
                             axis: 0,
                             block: unit,
                         },
                         Member {
-                            tensor: format!("{name}.intermediate.dense.bias"),
+                            tensor: format!("{name}.{fc1}.bias"),
                             axis: 0,
                             block: unit,
                         },
                         Member {
-                            tensor: format!("{name}.output.dense.weight"),
+                            tensor: format!("{name}.{fc2}.weight"),
                             axis: 1,
                             block: unit,
                         },
@@ -402,9 +552,10 @@ impl Vit {
                 });
                 let gate = sublayer_gate(&mut groups, &format!("{name}.mlp"), cfg.sublayer_gates);
                 MlpSublayer {
-                    layernorm_after: LayerNorm::new(&lp / "layernorm_after", d, eps),
-                    intermediate_dense: Linear::new(&lp / "intermediate" / "dense", d, mlp, true),
-                    mlp_output_dense: Linear::new(&lp / "output" / "dense", mlp, d, true),
+                    layernorm_after: LayerNorm::new(&lp / layout.norm_after(), d, eps),
+                    layer_scale: layer_scale(&lp / "layer_scale2"),
+                    intermediate_dense: Linear::new(sub(&lp, fc1), d, mlp, true),
+                    mlp_output_dense: Linear::new(sub(&lp, fc2), mlp, d, true),
                     mlp_group,
                     gate,
                 }
@@ -414,11 +565,13 @@ impl Vit {
                 mlp: mlp_sublayer,
             });
         }
-        let layernorm = LayerNorm::new(&vit / "layernorm", d, cfg.layer_norm_eps);
-        let classifier = Linear::new(&root / "classifier", d, cfg.labels().unwrap_or(0), true);
+        let layernorm = LayerNorm::new(&backbone / "layernorm", d, cfg.layer_norm_eps);
+        let classifier = (layout == Layout::Vit)
+            .then(|| Linear::new(&root / "classifier", d, cfg.labels().unwrap_or(0), true));
         Ok(Vit {
             vs,
             cfg,
+            layout,
             cls_token,
             position_embeddings,
             patch_projection,
@@ -431,6 +584,28 @@ impl Vit {
 
     pub fn config(&self) -> &VitConfig {
         &self.cfg
+    }
+
+    /// Position embeddings for a `[rows, cols]` grid of patches: the learned ones, or their patch
+    /// part resized bicubically (align_corners off, in f32) as transformers' DINOv2 does.
+    fn position_embeddings_for(&self, grid: [i64; 2]) -> Tensor {
+        let learned = self.position_embeddings.size()[1] - 1;
+        if grid[0] == grid[1] && grid[0] * grid[1] == learned {
+            return self.position_embeddings.shallow_clone();
+        }
+        let d = self.cfg.hidden_size;
+        let side = self.cfg.image_size / self.cfg.patch_size;
+        let patch = self
+            .position_embeddings
+            .narrow(1, 1, learned)
+            .reshape([1, side, side, d])
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            .upsample_bicubic2d(grid, false, None, None)
+            .to_kind(self.position_embeddings.kind())
+            .permute([0, 2, 3, 1])
+            .reshape([1, grid[0] * grid[1], d]);
+        Tensor::cat(&[self.position_embeddings.narrow(1, 0, 1), patch], 1)
     }
 }
 
@@ -463,7 +638,7 @@ impl AttentionSublayer {
             None => attn,
         };
         let attn = attn.transpose(1, 2).reshape([b, t, self.heads * head_dim]);
-        self.output_dense.forward(&attn)
+        scaled(self.output_dense.forward(&attn), self.layer_scale.as_ref())
     }
 }
 
@@ -477,7 +652,15 @@ impl MlpSublayer {
             Some(m) => &u * m,
             None => u,
         };
-        self.mlp_output_dense.forward(&u)
+        scaled(self.mlp_output_dense.forward(&u), self.layer_scale.as_ref())
+    }
+}
+
+/// A sublayer's output times its LayerScale vector, where it has one.
+fn scaled(out: Tensor, layer_scale: Option<&Tensor>) -> Tensor {
+    match layer_scale {
+        Some(lambda) => out * lambda,
+        None => out,
     }
 }
 
@@ -496,7 +679,17 @@ impl Layer {
 
 impl Family for Vit {
     fn family(&self) -> &'static str {
-        "vit"
+        match self.layout {
+            Layout::Vit => "vit",
+            Layout::Dinov2 => "dinov2",
+        }
+    }
+
+    fn output(&self) -> Output {
+        match self.classifier {
+            Some(_) => Output::Logits,
+            None => Output::Features,
+        }
     }
 
     fn groups(&self) -> &[Group] {
@@ -518,13 +711,17 @@ impl Family for Vit {
             .flatten(2, -1)
             .transpose(1, 2);
         let b = patches.size()[0];
+        let grid = [x.size()[2] / p, x.size()[3] / p];
         let mut h = Tensor::cat(&[self.cls_token.expand([b, -1, -1], false), patches], 1)
-            + &self.position_embeddings;
+            + self.position_embeddings_for(grid);
         for layer in &self.layers {
             h = layer.forward(&h, masks, self.cfg.head_dim());
         }
-        let cls = self.layernorm.forward(&h).select(1, 0);
-        self.classifier.forward(&cls)
+        let h = self.layernorm.forward(&h);
+        match &self.classifier {
+            Some(classifier) => classifier.forward(&h.select(1, 0)),
+            None => h,
+        }
     }
 
     /// Images have one workload shape; `workload` only brings the batch, which the profiler adds.
@@ -599,8 +796,15 @@ impl Family for Vit {
         let mut tensors = slice_tensors(&self.groups, &named_tensors(&self.vs), keep)?;
         let (mut heads, mut mlp) = (Vec::new(), Vec::new());
         let (mut attention_layers, mut mlp_layers) = (Vec::new(), Vec::new());
+        let prefix = self.layout.prefix();
+        let [attention_modules, mlp_modules] = self.layout.sublayer_modules();
         for (i, layer) in self.layers.iter().enumerate() {
-            let module = |part: &str| format!("vit.encoder.layer.{i}.{part}");
+            let modules = |parts: &[&str]| -> Vec<String> {
+                parts
+                    .iter()
+                    .map(|part| format!("{prefix}encoder.layer.{i}.{part}"))
+                    .collect()
+            };
             match layer
                 .attention
                 .as_ref()
@@ -611,10 +815,7 @@ impl Family for Vit {
                     attention_layers.push(true);
                 }
                 None => {
-                    drop_modules(
-                        &mut tensors,
-                        &[module("attention"), module("layernorm_before")],
-                    );
+                    drop_modules(&mut tensors, &modules(attention_modules));
                     heads.push(
                         self.cfg
                             .hawada_heads
@@ -632,19 +833,12 @@ impl Family for Vit {
                     mlp_layers.push(true);
                 }
                 None => {
-                    drop_modules(
-                        &mut tensors,
-                        &[
-                            module("intermediate"),
-                            module("output"),
-                            module("layernorm_after"),
-                        ],
-                    );
+                    drop_modules(&mut tensors, &modules(mlp_modules));
                     mlp.push(
                         self.cfg
                             .hawada_intermediate_sizes
                             .as_ref()
-                            .map_or(self.cfg.intermediate_size, |m| m[i]),
+                            .map_or(self.cfg.mlp_width(), |m| m[i]),
                     );
                     mlp_layers.push(false);
                 }
@@ -669,19 +863,16 @@ impl Family for Vit {
     }
 
     fn random_input(&self, batch: i64, _tokens: i64) -> Tensor {
+        let side = self.cfg.input_size();
         Tensor::randn(
-            [
-                batch,
-                self.cfg.num_channels,
-                self.cfg.image_size,
-                self.cfg.image_size,
-            ],
+            [batch, self.cfg.num_channels, side, side],
             (self.vs.kind(), self.vs.device()),
         )
     }
 }
 
-/// Builds a ViT from a `config.json` value (+ `model.safetensors` unless `random_init`).
+/// Builds a ViT or DINOv2 from a `config.json` value (+ `model.safetensors` unless
+/// `random_init`).
 pub fn load(
     dir: &Path,
     config: serde_json::Value,
