@@ -43,9 +43,9 @@ pub struct VitConfig {
     /// MLP width (ViT); DINOv2 configs give `mlp_ratio` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intermediate_size: Option<i64>,
-    /// MLP width as a multiple of `hidden_size` (DINOv2).
+    /// MLP width as a multiple of `hidden_size` (DINOv2; transformers 5 requires an integer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mlp_ratio: Option<f64>,
+    pub mlp_ratio: Option<i64>,
     #[serde(default = "default_act")]
     pub hidden_act: String,
     #[serde(default = "default_eps")]
@@ -152,7 +152,7 @@ impl VitConfig {
             architectures: vec!["Dinov2Model".into()],
             model_type: "dinov2".into(),
             intermediate_size: None,
-            mlp_ratio: Some(2.0),
+            mlp_ratio: Some(2),
             layer_norm_eps: 1e-6,
             image_size: 12,
             num_labels: None,
@@ -171,9 +171,8 @@ impl VitConfig {
 
     /// MLP width: `intermediate_size`, else `mlp_ratio × hidden_size`.
     pub fn mlp_width(&self) -> i64 {
-        self.intermediate_size.unwrap_or_else(|| {
-            (self.mlp_ratio.unwrap_or(0.0) * self.hidden_size as f64).round() as i64
-        })
+        self.intermediate_size
+            .unwrap_or_else(|| self.mlp_ratio.unwrap_or(0).saturating_mul(self.hidden_size))
     }
 
     /// Side of the images the model runs on.

@@ -161,6 +161,12 @@ fn dinov2_from_graph(graph: &OnnxGraph) -> Result<(serde_json::Value, BTreeMap<S
         ));
     }
     let mlp = shape("encoder.layer.0.mlp.fc1.bias", 1)?[0];
+    if hidden <= 0 || mlp % hidden != 0 {
+        return Err(not_dinov2(
+            graph,
+            format!("MLP width {mlp} is not a whole multiple of the width {hidden} (mlp_ratio)"),
+        ));
+    }
     let layers = (0..)
         .take_while(|i| tensors.contains_key(&format!("encoder.layer.{i}.norm1.weight")))
         .count();
@@ -175,7 +181,11 @@ fn dinov2_from_graph(graph: &OnnxGraph) -> Result<(serde_json::Value, BTreeMap<S
         graph_name("encoder.layer.0.attention.attention.query.bias")?,
         hidden,
     )?;
-    let eps = layer_norm_eps(graph, graph_name("encoder.layer.0.norm1.weight")?)?;
+    // Stored as f32: written as its shortest f32 decimal (1e-6, not 9.99999997e-7).
+    let eps: f64 = (layer_norm_eps(graph, graph_name("encoder.layer.0.norm1.weight")?)? as f32)
+        .to_string()
+        .parse()
+        .expect("a float's decimal parses");
     let input_size = graph
         .inputs
         .first()
@@ -193,7 +203,7 @@ fn dinov2_from_graph(graph: &OnnxGraph) -> Result<(serde_json::Value, BTreeMap<S
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "mlp_ratio": mlp as f64 / hidden as f64,
+        "mlp_ratio": mlp / hidden,
         "hidden_act": "gelu",
         "layer_norm_eps": eps,
         "image_size": side * patch,
