@@ -194,3 +194,32 @@ fn a_transformers_5_onnx_export_imports_to_the_same_model() {
     );
     assert_eq!(model.num_params(), from_dir.num_params());
 }
+
+#[test]
+fn fused_inference_copies_equal_the_model_vit_and_dinov2() {
+    // Stacked q/k/v and (DINOv2) positions resized once must not change the output.
+    for cfg in [VitConfig::tiny(), VitConfig::tiny_dinov2()] {
+        let model = model(5, cfg.clone());
+        let mut fused = Vit::new(cfg, Device::Cpu, Path::new("copy")).unwrap();
+        hawada::io::safetensors::load_into(
+            fused.var_store(),
+            &hawada::io::safetensors::named_tensors(model.var_store()),
+            Path::new("copy"),
+        )
+        .unwrap();
+        fused
+            .fuse_for_inference(hawada::model::NormFolding::Keep)
+            .unwrap();
+        let x = model.random_input(2, 1);
+        let keep = KeepSet(
+            model
+                .groups()
+                .iter()
+                .map(|g| (0..g.len).step_by(2).collect())
+                .collect(),
+        );
+        let masks = Masks::from_keep(model.groups(), &keep, OPTS);
+        let (reference, out) = (forward(&model, &x, &masks), forward(&fused, &x, &masks));
+        assert!(max_abs(&reference, &out) <= 1e-5 * reference.abs().max().double_value(&[]));
+    }
+}
