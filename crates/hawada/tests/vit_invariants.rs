@@ -162,3 +162,41 @@ fn dropped_sublayers_leave_the_export_which_equals_the_masked_model_and_reloads(
             || n.starts_with("vit.encoder.layer.1.output.")));
     common::export_roundtrip(slim.as_ref());
 }
+
+#[test]
+fn the_vit_model_backbone_matches_transformers_and_slims_exactly() {
+    // fixtures/vit/backbone: the same weights as a `ViTModel` (no `vit.` prefix, a pooler).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vit");
+    let model = families::load(&root.join("backbone"), Device::Cpu, Kind::Float, false).unwrap();
+    assert_eq!(model.output(), hawada::model::Output::Features);
+    let io = hawada::io::safetensors::read(&root.join("io.safetensors")).unwrap();
+    let none = Masks::none(model.groups().len());
+    let hidden = tch::no_grad(|| model.forward(&io["input"], &none, Phase::Eval));
+    let expected = &io["last_hidden_state"];
+    let scale = expected.abs().max().double_value(&[]);
+    assert!(max_abs(&hidden, expected) <= 1e-4 * scale);
+    let keep = KeepSet(
+        model
+            .groups()
+            .iter()
+            .map(|g| (0..g.len).step_by(2).collect())
+            .collect(),
+    );
+    let masked = tch::no_grad(|| {
+        model.forward(
+            &io["input"],
+            &Masks::from_keep(model.groups(), &keep, OPTS),
+            Phase::Eval,
+        )
+    });
+    let slim = model.slim(&keep).unwrap();
+    let out =
+        tch::no_grad(|| slim.forward(&io["input"], &Masks::none(slim.groups().len()), Phase::Eval));
+    assert!(max_abs(&masked, &out) <= 1e-4 * masked.abs().max().double_value(&[]));
+    let names: Vec<String> = common::export_roundtrip(slim.as_ref())
+        .var_store()
+        .variables()
+        .into_keys()
+        .collect();
+    assert!(names.contains(&"pooler.dense.weight".to_string()));
+}

@@ -1,11 +1,13 @@
 //! ViT (Dosovitskiy et al. 2021) in Hugging Face's `ViTForImageClassification` layout and names
-//! (`vit.encoder.layer.{i}.attention.attention.query`, `…intermediate.dense`, `classifier`), and
+//! (`vit.encoder.layer.{i}.attention.attention.query`, `…intermediate.dense`, `classifier`) or
+//! its backbone `ViTModel` (the same without `vit.`, a `pooler` instead of the classifier), and
 //! its DINOv2 variant (Oquab et al. 2023) in HF's `Dinov2Model` layout (`encoder.layer.{i}.norm1`,
 //! `…mlp.fc1`, `…layer_scale1.lambda1`): pre-LayerNorm blocks, exact GELU, a cls token, learned
 //! position embeddings (interpolated bicubically in f32 when the input grid differs from theirs,
 //! as transformers does), attention through `scaled_dot_product_attention`. DINOv2 scales each
-//! sublayer's output by its LayerScale vector and returns the normalised hidden states of every
-//! token (a backbone: [`Output::Features`]); ViT returns class logits from the cls token.
+//! sublayer's output by its LayerScale vector. Backbones (`ViTModel`, `Dinov2Model`) return the
+//! normalised hidden states of every token ([`Output::Features`]); the classifier returns class
+//! logits from the cls token.
 //! `onnx` imports a DINOv2 backbone from an ONNX export.
 //!
 //! Gate groups (DESIGN §2), per layer: attention heads (a head's q, k, v rows and its columns of
@@ -164,6 +166,8 @@ impl VitConfig {
     fn layout(&self) -> Layout {
         if self.model_type == "dinov2" {
             Layout::Dinov2
+        } else if self.architectures.iter().any(|a| a == "ViTModel") {
+            Layout::VitModel
         } else {
             Layout::Vit
         }
@@ -202,7 +206,7 @@ impl VitConfig {
     fn validate(&self, file: &Path) -> Result<()> {
         let labels = match self.layout() {
             Layout::Vit => self.labels().unwrap_or(0),
-            Layout::Dinov2 => 1, // a backbone: no classifier
+            Layout::VitModel | Layout::Dinov2 => 1, // a backbone: no classifier
         };
         for (field, v) in [
             ("hidden_size", self.hidden_size),
@@ -275,11 +279,16 @@ impl VitConfig {
     }
 }
 
-/// Which checkpoint layout a config describes: module names differ, DINOv2 adds LayerScale and
-/// a mask token, and returns features rather than logits.
+/// Which checkpoint layout a config describes: the classifier nests the backbone under `vit.`;
+/// DINOv2 names its modules differently, adds LayerScale and a mask token; backbones return
+/// features rather than logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
+    /// `ViTForImageClassification`.
     Vit,
+    /// `ViTModel`.
+    VitModel,
+    /// `Dinov2Model`.
     Dinov2,
 }
 
@@ -288,32 +297,32 @@ impl Layout {
     fn prefix(self) -> &'static str {
         match self {
             Layout::Vit => "vit.",
-            Layout::Dinov2 => "",
+            Layout::VitModel | Layout::Dinov2 => "",
         }
     }
     fn norm_before(self) -> &'static str {
         match self {
-            Layout::Vit => "layernorm_before",
+            Layout::Vit | Layout::VitModel => "layernorm_before",
             Layout::Dinov2 => "norm1",
         }
     }
     fn norm_after(self) -> &'static str {
         match self {
-            Layout::Vit => "layernorm_after",
+            Layout::Vit | Layout::VitModel => "layernorm_after",
             Layout::Dinov2 => "norm2",
         }
     }
     /// The MLP's first and second projection.
     fn mlp_projections(self) -> [&'static str; 2] {
         match self {
-            Layout::Vit => ["intermediate.dense", "output.dense"],
+            Layout::Vit | Layout::VitModel => ["intermediate.dense", "output.dense"],
             Layout::Dinov2 => ["mlp.fc1", "mlp.fc2"],
         }
     }
     /// The modules of a layer's attention / MLP sublayer, which a slim export drops together.
     fn sublayer_modules(self) -> [&'static [&'static str]; 2] {
         match self {
-            Layout::Vit => [
+            Layout::Vit | Layout::VitModel => [
                 &["attention", "layernorm_before"],
                 &["intermediate", "output", "layernorm_after"],
             ],
@@ -410,8 +419,11 @@ pub struct Vit {
     patch_projection: (Tensor, Tensor),
     layers: Vec<Layer>,
     layernorm: LayerNorm,
-    /// ViT's classification head; DINOv2 is a backbone without one.
+    /// The classifier's head; backbones have none.
     classifier: Option<Linear>,
+    /// `ViTModel`'s pooler (dense + tanh of the cls token): loaded and exported with the model,
+    /// but not its output, which is every token's hidden state.
+    _pooler: Option<Linear>,
     groups: Vec<Group>,
 }
 
@@ -573,6 +585,8 @@ impl Vit {
         let layernorm = LayerNorm::new(&backbone / "layernorm", d, cfg.layer_norm_eps);
         let classifier = (layout == Layout::Vit)
             .then(|| Linear::new(&root / "classifier", d, cfg.labels().unwrap_or(0), true));
+        let pooler = (layout == Layout::VitModel)
+            .then(|| Linear::new(&root / "pooler" / "dense", d, d, true));
         Ok(Vit {
             vs,
             cfg,
@@ -584,6 +598,7 @@ impl Vit {
             layers,
             layernorm,
             classifier,
+            _pooler: pooler,
             groups,
         })
     }
@@ -697,7 +712,7 @@ impl Layer {
 impl Family for Vit {
     fn family(&self) -> &'static str {
         match self.layout {
-            Layout::Vit => "vit",
+            Layout::Vit | Layout::VitModel => "vit",
             Layout::Dinov2 => "dinov2",
         }
     }
