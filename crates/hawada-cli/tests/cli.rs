@@ -513,6 +513,9 @@ fn real_dinov2_from_onnx_runs_every_stage_judged_by_feature_cosine() {
     ] {
         assert!((-1.0..=1.0 + 1e-4).contains(&cosine), "{cosine}");
     }
+    // scikit-image's sample photos are compared too.
+    assert_eq!(quality["photos"]["images"], 23);
+    assert_eq!(quality["photos"]["metric"], "cls_cosine_to_teacher");
     // The slim export is a Dinov2Model directory that loads back.
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("slim/config.json")).unwrap())

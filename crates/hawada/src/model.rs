@@ -305,6 +305,11 @@ pub trait Family: Send {
         None
     }
 
+    /// The number of token ids the model embeds, for sequence models.
+    fn vocab_size(&self) -> Option<i64> {
+        None
+    }
+
     /// Number of parameters (excluding buffers such as batch-norm running statistics).
     fn num_params(&self) -> i64 {
         self.var_store()

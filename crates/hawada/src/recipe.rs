@@ -109,6 +109,16 @@ pub struct DataSection {
     /// Text: documents (the last in name order) held out as the test split.
     #[serde(default = "default_test_documents")]
     pub test_documents: usize,
+    /// Text: where the tokenizer comes from, when not the model: a model directory, a GGUF file,
+    /// or a bare `tokenizer.json` (documents are then joined without an end-of-text token).
+    /// Random-init models (Llama-3.2-1B shapes) have none of their own.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Images: a folder of PNG photos (e.g. scikit-image's samples, `scripts/fetch-assets.sh
+    /// skimage-photos`), resized and centre-cropped to `image_size`, ImageNet-normalised, on
+    /// which teacher and slim model are also compared (`quality.photos` in `summary.json`).
+    #[serde(default)]
+    pub photos: Option<PathBuf>,
 }
 
 /// What the latency target applies to.

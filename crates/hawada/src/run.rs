@@ -20,7 +20,9 @@ use crate::latency::tables::{
 use crate::model::{Family, KeepSet, Masks, Output, UnitKind};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
-use crate::report::{LatencyPair, Params, PatchCosine, ProxySummary, Quality, Summary};
+use crate::report::{
+    LatencyPair, Params, PatchCosine, PhotoQuality, ProxySummary, Quality, Summary,
+};
 use crate::train::{adapt, AdaptContext, MetricsLog, Models};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -326,7 +328,7 @@ fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
 /// Documents tokenised with the model's tokenizer; the calibration tail is `data.holdout`
 /// sequences of the training split.
 fn load_text_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
-    let vocabulary = load_vocabulary(&recipe.model.dir)?;
+    let vocabulary = load_vocabulary(recipe.data.tokenizer.as_ref().unwrap_or(&recipe.model.dir))?;
     let (full_train, mut test) = TextDataset::load_dir(
         &recipe.data.dir,
         &vocabulary.tokenizer,
@@ -475,6 +477,16 @@ pub fn run(
     } = load_splits(recipe, device)?;
     let model = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
     check_lengths(model.as_ref(), recipe, recipe_file)?;
+    if let (Some(tokenizer), Some(vocab)) = (&tokenizer, model.vocab_size()) {
+        let ids = tokenizer.get_vocab_size(true) as i64;
+        if ids > vocab {
+            return Err(Error::config(
+                recipe_file,
+                "data.tokenizer",
+                format!("the tokenizer has {ids} token ids; the model embeds only {vocab}"),
+            ));
+        }
+    }
     let n_groups = model.groups().len();
     tracing::info!(
         family = model.family(),
@@ -508,6 +520,32 @@ pub fn run(
         })
     };
     let teacher_quality = quality_of(model.as_ref());
+    let photos = match (&recipe.data.photos, recipe.data.format) {
+        (Some(dir), DataFormat::Idx) => {
+            let size = recipe.data.image_size.unwrap_or(28);
+            Some((dir, ImageDataset::load_png_folder(dir, size, device)?))
+        }
+        (Some(_), DataFormat::Text) => {
+            return Err(Error::config(
+                recipe_file,
+                "data.photos",
+                "photos go with image data (format = \"idx\")",
+            ))
+        }
+        (None, _) => None,
+    };
+    let photo_score = |m: &dyn Family| {
+        photos.as_ref().map(|(_, data)| {
+            let masks = Masks::none(m.groups().len());
+            let batch = recipe.eval.batch;
+            match m.output() {
+                Output::Features => {
+                    eval::feature_cosine(m, &masks, model.as_ref(), data, batch, kind).cls
+                }
+                Output::Logits => eval::agreement(m, &masks, model.as_ref(), data, batch, kind),
+            }
+        })
+    };
     tracing::info!(metric = metric.name(), teacher_quality, "teacher evaluated");
 
     // Profile: keep-all latency, site tables, both proxies fitted and judged.
@@ -617,6 +655,7 @@ pub fn run(
     slim.to_device_layout();
     let slim_before = quality_of(slim.as_ref());
     let patches_before = patch_cosine_of(slim.as_ref());
+    let photos_before = photo_score(slim.as_ref());
     tracing::info!(picked = %search_table[pick].name, slim_before, calibration_agreement, "exported");
 
     // Fine-tune by distillation.
@@ -707,6 +746,21 @@ pub fn run(
             slim: slim_quality,
             slim_kl_to_teacher: slim_kl,
             slim_patch_cosine_to_teacher: slim_patch_cosine,
+            photos: photos
+                .as_ref()
+                .zip(photos_before)
+                .zip(photo_score(slim.as_ref()))
+                .map(|(((dir, data), slim_before_finetune), slim)| PhotoQuality {
+                    dir: dir.display().to_string(),
+                    images: data.len(),
+                    metric: match model.output() {
+                        Output::Features => "cls_cosine_to_teacher",
+                        Output::Logits => "top1_agreement_percent",
+                    }
+                    .into(),
+                    slim_before_finetune,
+                    slim,
+                }),
         },
         proxy: ProxySummary {
             mape: profile.fidelity().mape,

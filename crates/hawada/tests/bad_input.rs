@@ -494,3 +494,77 @@ fn a_truncated_onnx_is_named_as_unreadable() {
         "{err}"
     );
 }
+
+#[test]
+fn a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_naming_the_field() {
+    // SmolLM2's tokenizer (49152 ids, from the GGUF the tests fetch) for a tiny random LLaMA.
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = hawada::io::gguf::Gguf::open(&gguf).unwrap();
+    let tokenizer_file = dir.path().join("tokenizer.json");
+    hawada::data::tokenizer_from_gguf(&gguf)
+        .unwrap()
+        .save(&tokenizer_file, false)
+        .unwrap();
+    let model_dir = dir.path().join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let config = serde_json::to_value(hawada::families::llama::LlamaConfig::tiny()).unwrap();
+    std::fs::write(model_dir.join("config.json"), config.to_string()).unwrap();
+    let texts = dir.path().join("texts");
+    std::fs::create_dir_all(&texts).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            texts.join(format!("{i}.txt")),
+            "The Congress shall assemble. ".repeat(40),
+        )
+        .unwrap();
+    }
+    let text = format!(
+        r#"name = "vocab"
+device = "cpu"
+[model]
+dir = "{}"
+random_init = true
+[data]
+format = "text"
+dir = "{}"
+tokenizer = "{}"
+seq_len = 16
+test_documents = 1
+holdout = 1
+[latency]
+batch = 1
+tokens = 16
+[target]
+fraction = 0.5
+[adapt]
+steps = 1
+batch = 1
+probe_every = 1
+checkpoint_every = 1
+[finetune]
+steps = 0
+batch = 1
+lr = 0.001
+"#,
+        model_dir.display(),
+        texts.display(),
+        tokenizer_file.display()
+    );
+    let recipe_file = dir.path().join("vocab.toml");
+    let recipe = Recipe::parse(&text, &recipe_file).unwrap();
+    let err = hawada::run::run(
+        &recipe,
+        &recipe_file,
+        &dir.path().join("run"),
+        &hawada::progress::Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("vocab.toml") && err.contains("data.tokenizer") && err.contains("49152"),
+        "{err}"
+    );
+}

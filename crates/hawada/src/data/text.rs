@@ -102,8 +102,8 @@ pub struct Vocabulary {
 }
 
 /// The vocabulary of a model, each file read once: from a GGUF file (its BPE and
-/// `tokenizer.ggml.eos_token_id`), or from an HF directory (`tokenizer.json` and `config.json`'s
-/// `eos_token_id`, the first when it is a list).
+/// `tokenizer.ggml.eos_token_id`), from an HF directory (`tokenizer.json` and `config.json`'s
+/// `eos_token_id`, the first when it is a list), or from a bare `tokenizer.json` (no end of text).
 pub fn load_vocabulary(model: &Path) -> Result<Vocabulary> {
     if model.extension().is_some_and(|e| e == "gguf") {
         let gguf = Gguf::open(model)?;
@@ -113,6 +113,13 @@ pub fn load_vocabulary(model: &Path) -> Result<Vocabulary> {
                 .metadata
                 .get("tokenizer.ggml.eos_token_id")
                 .and_then(Value::as_i64),
+        });
+    }
+    if model.extension().is_some_and(|e| e == "json") {
+        let tokenizer = Tokenizer::from_file(model).map_err(|e| tokenizer_error(model, e))?;
+        return Ok(Vocabulary {
+            tokenizer,
+            eos: None,
         });
     }
     let file = model.join("tokenizer.json");

@@ -1093,6 +1093,10 @@ impl Family for Llama {
         Some(self.cfg.max_position_embeddings)
     }
 
+    fn vocab_size(&self) -> Option<i64> {
+        Some(self.cfg.vocab_size)
+    }
+
     fn random_input(&self, batch: i64, tokens: i64) -> Tensor {
         Tensor::randint(
             self.cfg.vocab_size,

@@ -38,6 +38,20 @@ pub struct Quality {
     /// the test split, before and after fine-tuning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slim_patch_cosine_to_teacher: Option<PatchCosine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub photos: Option<PhotoQuality>,
+}
+
+/// Agreement with the teacher on the recipe's photo folder (`data.photos`): the cls cosine for a
+/// backbone, top-1 agreement in percent for a classifier.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhotoQuality {
+    pub dir: String,
+    pub images: i64,
+    /// `cls_cosine_to_teacher` or `top1_agreement_percent`.
+    pub metric: String,
+    pub slim_before_finetune: f64,
+    pub slim: f64,
 }
 
 /// Patch-feature cosine similarity to the teacher, before and after fine-tuning.
@@ -267,6 +281,16 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             format!(
                 "{:.4} (before fine-tune {:.4})",
                 p.after_finetune, p.before_finetune
+            ),
+        )
+    }))
+    .chain(summary.quality.photos.as_ref().map(|p| {
+        row(
+            &format!("photos ({} in {}): {}", p.images, p.dir, p.metric),
+            "".into(),
+            format!(
+                "{:.4} (before fine-tune {:.4})",
+                p.slim, p.slim_before_finetune
             ),
         )
     }))
