@@ -95,6 +95,20 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Running out of device memory is reported as an error naming the batch to lower
+    // (hawada::run::out_of_memory_as_error); libtorch's panic text would only bury it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if !message.contains("out of memory") {
+            default_hook(info);
+        }
+    }));
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -129,6 +129,7 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
         "plots/kd.png",
         "plots/lambda.png",
         "plots/latency.png",
+        "plots/kept.png",
         "plots/finetune.png",
         "plots/pareto.png",
     ] {

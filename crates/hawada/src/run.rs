@@ -519,7 +519,8 @@ pub fn run(
             .patches
         })
     };
-    let teacher_quality = quality_of(model.as_ref());
+    let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
+    let teacher_quality = out_of_memory_as_error(eval_batch, || Ok(quality_of(model.as_ref())))?;
     let photos = match (&recipe.data.photos, recipe.data.format) {
         (Some(dir), DataFormat::Idx) => {
             let size = recipe.data.image_size.unwrap_or(28);
@@ -551,7 +552,10 @@ pub fn run(
     // Profile: keep-all latency, site tables, both proxies fitted and judged.
     let protocol = recipe.latency.protocol();
     let workload = recipe.latency.workload();
-    let (profile, mut proxy) = profile_stage(model.as_ref(), recipe, &env)?;
+    let latency_batch = ("latency measurement", "latency.batch", recipe.latency.batch);
+    let (profile, mut proxy) = out_of_memory_as_error(latency_batch, || {
+        profile_stage(model.as_ref(), recipe, &env)
+    })?;
 
     // Adapt. The student is the teacher itself, or a copy when its weights train too.
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), device)?;
@@ -581,23 +585,26 @@ pub fn run(
             protocol,
         )
     };
-    let outcome = adapt(
-        Models {
-            teacher: model.as_ref(),
-            student,
-        },
-        &mut gates,
-        &mut proxy,
-        &recipe.adapt,
-        profile.target_ms,
-        AdaptContext {
-            next_batch: &mut next_input,
-            measure_keep: &mut measure_keep,
-            checkpoint_dir: &run_dir.join("checkpoints/adapt"),
-            metrics,
-            observer,
-        },
-    )?;
+    let adapt_batch = ("gate training", "adapt.batch", recipe.adapt.batch);
+    let outcome = out_of_memory_as_error(adapt_batch, || {
+        adapt(
+            Models {
+                teacher: model.as_ref(),
+                student,
+            },
+            &mut gates,
+            &mut proxy,
+            &recipe.adapt,
+            profile.target_ms,
+            AdaptContext {
+                next_batch: &mut next_input,
+                measure_keep: &mut measure_keep,
+                checkpoint_dir: &run_dir.join("checkpoints/adapt"),
+                metrics,
+                observer,
+            },
+        )
+    })?;
     gates.save(run_dir)?;
 
     // Export: the GPU-friendly search over roundings of the trained keep-set, every candidate
@@ -634,16 +641,18 @@ pub fn run(
             kind,
         )
     };
-    let (search_table, searched, pick) = search(
-        model.groups(),
-        listed,
-        profile.target_ms,
-        SearchContext {
-            measure: &mut measure_candidate,
-            score: &mut score,
-            observer,
-        },
-    )?;
+    let (search_table, searched, pick) = out_of_memory_as_error(latency_batch, || {
+        search(
+            model.groups(),
+            listed,
+            profile.target_ms,
+            SearchContext {
+                measure: &mut measure_candidate,
+                score: &mut score,
+                observer,
+            },
+        )
+    })?;
     let keep = searched[pick].clone();
     let calibration_agreement = search_table[pick].agreement;
     let mut slim = student.slim(&keep)?;
@@ -668,17 +677,20 @@ pub fn run(
             checkpoint_every: recipe.finetune.checkpoint_every,
             checkpoint_dir: &run_dir.join("checkpoints/finetune"),
         };
-        train_weights(
-            slim.as_mut(),
-            Objective::Distill {
-                teacher: model.as_ref(),
-                temperature: recipe.finetune.kd_temperature,
-            },
-            &mut next,
-            &opts,
-            metrics,
-            observer,
-        )?;
+        let finetune_batch = ("fine-tuning", "finetune.batch", recipe.finetune.batch);
+        out_of_memory_as_error(finetune_batch, || {
+            train_weights(
+                slim.as_mut(),
+                Objective::Distill {
+                    teacher: model.as_ref(),
+                    temperature: recipe.finetune.kd_temperature,
+                },
+                &mut next,
+                &opts,
+                metrics,
+                observer,
+            )
+        })?;
     }
     save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
     let slim_quality = quality_of(slim.as_ref());
@@ -792,6 +804,40 @@ pub fn run(
     Ok(summary)
 }
 
+/// Runs one stage, turning the device running out of memory into an error that names the
+/// stage's batch field and suggests half of it. libtorch reports it as an error, which tch's
+/// plain tensor methods raise as a panic: that panic is caught here, any other one goes on.
+/// `(stage, field, batch)` describe the stage.
+pub fn out_of_memory_as_error<T>(
+    (stage, field, batch): (&str, &str, i64),
+    run: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let is_oom = |message: &str| message.contains("out of memory");
+    let error = || Error::Device {
+        device: "the model's device".into(),
+        reason: format!(
+            "out of memory during {stage} at {field} = {batch}; try a smaller {field} (e.g. {})",
+            (batch / 2).max(1)
+        ),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Err(e)) if is_oom(&e.to_string()) => Err(error()),
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if is_oom(message) {
+                Err(error())
+            } else {
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
+}
+
 /// Writes `model` into `dir` (config + weights), with the tokenizer of text models so that
 /// the export loads elsewhere as it is.
 pub fn save_model(
@@ -813,4 +859,36 @@ pub fn save_model(
 /// Default run directory of a recipe: `runs/<name>`.
 pub fn default_run_dir(recipe: &Recipe) -> PathBuf {
     PathBuf::from("runs").join(&recipe.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_device_memory_names_the_batch_field_and_a_smaller_value() {
+        let stage = ("gate training", "adapt.batch", 64);
+        let err = out_of_memory_as_error(stage, || -> Result<()> {
+            panic!("Torch(\"CUDA out of memory. Tried to allocate 1002.00 MiB\")")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("gate training") && err.contains("adapt.batch = 64") && err.contains("32"),
+            "{err}"
+        );
+        // The same from a fallible op's error.
+        let err = out_of_memory_as_error(stage, || -> Result<()> {
+            Err(Error::Invalid("CUDA out of memory".into()))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("adapt.batch"), "{err}");
+        // Other panics are not swallowed.
+        let other = std::panic::catch_unwind(|| {
+            out_of_memory_as_error(stage, || -> Result<()> { panic!("index out of range") })
+        });
+        assert!(other.is_err());
+        assert_eq!(out_of_memory_as_error(stage, || Ok(7)).unwrap(), 7);
+    }
 }

@@ -568,3 +568,36 @@ lr = 0.001
         "{err}"
     );
 }
+
+#[test]
+fn every_shipped_recipe_parses_and_names_a_model_that_exists_or_is_built() {
+    // Recipes never rot silently: each one under recipes/ parses, and
+    // its model is a committed config, a fetched asset, or a teacher the recipe trains.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut checked = 0;
+    for device in ["cpu", "h100"] {
+        for entry in std::fs::read_dir(root.join("recipes").join(device)).unwrap() {
+            let file = entry.unwrap().path();
+            // Typed parse (unknown keys are errors); the value checks that need the recipe's
+            // device (a GPU for h100/) run where it runs.
+            let text = std::fs::read_to_string(&file).unwrap();
+            let recipe: Recipe =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            if device == "cpu" {
+                Recipe::from_file(&file).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let model = recipe.model.dir.to_string_lossy().into_owned();
+            let committed = root.join(&recipe.model.dir).join("config.json").exists();
+            let fetched = model.starts_with(".cache/assets/");
+            let converted = model.starts_with(".cache/teachers/dinov2");
+            let trained = recipe.teacher_training.is_some();
+            assert!(
+                committed || fetched || converted || trained,
+                "{}: model {model} is neither committed, fetched, converted nor trained",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "{checked} recipes");
+}

@@ -131,6 +131,42 @@ impl Summary {
     }
 }
 
+/// Percent of each unit kind's units kept (heads, channels, …) at every probe of the gate
+/// training, from the groups in `gates.json` and the kept counts in `metrics.jsonl`.
+fn kept_by_kind(run_dir: &Path, metrics: &[serde_json::Value]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let groups: Vec<(String, f64)> = crate::io::hf_config::read_value(&run_dir.join("gates.json"))
+        .ok()
+        .and_then(|g| g.get("groups").and_then(|g| g.as_array()).cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|g| Some((g["kind"].as_str()?.to_string(), g["len"].as_f64()?)))
+        .collect();
+    let mut kinds: Vec<String> = groups.iter().map(|(k, _)| k.clone()).collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let total: f64 = groups.iter().filter(|(k, _)| *k == kind).map(|g| g.1).sum();
+            let points = metrics
+                .iter()
+                .filter(|m| m["stage"] == "adapt")
+                .filter_map(|m| {
+                    let counts = m["kept"].as_array()?;
+                    let kept: f64 = counts
+                        .iter()
+                        .zip(&groups)
+                        .filter(|(_, (k, _))| *k == kind)
+                        .filter_map(|(c, _)| c.as_f64())
+                        .sum();
+                    Some((m["step"].as_f64()?, 100.0 * kept / total.max(1.0)))
+                })
+                .collect();
+            (kind, points)
+        })
+        .collect()
+}
+
 /// Writes `report.html` in `run_dir` from `metrics.jsonl`, `latency.json` and `summary.json`.
 pub fn write_html(run_dir: &Path) -> Result<()> {
     let summary_path = run_dir.join("summary.json");
@@ -169,6 +205,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         .map(|c| (c.latency_ms.mean, c.agreement))
         .collect();
     pareto.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let kept = kept_by_kind(run_dir, &metrics);
     let charts = [
         (
             "kd",
@@ -207,6 +244,24 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             },
         ),
         (
+            "kept",
+            Chart {
+                title: "Kept units per kind of site (at each probe)",
+                x_label: "step",
+                y_label: "kept %",
+                series: kept
+                    .iter()
+                    .zip([0x1f77b4, 0xff7f0e, 0x2ca02c, 0xd62728, 0x9467bd])
+                    .map(|((kind, points), color)| Series {
+                        label: kind.as_str(),
+                        color,
+                        points: points.clone(),
+                        dots: false,
+                    })
+                    .collect(),
+            },
+        ),
+        (
             "finetune",
             Chart {
                 title: "Fine-tune: KD loss",
@@ -228,7 +283,13 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
                         points: candidates,
                         dots: true,
                     },
-                    line("Pareto front", 0x1f77b4, pareto),
+                    // Dots over the candidates' (a front of one point has no line).
+                    Series {
+                        label: "Pareto front",
+                        color: 0x1f77b4,
+                        points: pareto,
+                        dots: true,
+                    },
                 ],
             },
         ),
@@ -248,6 +309,12 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         format!("<tr><td>{name}</td><td>{keep_all}</td><td>{slim}</td></tr>")
     };
     let l = &summary.latency_ms;
+    // Cosines need four digits to differ; accuracy and perplexity read well with two.
+    let digits = if summary.quality.metric.contains("cosine") {
+        4
+    } else {
+        2
+    };
     let table = [
         row(
             "latency mean (ms)",
@@ -266,9 +333,9 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         ),
         row(
             &summary.quality.metric,
-            format!("{:.4}", summary.quality.teacher),
+            format!("{:.digits$}", summary.quality.teacher),
             format!(
-                "{:.4} (before fine-tune {:.4})",
+                "{:.digits$} (before fine-tune {:.digits$})",
                 summary.quality.slim, summary.quality.slim_before_finetune
             ),
         ),
