@@ -6,11 +6,12 @@ use crate::distill;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{load_file_into, named_tensors};
 use crate::model::{Family, Masks, Phase};
+use crate::optim::{seed_step, Adam};
 use crate::progress::Observer;
 use crate::train::MetricsLog;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tch::{nn, nn::OptimizerConfig, Tensor};
+use tch::Tensor;
 
 /// What a weight-training loop needs: the batches and how to score them.
 pub enum Objective<'a> {
@@ -30,6 +31,8 @@ pub struct WeightTraining<'a> {
     pub lr: f64,
     pub checkpoint_every: i64,
     pub checkpoint_dir: &'a Path,
+    /// The run's seed: each step reseeds from it (`optim::seed_step`).
+    pub seed: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +61,7 @@ pub fn train_weights(
     std::fs::create_dir_all(opts.checkpoint_dir).map_err(|e| Error::io(opts.checkpoint_dir, e))?;
     let state_file = opts.checkpoint_dir.join("state.json");
     let weights_file = opts.checkpoint_dir.join("model.safetensors");
+    let adam_file = opts.checkpoint_dir.join("adam.safetensors");
     let mut start = 0;
     if state_file.exists() && weights_file.exists() {
         let state: WeightState = crate::io::hf_config::parse(
@@ -74,15 +78,17 @@ pub fn train_weights(
     }
     metrics.truncate_from(opts.stage, start)?;
     model.var_store_mut().unfreeze();
-    let mut opt = nn::Adam::default()
-        .build(model.var_store(), opts.lr)
-        .map_err(|e| Error::torch("adam", opts.stage, e))?;
+    let mut opt = Adam::new(model.var_store(), opts.lr);
+    if start > 0 && adam_file.exists() {
+        opt.load(&adam_file)?;
+    }
     let no_masks = Masks::none(model.groups().len());
     observer.begin(opts.stage, opts.steps as u64);
     for step in start..opts.steps {
         let lr =
             opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / opts.steps as f64).cos());
         opt.set_lr(lr);
+        seed_step(opts.seed, opts.stage, step);
         let (x, y) = next_batch();
         let x = model.prepare_input(x);
         let logits = model.forward(&x, &no_masks, Phase::Train);
@@ -128,6 +134,7 @@ pub fn train_weights(
         observer.advance(step as u64 + 1, &format!("loss {loss_value:.4}"));
         if (step + 1) % opts.checkpoint_every == 0 || step + 1 == opts.steps {
             crate::io::safetensors::write(&weights_file, &named_tensors(model.var_store()))?;
+            opt.save(&adam_file)?;
             crate::io::hf_config::write(&state_file, &WeightState { step: step + 1 })?;
         }
     }

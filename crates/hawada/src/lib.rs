@@ -15,6 +15,7 @@ pub mod gates;
 pub mod io;
 pub mod latency;
 pub mod model;
+pub mod optim;
 pub mod progress;
 pub mod recipe;
 pub mod report;

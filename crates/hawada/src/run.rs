@@ -291,6 +291,7 @@ fn teacher(
             lr: spec.lr,
             checkpoint_every: 200,
             checkpoint_dir: &run_dir.join("checkpoints/teacher"),
+            seed: recipe.seed,
         };
         train_weights(
             model.as_mut(),
@@ -602,6 +603,7 @@ pub fn run(
                 checkpoint_dir: &run_dir.join("checkpoints/adapt"),
                 metrics,
                 observer,
+                seed: recipe.seed,
             },
         )
     })?;
@@ -676,6 +678,7 @@ pub fn run(
             lr: recipe.finetune.lr,
             checkpoint_every: recipe.finetune.checkpoint_every,
             checkpoint_dir: &run_dir.join("checkpoints/finetune"),
+            seed: recipe.seed,
         };
         let finetune_batch = ("fine-tuning", "finetune.batch", recipe.finetune.batch);
         out_of_memory_as_error(finetune_batch, || {

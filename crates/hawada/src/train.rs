@@ -10,12 +10,13 @@ use crate::gates::{GateMode, Gates};
 use crate::latency::measure::LatencyStats;
 use crate::latency::proxy::{LatencyProxy, Sample};
 use crate::model::{Family, KeepSet, Masks, Phase};
+use crate::optim::{seed_step, Adam};
 use crate::progress::Observer;
 use crate::recipe::AdaptSection;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::{nn, nn::OptimizerConfig, Tensor};
+use tch::Tensor;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +128,8 @@ pub struct AdaptContext<'a> {
     pub checkpoint_dir: &'a Path,
     pub metrics: &'a MetricsLog,
     pub observer: &'a dyn Observer,
+    /// The run's seed: each step reseeds from it (`optim::seed_step`).
+    pub seed: u64,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -242,6 +245,7 @@ pub fn adapt(
         if cfg.train_weights && weights.exists() {
             crate::io::safetensors::load_file_into(student.var_store(), &weights)?;
         }
+        // The optimisers' moments are restored below, once the optimisers exist.
         for &sample in &state.probe_samples {
             proxy.add_sample(sample);
         }
@@ -253,23 +257,26 @@ pub fn adapt(
     }
     ctx.metrics.truncate_from("adapt", state.step)?;
     let mut probes = Vec::new();
-    let mut opt = nn::Adam::default()
-        .build(gates.var_store(), cfg.lr)
-        .map_err(|e| Error::torch("adam", "gates", e))?;
-    let mut weight_opt = if cfg.train_weights {
-        Some(
-            nn::Adam::default()
-                .build(student.var_store(), cfg.weight_lr)
-                .map_err(|e| Error::torch("adam", "student weights", e))?,
-        )
-    } else {
-        None
-    };
+    let gates_adam_file = ctx.checkpoint_dir.join("gates_adam.safetensors");
+    let weights_adam_file = ctx.checkpoint_dir.join("student_adam.safetensors");
+    let mut opt = Adam::new(gates.var_store(), cfg.lr);
+    let mut weight_opt = cfg
+        .train_weights
+        .then(|| Adam::new(student.var_store(), cfg.weight_lr));
+    if saved_state.exists() && gates_adam_file.exists() {
+        opt.load(&gates_adam_file)?;
+        if let Some(weight_opt) = weight_opt.as_mut() {
+            weight_opt.load(&weights_adam_file)?;
+        }
+    }
     ctx.observer.begin("adapt", cfg.steps as u64);
     let mut kd_ema: Option<f64> = None;
     while state.step < cfg.steps && !state.finished {
         let step = state.step;
-        let probe_now = (step + 1) % cfg.probe_every == 0 || step + 1 == cfg.steps;
+        seed_step(ctx.seed, "adapt", step);
+        // The export search measures the final architecture; a probe on the last step would
+        // only let timing noise into its update.
+        let probe_now = (step + 1) % cfg.probe_every == 0;
         let mut real_ms = None;
         let mut kept = None;
         if probe_now {
@@ -384,12 +391,15 @@ pub fn adapt(
             ),
         );
         if state.step % cfg.checkpoint_every == 0 || state.finished || state.step == cfg.steps {
-            if cfg.train_weights {
+            if let Some(weight_opt) = &weight_opt {
                 crate::io::safetensors::write(
                     &ctx.checkpoint_dir.join("student.safetensors"),
                     &crate::io::safetensors::named_tensors(student.var_store()),
                 )?;
+                weight_opt.save(&weights_adam_file)?;
             }
+            opt.save(&gates_adam_file)?;
+            // Last: the state names the step the files above belong to.
             save_checkpoint(gates, &state, ctx.checkpoint_dir)?;
         }
     }

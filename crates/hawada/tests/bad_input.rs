@@ -601,3 +601,132 @@ fn every_shipped_recipe_parses_and_names_a_model_that_exists_or_is_built() {
     }
     assert!(checked >= 15, "{checked} recipes");
 }
+
+#[test]
+fn an_unknown_family_is_named_with_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "bert", "architectures": ["BertModel"]}"#,
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("config.json") && err.contains("`bert`") && err.contains("dinov2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact() {
+    // A full disk fails the write of the temporary file; the previous file must survive. The
+    // temporary path is made unwritable (a directory stands in its way) to fail that write.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gates.safetensors");
+    let mut tensors = BTreeMap::new();
+    tensors.insert("logits".to_string(), Tensor::from_slice(&[1.0f32, 2.0]));
+    hawada::io::safetensors::write(&file, &tensors).unwrap();
+    let before = std::fs::read(&file).unwrap();
+    std::fs::create_dir(dir.path().join("gates.safetensors.tmp")).unwrap();
+    tensors.insert("logits".to_string(), Tensor::from_slice(&[3.0f32, 4.0]));
+    let err = hawada::io::safetensors::write(&file, &tensors)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gates.safetensors.tmp"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+}
+
+#[test]
+fn a_download_whose_sha256_differs_is_refused_and_removed() {
+    // fetch-assets.sh run from a copy of the checkout whose cached download is corrupt.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(copy.path().join("scripts")).unwrap();
+    std::fs::copy(
+        root.join("scripts/fetch-assets.sh"),
+        copy.path().join("scripts/fetch-assets.sh"),
+    )
+    .unwrap();
+    let downloads = copy.path().join(".cache/downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let deb = downloads.join("dataset-fashion-mnist.deb");
+    std::fs::write(&deb, b"not the package").unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(copy.path().join("scripts/fetch-assets.sh"))
+        .arg("fashion-mnist")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("fashion-mnist") && stderr.contains("sha256 mismatch"),
+        "{stderr}"
+    );
+    assert!(!deb.exists(), "the corrupt download is removed");
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint() {
+    // A teacher with a NaN weight: the first gate step's KD is NaN.
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("teacher");
+    let model = saved_tiny(&model_dir);
+    let mut tensors = hawada::io::safetensors::named_tensors(model.var_store());
+    let name = tensors
+        .keys()
+        .find(|n| n.ends_with("conv1.weight"))
+        .unwrap()
+        .clone();
+    tensors.insert(name.clone(), tensors[&name].full_like(f64::NAN));
+    hawada::io::safetensors::write(&model_dir.join("model.safetensors"), &tensors).unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/assets/fashion-mnist");
+    let text = format!(
+        r#"name = "nan"
+device = "cpu"
+[model]
+dir = "{}"
+[data]
+format = "idx"
+dir = "{}"
+holdout = 64
+test_limit = 64
+[latency]
+batch = 4
+warmup_runs = 10
+timed_runs = 50
+fit_archs = 1
+holdout_archs = 1
+cost = "flops"
+[target]
+fraction = 0.7
+[adapt]
+steps = 5
+batch = 8
+probe_every = 100
+checkpoint_every = 1
+[finetune]
+steps = 0
+batch = 8
+lr = 0.001
+[eval]
+batch = 64
+"#,
+        model_dir.display(),
+        data.display()
+    );
+    let recipe_file = dir.path().join("nan.toml");
+    let recipe = Recipe::parse(&text, &recipe_file).unwrap();
+    let err = hawada::run::run(
+        &recipe,
+        &recipe_file,
+        &dir.path().join("run"),
+        &hawada::progress::Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("step 0") && err.contains("NaN") && err.contains("checkpoints/adapt"),
+        "{err}"
+    );
+}
