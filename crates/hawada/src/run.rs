@@ -521,7 +521,8 @@ pub fn run(
         })
     };
     let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
-    let teacher_quality = out_of_memory_as_error(eval_batch, || Ok(quality_of(model.as_ref())))?;
+    let teacher_quality =
+        out_of_memory_as_error(device, eval_batch, || Ok(quality_of(model.as_ref())))?;
     let photos = match (&recipe.data.photos, recipe.data.format) {
         (Some(dir), DataFormat::Idx) => {
             let size = recipe.data.image_size.unwrap_or(28);
@@ -554,7 +555,7 @@ pub fn run(
     let protocol = recipe.latency.protocol();
     let workload = recipe.latency.workload();
     let latency_batch = ("latency measurement", "latency.batch", recipe.latency.batch);
-    let (profile, mut proxy) = out_of_memory_as_error(latency_batch, || {
+    let (profile, mut proxy) = out_of_memory_as_error(device, latency_batch, || {
         profile_stage(model.as_ref(), recipe, &env)
     })?;
 
@@ -587,7 +588,7 @@ pub fn run(
         )
     };
     let adapt_batch = ("gate training", "adapt.batch", recipe.adapt.batch);
-    let outcome = out_of_memory_as_error(adapt_batch, || {
+    let outcome = out_of_memory_as_error(device, adapt_batch, || {
         adapt(
             Models {
                 teacher: model.as_ref(),
@@ -643,7 +644,7 @@ pub fn run(
             kind,
         )
     };
-    let (search_table, searched, pick) = out_of_memory_as_error(latency_batch, || {
+    let (search_table, searched, pick) = out_of_memory_as_error(device, latency_batch, || {
         search(
             model.groups(),
             listed,
@@ -681,7 +682,7 @@ pub fn run(
             seed: recipe.seed,
         };
         let finetune_batch = ("fine-tuning", "finetune.batch", recipe.finetune.batch);
-        out_of_memory_as_error(finetune_batch, || {
+        out_of_memory_as_error(device, finetune_batch, || {
             train_weights(
                 slim.as_mut(),
                 Objective::Distill {
@@ -812,12 +813,13 @@ pub fn run(
 /// plain tensor methods raise as a panic: that panic is caught here, any other one goes on.
 /// `(stage, field, batch)` describe the stage.
 pub fn out_of_memory_as_error<T>(
+    device: Device,
     (stage, field, batch): (&str, &str, i64),
     run: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     let is_oom = |message: &str| message.contains("out of memory");
     let error = || Error::Device {
-        device: "the model's device".into(),
+        device: device_name(device),
         reason: format!(
             "out of memory during {stage} at {field} = {batch}; try a smaller {field} (e.g. {})",
             (batch / 2).max(1)
@@ -871,7 +873,7 @@ mod tests {
     #[test]
     fn running_out_of_device_memory_names_the_batch_field_and_a_smaller_value() {
         let stage = ("gate training", "adapt.batch", 64);
-        let err = out_of_memory_as_error(stage, || -> Result<()> {
+        let err = out_of_memory_as_error(Device::Cpu, stage, || -> Result<()> {
             panic!("Torch(\"CUDA out of memory. Tried to allocate 1002.00 MiB\")")
         })
         .unwrap_err()
@@ -881,7 +883,7 @@ mod tests {
             "{err}"
         );
         // The same from a fallible op's error.
-        let err = out_of_memory_as_error(stage, || -> Result<()> {
+        let err = out_of_memory_as_error(Device::Cpu, stage, || -> Result<()> {
             Err(Error::Invalid("CUDA out of memory".into()))
         })
         .unwrap_err()
@@ -889,9 +891,14 @@ mod tests {
         assert!(err.contains("adapt.batch"), "{err}");
         // Other panics are not swallowed.
         let other = std::panic::catch_unwind(|| {
-            out_of_memory_as_error(stage, || -> Result<()> { panic!("index out of range") })
+            out_of_memory_as_error(Device::Cpu, stage, || -> Result<()> {
+                panic!("index out of range")
+            })
         });
         assert!(other.is_err());
-        assert_eq!(out_of_memory_as_error(stage, || Ok(7)).unwrap(), 7);
+        assert_eq!(
+            out_of_memory_as_error(Device::Cpu, stage, || Ok(7)).unwrap(),
+            7
+        );
     }
 }
