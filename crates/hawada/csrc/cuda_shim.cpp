@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -58,6 +59,28 @@ int hawada_cuda_versions(int* runtime, int* driver) {
   if (cudaRuntimeGetVersion(runtime) != cudaSuccess) return 1;
   if (cudaDriverGetVersion(driver) != cudaSuccess) return 1;
   return 0;
+}
+
+// Frees the caching allocator's unused blocks, those of pools that destroyed CUDA graphs left
+// behind included (they are only reused by the graph that owned them).
+void hawada_cuda_empty_cache() {
+  try {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+  } catch (...) {
+  }
+}
+
+// Bytes the caching allocator has handed out and holds from the driver on `device`.
+int hawada_cuda_memory(int device, size_t* allocated, size_t* reserved) {
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[all].current;
+    *reserved = stats.reserved_bytes[all].current;
+    return 0;
+  } catch (...) {
+    return 1;
+  }
 }
 
 void* hawada_graph_new() {

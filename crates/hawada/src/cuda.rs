@@ -20,6 +20,8 @@ extern "C" {
     ) -> c_int;
     fn hawada_cuda_versions(runtime: *mut c_int, driver: *mut c_int) -> c_int;
     fn hawada_cudnn_set_benchmark_limit(limit: c_int);
+    fn hawada_cuda_empty_cache();
+    fn hawada_cuda_memory(device: c_int, allocated: *mut usize, reserved: *mut usize) -> c_int;
     fn hawada_graph_new() -> *mut c_void;
     fn hawada_graph_free(graph: *mut c_void);
     fn hawada_graph_capture_begin(
@@ -106,6 +108,27 @@ pub fn tune_cudnn_for_fixed_shapes() {
     tch::Cuda::cudnn_set_benchmark(true);
     // SAFETY: sets a global integer in libtorch's context.
     unsafe { hawada_cudnn_set_benchmark_limit(0) };
+}
+
+/// Returns the caching allocator's unused device memory to the driver: after timing a pair of
+/// models, the pools their CUDA graphs owned (a graph's pool is reused by no one else), which
+/// otherwise pile up over an export search's candidates.
+pub fn release_cached_memory(device: Device) {
+    if device.is_cuda() {
+        // SAFETY: no arguments; the allocator is initialised once CUDA is.
+        unsafe { hawada_cuda_empty_cache() };
+        if let Device::Cuda(index) = device {
+            let (mut allocated, mut reserved) = (0usize, 0usize);
+            // SAFETY: out-pointers to live locals.
+            if unsafe { hawada_cuda_memory(index as c_int, &mut allocated, &mut reserved) } == 0 {
+                tracing::debug!(
+                    allocated_mib = allocated >> 20,
+                    reserved_mib = reserved >> 20,
+                    "device memory after release"
+                );
+            }
+        }
+    }
 }
 
 /// A captured CUDA graph. Inputs read during capture must stay alive and be updated in place

@@ -81,8 +81,12 @@ pub fn measure_model(
 ) -> Result<LatencyStats> {
     let device = model.var_store().device();
     let _guard = tch::no_grad_guard();
-    let mut run = timed_workload(model, workload, protocol)?;
-    Ok(measure(device, protocol, &mut run))
+    let stats = {
+        let mut run = timed_workload(model, workload, protocol)?;
+        measure(device, protocol, &mut run)
+    };
+    crate::cuda::release_cached_memory(device);
+    Ok(stats)
 }
 
 /// `model` timed round-robin with `keep_all` and rescaled so that keep-all reads
@@ -114,10 +118,14 @@ pub fn measure_pair(
 ) -> Result<[LatencyStats; 2]> {
     let device = a.var_store().device();
     let _guard = tch::no_grad_guard();
-    let (mut run_a, mut run_b) = (
-        timed_workload(a, workload, protocol)?,
-        timed_workload(b, workload, protocol)?,
-    );
-    let stats = measure_interleaved(device, protocol, &mut [&mut run_a, &mut run_b]);
+    let stats = {
+        let (mut run_a, mut run_b) = (
+            timed_workload(a, workload, protocol)?,
+            timed_workload(b, workload, protocol)?,
+        );
+        measure_interleaved(device, protocol, &mut [&mut run_a, &mut run_b])
+    };
+    // The graphs are gone; their memory pools are not, until released.
+    crate::cuda::release_cached_memory(device);
     Ok([stats[0], stats[1]])
 }
