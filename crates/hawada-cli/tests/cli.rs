@@ -632,9 +632,9 @@ fn convert_writes_an_onnx_backbone_as_a_directory_that_loads_back() {
 }
 
 #[test]
-fn every_h100_recipe_runs_as_a_cpu_smoke_run() {
-    // `hawada run RECIPE --smoke`: each shipped GPU recipe, every stage, on this CPU, so that no
-    // recipe rots. The Llama-3.2-1B-shape recipes are left to the parse check
+fn every_shipped_recipe_runs_as_a_cpu_smoke_run() {
+    // `hawada run RECIPE --smoke`: each shipped recipe (GPU and CPU ones), every stage, on this
+    // CPU, so that no recipe rots. The Llama-3.2-1B-shape recipes are left to the parse check
     // (`every_shipped_recipe_parses…`): 1.24 B parameters in f32 outgrow a CI machine's memory.
     let tmp = tempfile::tempdir().unwrap();
     let root = repo().canonicalize().unwrap();
@@ -652,8 +652,11 @@ fn every_h100_recipe_runs_as_a_cpu_smoke_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut ran = Vec::new();
-    for entry in std::fs::read_dir(root.join("recipes/h100")).unwrap() {
-        let file = entry.unwrap().path();
+    let recipes = ["recipes/h100", "recipes/cpu"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(root.join(dir)).unwrap())
+        .map(|entry| entry.unwrap().path());
+    for file in recipes {
         let text = std::fs::read_to_string(&file).unwrap();
         if text.contains("models/llama-3.2-1b") {
             continue;
@@ -665,7 +668,13 @@ fn every_h100_recipe_runs_as_a_cpu_smoke_run() {
             )
             .replace("\".cache/", &format!("\"{}/.cache/", root.display()))
             .replace("\"models/", &format!("\"{}/models/", root.display()));
-        let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+        let device = file
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy();
+        let name = format!("{device}-{}", file.file_stem().unwrap().to_string_lossy());
         let recipe = tmp.path().join(format!("{name}.toml"));
         std::fs::write(&recipe, text).unwrap();
         let run_dir = tmp.path().join(&name);
@@ -689,5 +698,5 @@ fn every_h100_recipe_runs_as_a_cpu_smoke_run() {
         assert_eq!(summary["device"], "cpu", "{name}");
         ran.push(name);
     }
-    assert!(ran.len() >= 7, "{ran:?}");
+    assert!(ran.len() >= 10, "{ran:?}");
 }
