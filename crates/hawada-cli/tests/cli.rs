@@ -334,32 +334,27 @@ fn real_smollm2_generates_english_from_its_gguf() {
     assert!(text.contains("Paris"), "{text}");
 }
 
-#[test]
-fn real_smollm2_on_sotu_runs_every_stage() {
+/// Runs a shipped CPU recipe (its `.cache/` paths made absolute) in a temporary folder; returns
+/// the folder (kept alive while the caller reads it), the run directory and its summary.json.
+fn run_shipped_cpu_recipe(file: &str) -> (tempfile::TempDir, PathBuf, serde_json::Value) {
     let tmp = tempfile::tempdir().unwrap();
     let root = repo().canonicalize().unwrap();
-    let text = std::fs::read_to_string(root.join("recipes/cpu/sotu-smollm2-smoke.toml"))
+    let text = std::fs::read_to_string(root.join(file))
         .unwrap()
         .replace("\".cache/", &format!("\"{}/.cache/", root.display()));
     let recipe = tmp.path().join("smoke.toml");
     std::fs::write(&recipe, text).unwrap();
     let run_dir = tmp.path().join("run");
-    let out = hawada()
-        .current_dir(tmp.path())
-        .arg("run")
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
+    run_recipe(&recipe, &run_dir);
+    let summary =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
             .unwrap();
+    (tmp, run_dir, summary)
+}
+
+#[test]
+fn real_smollm2_on_sotu_runs_every_stage() {
+    let (_tmp, run_dir, summary) = run_shipped_cpu_recipe("recipes/cpu/sotu-smollm2-smoke.toml");
     assert_eq!(summary["family"], "llama");
     assert_eq!(summary["quality"]["metric"], "test_perplexity");
     // SmolLM2 on held-out addresses with 32-token contexts: a real model, not noise (a uniform
@@ -546,30 +541,8 @@ fn a_run_killed_mid_adaptation_resumes_to_the_same_gates_as_an_uninterrupted_one
 
 #[test]
 fn real_dinov2_from_onnx_runs_every_stage_judged_by_feature_cosine() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = repo().canonicalize().unwrap();
-    let text = std::fs::read_to_string(root.join("recipes/cpu/dinov2-s14-fmnist-smoke.toml"))
-        .unwrap()
-        .replace("\".cache/", &format!("\"{}/.cache/", root.display()));
-    let recipe = tmp.path().join("smoke.toml");
-    std::fs::write(&recipe, text).unwrap();
-    let run_dir = tmp.path().join("run");
-    let out = hawada()
-        .current_dir(tmp.path())
-        .arg("run")
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
-            .unwrap();
+    let (_tmp, run_dir, summary) =
+        run_shipped_cpu_recipe("recipes/cpu/dinov2-s14-fmnist-smoke.toml");
     assert_eq!(summary["family"], "dinov2");
     assert_eq!(summary["quality"]["metric"], "test_cls_cosine_to_teacher");
     let quality = &summary["quality"];
