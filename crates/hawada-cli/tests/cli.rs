@@ -669,6 +669,9 @@ fn every_shipped_recipe_runs_as_a_cpu_smoke_run() {
             serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
                 .unwrap();
         assert_eq!(summary["device"], "cpu", "{name}");
+        // A SmolLM2 smoke run leaves ~3 GB of f32 checkpoints (model + Adam moments); CI's disk
+        // ran out with all of them kept.
+        std::fs::remove_dir_all(&run_dir).unwrap();
         ran.push(name);
     }
     assert!(ran.len() >= 10, "{ran:?}");
