@@ -1,10 +1,12 @@
-// Compiles csrc/cuda_shim.cpp (CUDA graphs, device properties) against the libtorch that
-// torch-sys found (DEP_TCH_LIBTORCH_LIB), and the CUDA headers of PyPI's nvidia wheels beside it
-// (or /usr/local/cuda).
+// Compiles csrc/cuda_shim.cpp (CUDA graphs, device properties) and csrc/dist_shim.cpp (c10d
+// process groups) against the libtorch that torch-sys found (DEP_TCH_LIBTORCH_LIB), the CUDA and
+// NCCL headers of PyPI's nvidia wheels beside it (or /usr/local/cuda), and gloo's headers
+// (.cache/gloo, unpacked by scripts/setup-libtorch.sh).
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/cuda_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports the libtorch lib dir"),
     );
@@ -25,12 +27,26 @@ fn main() {
         .parent()
         .expect("include dir has a parent")
         .join("lib");
+    let nccl_include = [site.join("nvidia/nccl/include"), PathBuf::from("/usr/include")]
+        .into_iter()
+        .find(|p| p.join("nccl.h").exists())
+        .expect("NCCL headers (nccl.h) not found: install torch==2.11.0 from PyPI (scripts/setup-libtorch.sh), which brings nvidia-nccl");
+    let gloo_include =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/gloo/usr/include");
+    assert!(
+        gloo_include.join("gloo/algorithm.h").exists(),
+        "gloo headers not found in {}: run scripts/setup-libtorch.sh",
+        gloo_include.display()
+    );
     cc::Build::new()
         .cpp(true)
         .file("csrc/cuda_shim.cpp")
+        .file("csrc/dist_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .include(&cuda_include)
+        .include(&nccl_include)
+        .include(&gloo_include)
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .warnings(false)

@@ -39,6 +39,12 @@ enum Command {
         /// latencies are no measurement.
         #[arg(long, requires = "recipe")]
         smoke: bool,
+        /// Train on N GPUs of this host: one worker process per GPU joined through NCCL (on a
+        /// CPU recipe, N processes joined through gloo), each on batch/N rows; rank 0 measures
+        /// latency on its GPU and writes the run. Default: the recipe's `gpus` (1). Workers
+        /// started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) join as they are.
+        #[arg(long)]
+        gpus: Option<usize>,
     },
     /// Profile a recipe's model on this device: keep-all latency, measured per-site cost tables
     /// (cached), and the fidelity (MAPE, Spearman) of the table and FLOP proxies on held-out
@@ -123,48 +129,113 @@ fn main() -> ExitCode {
     }
 }
 
+/// Starts `workers` copies of this command, one per GPU, with the variables torchrun would set
+/// (a free local port for the rendezvous), and waits for them; the first to fail stops the rest.
+fn launch_workers(workers: usize) -> anyhow::Result<ExitCode> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .context("finding a free port for the workers' rendezvous")?
+        .port();
+    let exe = std::env::current_exe().context("locating the hawada binary")?;
+    let mut children = Vec::with_capacity(workers);
+    for rank in 0..workers {
+        let child = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env("WORLD_SIZE", workers.to_string())
+            .env("LOCAL_WORLD_SIZE", workers.to_string())
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting worker {rank} of {workers}"))?;
+        children.push(Some(child));
+    }
+    loop {
+        let mut running = 0;
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait().context("waiting for a worker")? {
+                None => running += 1,
+                Some(status) if status.success() => *slot = None,
+                Some(status) => {
+                    for other in children.iter_mut().flatten() {
+                        let _ = other.kill();
+                        let _ = other.wait();
+                    }
+                    anyhow::bail!(
+                        "worker {rank} of {workers} failed ({status}); the others were stopped"
+                    );
+                }
+            }
+        }
+        if running == 0 {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run {
-            recipe: Some(file),
+            recipe,
             run_dir,
-            smoke: true,
+            smoke,
+            gpus,
         } => {
-            let run_dir = run_dir.unwrap_or_else(|| {
-                let stem = file.file_stem().unwrap_or_default().to_string_lossy();
-                PathBuf::from("runs").join(format!("{stem}-smoke"))
-            });
-            let recipe = Recipe::smoke_from_file(&file, &run_dir)
-                .with_context(|| format!("reading recipe {} for a smoke run", file.display()))?;
-            ensure_data(&recipe)?;
-            let observer = progress::Bars::default();
-            let summary =
-                hawada::run::run(&recipe, &file, &run_dir, &observer).with_context(|| {
-                    format!("smoke run of `{}` in {}", recipe.name, run_dir.display())
-                })?;
-            print_table(&summary, &run_dir);
-            println!("(a smoke run: the recipe runs; its numbers are no measurement)");
-        }
-        Command::Run {
-            recipe, run_dir, ..
-        } => {
-            let (recipe, file) = match &recipe {
-                Some(path) => (
-                    Recipe::from_file(path)
-                        .with_context(|| format!("reading recipe {}", path.display()))?,
-                    path.clone(),
-                ),
-                None => (
-                    Recipe::parse(DEFAULT_RECIPE, Path::new("<embedded default recipe>"))?,
-                    PathBuf::from("<embedded default recipe>"),
-                ),
+            let (recipe, file, run_dir) = match (&recipe, smoke) {
+                (Some(path), true) => {
+                    let run_dir = run_dir.unwrap_or_else(|| {
+                        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                        PathBuf::from("runs").join(format!("{stem}-smoke"))
+                    });
+                    let recipe = Recipe::smoke_from_file(path, &run_dir).with_context(|| {
+                        format!("reading recipe {} for a smoke run", path.display())
+                    })?;
+                    (recipe, path.clone(), run_dir)
+                }
+                (Some(path), false) => {
+                    let recipe = Recipe::from_file(path)
+                        .with_context(|| format!("reading recipe {}", path.display()))?;
+                    let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
+                    (recipe, path.clone(), run_dir)
+                }
+                (None, _) => {
+                    let file = PathBuf::from("<embedded default recipe>");
+                    let recipe = Recipe::parse(DEFAULT_RECIPE, &file)?;
+                    let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
+                    (recipe, file, run_dir)
+                }
             };
+            let workers = gpus.unwrap_or(recipe.gpus);
+            if workers > 1 && std::env::var_os("WORLD_SIZE").is_none() {
+                recipe.check_batches_split(&file, workers)?;
+                let device = recipe.device(&file)?;
+                let visible = tch::Cuda::device_count() as usize;
+                if device.is_cuda() && workers > visible {
+                    anyhow::bail!("--gpus {workers}: this machine shows {visible} CUDA device(s)");
+                }
+                ensure_data(&recipe)?;
+                return launch_workers(workers);
+            }
             ensure_data(&recipe)?;
-            let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
-            let observer = progress::Bars::default();
-            let summary = hawada::run::run(&recipe, &file, &run_dir, &observer)
+            // Rank 0 shows progress and prints the result; the other workers stay quiet.
+            let leader = std::env::var("RANK").map_or(true, |rank| rank.trim() == "0");
+            let bars = progress::Bars::default();
+            let observer: &dyn hawada::progress::Observer = if leader {
+                &bars
+            } else {
+                &hawada::progress::Silent
+            };
+            let summary = hawada::run::run(&recipe, &file, &run_dir, observer)
                 .with_context(|| format!("run `{}` in {}", recipe.name, run_dir.display()))?;
-            print_table(&summary, &run_dir);
+            if leader {
+                print_table(&summary, &run_dir);
+                if smoke {
+                    println!("(a smoke run: the recipe runs; its numbers are no measurement)");
+                }
+            }
         }
         Command::Profile { recipe, run_dir } => {
             let file = recipe;

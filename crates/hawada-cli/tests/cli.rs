@@ -540,6 +540,89 @@ fn a_run_killed_mid_adaptation_resumes_to_the_same_gates_as_an_uninterrupted_one
 }
 
 #[test]
+fn two_gloo_workers_train_the_gates_of_one_process_on_the_same_global_batch() {
+    // `hawada run --gpus 2` on a CPU recipe: two processes joined by gloo, each on half of every
+    // batch. No probe inside adaptation and a shared profile, so the 1- and 2-worker runs differ
+    // only in how each gradient's sum is split: their gates must agree to rounding.
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("steps = 12", "steps = 30")
+        .replace("probe_every = 5", "probe_every = 1000");
+    std::fs::write(&recipe, text).unwrap();
+    let run = |run_dir: &Path, gpus: &str| {
+        hawada()
+            .current_dir(tmp.path())
+            .env("OMP_NUM_THREADS", "1")
+            .args(["run", "--gpus", gpus])
+            .arg(&recipe)
+            .arg("--run-dir")
+            .arg(run_dir)
+            .output()
+            .unwrap()
+    };
+    let one = tmp.path().join("one");
+    let out = run(&one, "1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let two = tmp.path().join("two");
+    std::fs::create_dir_all(&two).unwrap();
+    std::fs::copy(one.join("profile.json"), two.join("profile.json")).unwrap();
+    let out = run(&two, "2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rank 0 alone printed the result table and wrote the run; each rank its memory record.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("latency mean (ms)").count(), 1, "{stdout}");
+    for file in ["summary.json", "memory/rank0.json", "memory/rank1.json"] {
+        assert!(two.join(file).exists(), "{file}");
+    }
+    assert_eq!(stage_steps(&two, "adapt"), (0..30).collect::<Vec<_>>());
+    let gates = |dir: &Path| hawada::io::safetensors::read(&dir.join("gates.safetensors")).unwrap();
+    let (g1, g2) = (gates(&one), gates(&two));
+    let logit_diff = g1
+        .iter()
+        .map(|(name, t)| (t - &g2[name]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    let kd = |dir: &Path| {
+        adapt_lines(dir)
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["kd"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let worst_kd = kd(&one)
+        .iter()
+        .zip(kd(&two))
+        .map(|(a, b)| (a - b).abs() / a.abs().max(1e-6))
+        .fold(0.0, f64::max);
+    eprintln!("1 vs 2 workers: gate logits max abs diff {logit_diff:.2e}, worst relative KD diff {worst_kd:.2e}");
+    assert!(
+        logit_diff <= 1e-3 && worst_kd <= 1e-3,
+        "{logit_diff} {worst_kd}"
+    );
+    // A batch that does not split over the workers is refused before any starts.
+    let odd = tmp.path().join("odd");
+    let out = run(&odd, "3");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("adapt.batch") && stderr.contains("3 workers"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn real_dinov2_from_onnx_runs_every_stage_judged_by_feature_cosine() {
     let (_tmp, run_dir, summary) =
         run_shipped_cpu_recipe("recipes/cpu/dinov2-s14-fmnist-smoke.toml");

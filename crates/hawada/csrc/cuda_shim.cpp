@@ -70,16 +70,27 @@ void hawada_cuda_empty_cache() {
   }
 }
 
-// Bytes the caching allocator has handed out and holds from the driver on `device`.
-int hawada_cuda_memory(int device, size_t* allocated, size_t* reserved) {
+// Bytes the caching allocator has handed out and holds from the driver on `device`, now and at
+// most since the last reset.
+int hawada_cuda_memory(int device, size_t* allocated, size_t* reserved, size_t* peak_allocated,
+                       size_t* peak_reserved) {
   try {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
     auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     *allocated = stats.allocated_bytes[all].current;
     *reserved = stats.reserved_bytes[all].current;
+    *peak_allocated = stats.allocated_bytes[all].peak;
+    *peak_reserved = stats.reserved_bytes[all].peak;
     return 0;
   } catch (...) {
     return 1;
+  }
+}
+
+void hawada_cuda_reset_peak_memory(int device) {
+  try {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  } catch (...) {
   }
 }
 

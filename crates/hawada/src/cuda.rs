@@ -21,7 +21,14 @@ extern "C" {
     fn hawada_cuda_versions(runtime: *mut c_int, driver: *mut c_int) -> c_int;
     fn hawada_cudnn_set_benchmark_limit(limit: c_int);
     fn hawada_cuda_empty_cache();
-    fn hawada_cuda_memory(device: c_int, allocated: *mut usize, reserved: *mut usize) -> c_int;
+    fn hawada_cuda_memory(
+        device: c_int,
+        allocated: *mut usize,
+        reserved: *mut usize,
+        peak_allocated: *mut usize,
+        peak_reserved: *mut usize,
+    ) -> c_int;
+    fn hawada_cuda_reset_peak_memory(device: c_int);
     fn hawada_graph_new() -> *mut c_void;
     fn hawada_graph_free(graph: *mut c_void);
     fn hawada_graph_capture_begin(
@@ -117,17 +124,55 @@ pub fn release_cached_memory(device: Device) {
     if device.is_cuda() {
         // SAFETY: no arguments; the allocator is initialised once CUDA is.
         unsafe { hawada_cuda_empty_cache() };
-        if let Device::Cuda(index) = device {
-            let (mut allocated, mut reserved) = (0usize, 0usize);
-            // SAFETY: out-pointers to live locals.
-            if unsafe { hawada_cuda_memory(index as c_int, &mut allocated, &mut reserved) } == 0 {
-                tracing::debug!(
-                    allocated_mib = allocated >> 20,
-                    reserved_mib = reserved >> 20,
-                    "device memory after release"
-                );
-            }
+        if let Some(memory) = device_memory(device) {
+            tracing::debug!(
+                allocated_mib = memory.allocated_bytes >> 20,
+                reserved_mib = memory.reserved_bytes >> 20,
+                "device memory after release"
+            );
         }
+    }
+}
+
+/// What the caching allocator holds on a CUDA device, now and at its peak since
+/// [`reset_peak_memory`].
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct DeviceMemory {
+    pub allocated_bytes: usize,
+    pub reserved_bytes: usize,
+    pub peak_allocated_bytes: usize,
+    pub peak_reserved_bytes: usize,
+}
+
+/// The allocator's figures for `device`; `None` on the CPU.
+pub fn device_memory(device: Device) -> Option<DeviceMemory> {
+    let Device::Cuda(index) = device else {
+        return None;
+    };
+    let mut m = DeviceMemory {
+        allocated_bytes: 0,
+        reserved_bytes: 0,
+        peak_allocated_bytes: 0,
+        peak_reserved_bytes: 0,
+    };
+    // SAFETY: out-pointers to live fields.
+    let rc = unsafe {
+        hawada_cuda_memory(
+            index as c_int,
+            &mut m.allocated_bytes,
+            &mut m.reserved_bytes,
+            &mut m.peak_allocated_bytes,
+            &mut m.peak_reserved_bytes,
+        )
+    };
+    (rc == 0).then_some(m)
+}
+
+/// Starts a new peak for [`device_memory`] on `device` (nothing on the CPU).
+pub fn reset_peak_memory(device: Device) {
+    if let Device::Cuda(index) = device {
+        // SAFETY: an integer argument; errors are swallowed by the shim.
+        unsafe { hawada_cuda_reset_peak_memory(index as c_int) };
     }
 }
 

@@ -1,14 +1,16 @@
 //! Weight training of a (slim or fresh) model: KD fine-tuning from the frozen teacher (DESIGN §1.5)
 //! and, for self-trained teachers, plain supervised training on labels. Knows no gates.
-//! Checkpoints the weights atomically every `checkpoint_every` steps and resumes from them.
+//! Checkpoints the weights atomically every `checkpoint_every` steps and resumes from them. With
+//! several workers, gradients and the loss are averaged over ranks and rank 0 writes.
 
+use crate::dist::{averaged_scalars, Workers};
 use crate::distill;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{load_file_into, named_tensors};
 use crate::model::{Family, Masks, Phase};
 use crate::optim::{seed_step, Adam};
 use crate::progress::Observer;
-use crate::train::MetricsLog;
+use crate::train::{gradients, MetricsLog};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Tensor;
@@ -33,6 +35,8 @@ pub struct WeightTraining<'a> {
     pub checkpoint_dir: &'a Path,
     /// The run's seed: each step reseeds from it (`optim::seed_step`).
     pub seed: u64,
+    /// The processes training together; `next_batch` yields this rank's rows.
+    pub workers: &'a Workers,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -76,7 +80,10 @@ pub fn train_weights(
             "resuming weight training from checkpoint"
         );
     }
-    metrics.truncate_from(opts.stage, start)?;
+    let leader = opts.workers.is_leader();
+    if leader {
+        metrics.truncate_from(opts.stage, start)?;
+    }
     model.var_store_mut().unfreeze();
     let mut opt = Adam::new(model.var_store(), opts.lr);
     if start > 0 && adam_file.exists() {
@@ -113,8 +120,9 @@ pub fn train_weights(
         };
         opt.zero_grad();
         loss.backward();
+        opts.workers.average(&gradients(model.var_store()))?;
         opt.step();
-        let loss_value = loss.double_value(&[]);
+        let [loss_value] = averaged_scalars(opts.workers, [&loss])?;
         if !loss_value.is_finite() {
             return Err(Error::Training {
                 step,
@@ -125,14 +133,16 @@ pub fn train_weights(
                 ),
             });
         }
-        metrics.append(&WeightMetrics {
-            stage: opts.stage,
-            step,
-            loss: loss_value,
-            lr,
-        })?;
+        if leader {
+            metrics.append(&WeightMetrics {
+                stage: opts.stage,
+                step,
+                loss: loss_value,
+                lr,
+            })?;
+        }
         observer.advance(step as u64 + 1, &format!("loss {loss_value:.4}"));
-        if (step + 1) % opts.checkpoint_every == 0 || step + 1 == opts.steps {
+        if leader && ((step + 1) % opts.checkpoint_every == 0 || step + 1 == opts.steps) {
             crate::io::safetensors::write(&weights_file, &named_tensors(model.var_store()))?;
             opt.save(&adam_file)?;
             crate::io::hf_config::write(&state_file, &WeightState { step: step + 1 })?;

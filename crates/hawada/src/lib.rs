@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cuda;
 pub mod data;
+pub mod dist;
 pub mod distill;
 pub mod error;
 pub mod eval;

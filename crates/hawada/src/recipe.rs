@@ -22,6 +22,11 @@ pub struct Recipe {
     /// `f32`, `bf16` or `f16`.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// Worker processes training together, one per GPU of this host (NCCL; on the CPU, processes
+    /// joined by gloo). Each takes `batch / gpus` rows of every batch; rank 0 alone measures
+    /// latency. `hawada run --gpus N` overrides it.
+    #[serde(default = "default_gpus")]
+    pub gpus: usize,
     pub model: ModelSection,
     #[serde(default)]
     pub teacher_training: Option<TeacherTraining>,
@@ -285,6 +290,9 @@ impl Default for EvalSection {
 fn default_device() -> String {
     "auto".into()
 }
+fn default_gpus() -> usize {
+    1
+}
 fn default_dtype() -> String {
     "f32".into()
 }
@@ -490,6 +498,8 @@ impl Recipe {
             self.finetune.checkpoint_every as f64,
         )?;
         positive("eval.batch", self.eval.batch as f64)?;
+        positive("gpus", self.gpus as f64)?;
+        self.check_batches_split(file, self.gpus)?;
         if self.finetune.steps < 0 {
             return Err(Error::config(file, "finetune.steps", "must be ≥ 0"));
         }
@@ -513,6 +523,23 @@ impl Recipe {
         )?;
         self.kind(file)?;
         self.device(file)?;
+        Ok(())
+    }
+
+    /// Every training batch must split evenly over `workers` processes.
+    pub fn check_batches_split(&self, file: &Path, workers: usize) -> Result<()> {
+        for (field, batch) in [
+            ("adapt.batch", self.adapt.batch),
+            ("finetune.batch", self.finetune.batch),
+        ] {
+            if batch % workers as i64 != 0 {
+                return Err(Error::config(
+                    file,
+                    field,
+                    format!("{batch} does not split evenly over {workers} workers (gpus); give a multiple of {workers}"),
+                ));
+            }
+        }
         Ok(())
     }
 

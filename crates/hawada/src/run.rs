@@ -3,6 +3,7 @@
 //! the only caller of `families::load`.
 
 use crate::data::{load_vocabulary, BatchShape, Examples, ImageDataset, TextDataset};
+use crate::dist::Workers;
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::export::search::{candidates, search, Measurement, SearchContext};
@@ -257,6 +258,9 @@ pub struct RunEnv<'a> {
     pub kind: Kind,
     pub metrics: MetricsLog,
     pub observer: &'a dyn Observer,
+    /// The processes of this run (one unless launched with several workers); rank 0 measures
+    /// and writes.
+    pub workers: Workers,
 }
 
 /// Loads the teacher, training it first when the recipe says so and no cached model exists.
@@ -266,16 +270,31 @@ fn teacher(
     train: Option<&dyn Examples>,
     env: &RunEnv<'_>,
 ) -> Result<Box<dyn Family>> {
-    let (run_dir, device, kind, metrics, observer) = (
-        env.run_dir,
-        env.device,
-        env.kind,
-        &env.metrics,
-        env.observer,
-    );
+    let (device, kind) = (env.device, env.kind);
     let dir = &recipe.model.dir;
     let has_weights = families::has_weights(dir);
     if !has_weights && !recipe.model.random_init {
+        // Rank 0 trains it alone; the others wait and load it.
+        env.workers
+            .from_leader("teacher", || train_teacher(recipe, recipe_file, train, env))?;
+    }
+    let mut model = families::load(dir, device, kind, recipe.model.random_init)?;
+    model.var_store_mut().freeze();
+    model.to_device_layout();
+    Ok(model)
+}
+
+/// Trains the self-trained teacher `[teacher_training]` describes into `model.dir`.
+fn train_teacher(
+    recipe: &Recipe,
+    recipe_file: &Path,
+    train: Option<&dyn Examples>,
+    env: &RunEnv<'_>,
+) -> Result<()> {
+    let (run_dir, device, metrics, observer) =
+        (env.run_dir, env.device, &env.metrics, env.observer);
+    let dir = &recipe.model.dir;
+    {
         let (Some(spec), Some(train)) = (&recipe.teacher_training, train) else {
             return Err(Error::config(recipe_file, "model.dir", format!("{} holds no model.safetensors; give a model directory, set model.random_init, or add [teacher_training]", dir.display())));
         };
@@ -292,6 +311,7 @@ fn teacher(
             checkpoint_every: 200,
             checkpoint_dir: &run_dir.join("checkpoints/teacher"),
             seed: recipe.seed,
+            workers: &Workers::single(),
         };
         train_weights(
             model.as_mut(),
@@ -303,10 +323,7 @@ fn teacher(
         )?;
         model.save(dir)?;
     }
-    let mut model = families::load(dir, device, kind, recipe.model.random_init)?;
-    model.var_store_mut().freeze();
-    model.to_device_layout();
-    Ok(model)
+    Ok(())
 }
 
 /// The splits a run uses: training examples, a held-out calibration tail of the training
@@ -387,9 +404,14 @@ fn open_run<'a>(
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     let resolved = toml::to_string(recipe)
         .map_err(|e| Error::Invalid(format!("recipe does not serialise: {e}")))?;
-    crate::io::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
-    let device = recipe.device(recipe_file)?;
+    let recipe_device = recipe.device(recipe_file)?;
+    let workers = Workers::from_env(recipe_device)?;
+    let device = workers.device(recipe_device);
+    recipe.check_batches_split(recipe_file, workers.world)?;
     let kind = recipe.kind(recipe_file)?;
+    if workers.is_leader() {
+        crate::io::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+    }
     tch::manual_seed(recipe.seed as i64);
     if let Device::Cuda(_) = device {
         crate::cuda::tune_cudnn_for_fixed_shapes();
@@ -400,6 +422,7 @@ fn open_run<'a>(
         kind,
         metrics: MetricsLog::new(run_dir.join("metrics.jsonl")),
         observer,
+        workers,
     })
 }
 
@@ -521,8 +544,10 @@ pub fn run(
         })
     };
     let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
-    let teacher_quality =
-        out_of_memory_as_error(device, eval_batch, || Ok(quality_of(model.as_ref())))?;
+    let workers = &env.workers;
+    let teacher_quality = workers.from_leader("teacher-quality", || {
+        out_of_memory_as_error(device, eval_batch, || Ok(quality_of(model.as_ref())))
+    })?;
     let photos = match (&recipe.data.photos, recipe.data.format) {
         (Some(dir), DataFormat::Idx) => {
             let size = recipe.data.image_size.unwrap_or(28);
@@ -555,9 +580,13 @@ pub fn run(
     let protocol = recipe.latency.protocol();
     let workload = recipe.latency.workload();
     let latency_batch = ("latency measurement", "latency.batch", recipe.latency.batch);
-    let (profile, mut proxy) = out_of_memory_as_error(device, latency_batch, || {
-        profile_stage(model.as_ref(), recipe, &env)
+    // Rank 0 measures; every rank then reads its profile.json and the cached site tables.
+    workers.from_leader("profile", || {
+        out_of_memory_as_error(device, latency_batch, || {
+            profile_stage(model.as_ref(), recipe, &env).map(|_| ())
+        })
     })?;
+    let (profile, mut proxy) = profile_stage(model.as_ref(), recipe, &env)?;
 
     // Adapt. The student is the teacher itself, or a copy when its weights train too.
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), device)?;
@@ -570,9 +599,22 @@ pub fn run(
         None
     };
     let student: &dyn Family = student_copy.as_deref().unwrap_or(model.as_ref());
-    let mut next_input = || train.random_batch(recipe.adapt.batch, kind).0;
+    let mut next_input = || workers.shard(&train.random_batch(recipe.adapt.batch, kind).0);
     let relative_target = recipe.target.fraction.is_some();
-    let keep_all_model = inference_copy(model.as_ref(), &KeepSet::all(model.groups()), workload)?;
+    // Only rank 0 measures, so only it holds the keep-all inference copy.
+    let keep_all_model = match workers.is_leader() {
+        true => Some(inference_copy(
+            model.as_ref(),
+            &KeepSet::all(model.groups()),
+            workload,
+        )?),
+        false => None,
+    };
+    let keep_all_model = || {
+        keep_all_model
+            .as_deref()
+            .expect("rank 0 holds the keep-all copy and alone measures")
+    };
     let mut measure_keep = |keep: &KeepSet| -> Result<LatencyStats> {
         let slim = inference_copy(model.as_ref(), keep, workload)?;
         if !relative_target {
@@ -580,7 +622,7 @@ pub fn run(
         }
         // A relative target is checked against keep-all measured alongside.
         measure_against_keep_all(
-            keep_all_model.as_ref(),
+            keep_all_model(),
             slim.as_ref(),
             profile.keep_all.mean,
             workload,
@@ -588,6 +630,8 @@ pub fn run(
         )
     };
     let adapt_batch = ("gate training", "adapt.batch", recipe.adapt.batch);
+    let mut memory = StageMemory::new(device, workers.rank);
+    crate::cuda::reset_peak_memory(device);
     let outcome = out_of_memory_as_error(device, adapt_batch, || {
         adapt(
             Models {
@@ -605,10 +649,14 @@ pub fn run(
                 metrics,
                 observer,
                 seed: recipe.seed,
+                workers,
             },
         )
     })?;
-    gates.save(run_dir)?;
+    memory.adapt = crate::cuda::device_memory(device);
+    if workers.is_leader() {
+        gates.save(run_dir)?;
+    }
 
     // Export: the GPU-friendly search over roundings of the trained keep-set, every candidate
     // measured (against keep-all, drift-cancelled) and scored on the calibration batch.
@@ -622,7 +670,7 @@ pub fn run(
     let mut measure_candidate = |keep: &KeepSet| -> Result<Measurement> {
         let slim = inference_copy(model.as_ref(), keep, workload)?;
         let latency = measure_against_keep_all(
-            keep_all_model.as_ref(),
+            keep_all_model(),
             slim.as_ref(),
             profile.keep_all.mean,
             workload,
@@ -644,35 +692,65 @@ pub fn run(
             kind,
         )
     };
-    let (search_table, searched, pick) = out_of_memory_as_error(device, latency_batch, || {
-        search(
-            model.groups(),
-            listed,
-            profile.target_ms,
-            SearchContext {
-                measure: &mut measure_candidate,
-                score: &mut score,
-                observer,
-            },
-        )
+    // Rank 0 searches and scores; every rank slims its student to the keep-set it picked.
+    let mut exported_slim = None;
+    let export = workers.from_leader("export", || {
+        let (search_table, searched, pick) =
+            out_of_memory_as_error(device, latency_batch, || {
+                search(
+                    model.groups(),
+                    listed,
+                    profile.target_ms,
+                    SearchContext {
+                        measure: &mut measure_candidate,
+                        score: &mut score,
+                        observer,
+                    },
+                )
+            })?;
+        let keep = searched[pick].clone();
+        let calibration_agreement = search_table[pick].agreement;
+        let mut slim = student.slim(&keep)?;
+        save_model(
+            slim.as_ref(),
+            tokenizer.as_ref(),
+            &run_dir.join("slim-before-finetune"),
+        )?;
+        slim.to_device_layout();
+        let before = Export {
+            quality: quality_of(slim.as_ref()),
+            patch_cosine: patch_cosine_of(slim.as_ref()),
+            photos: photo_score(slim.as_ref()),
+            keep,
+            search_table,
+        };
+        tracing::info!(picked = %before.search_table[pick].name, slim_before = before.quality, calibration_agreement, "exported");
+        exported_slim = Some(slim);
+        Ok(before)
     })?;
-    let keep = searched[pick].clone();
-    let calibration_agreement = search_table[pick].agreement;
-    let mut slim = student.slim(&keep)?;
-    save_model(
-        slim.as_ref(),
-        tokenizer.as_ref(),
-        &run_dir.join("slim-before-finetune"),
-    )?;
-    slim.to_device_layout();
-    let slim_before = quality_of(slim.as_ref());
-    let patches_before = patch_cosine_of(slim.as_ref());
-    let photos_before = photo_score(slim.as_ref());
-    tracing::info!(picked = %search_table[pick].name, slim_before, calibration_agreement, "exported");
+    let mut slim = match exported_slim {
+        Some(slim) => slim,
+        None => {
+            let mut slim = student.slim(&export.keep)?;
+            slim.to_device_layout();
+            slim
+        }
+    };
+    let Export {
+        keep,
+        search_table,
+        quality: slim_before,
+        patch_cosine: patches_before,
+        photos: photos_before,
+    } = export;
 
     // Fine-tune by distillation.
     if recipe.finetune.steps > 0 {
-        let mut next = || train.random_batch(recipe.finetune.batch, kind);
+        crate::cuda::reset_peak_memory(device);
+        let mut next = || {
+            let (x, y) = train.random_batch(recipe.finetune.batch, kind);
+            (workers.shard(&x), workers.shard(&y))
+        };
         let opts = WeightTraining {
             stage: "finetune",
             steps: recipe.finetune.steps,
@@ -680,6 +758,7 @@ pub fn run(
             checkpoint_every: recipe.finetune.checkpoint_every,
             checkpoint_dir: &run_dir.join("checkpoints/finetune"),
             seed: recipe.seed,
+            workers,
         };
         let finetune_batch = ("fine-tuning", "finetune.batch", recipe.finetune.batch);
         out_of_memory_as_error(device, finetune_batch, || {
@@ -695,7 +774,11 @@ pub fn run(
                 observer,
             )
         })?;
+        memory.finetune = crate::cuda::device_memory(device);
     }
+    memory.write(run_dir)?;
+    // Rank 0 evaluates, measures and writes; the others return its summary.
+    workers.from_leader("summary", || {
     save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
     let slim_quality = quality_of(slim.as_ref());
     let slim_patch_cosine = patches_before.zip(patch_cosine_of(slim.as_ref())).map(
@@ -716,7 +799,7 @@ pub fn run(
     observer.begin("measure", 2);
     let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()), workload)?;
     let [keep_all, slim_latency] = measure_pair(
-        keep_all_model.as_ref(),
+        keep_all_model(),
         slim_inference.as_ref(),
         workload,
         protocol,
@@ -806,6 +889,47 @@ pub fn run(
     summary.write(&run_dir.join("summary.json"))?;
     crate::report::write_html(run_dir)?;
     Ok(summary)
+    })
+}
+
+/// Device memory of one worker's training stages (`memory/rank<N>.json`): what a GPU must hold
+/// for a recipe, per worker. The adapt figure on rank 0 includes its keep-all inference copy.
+#[derive(Serialize)]
+struct StageMemory {
+    rank: usize,
+    device: String,
+    /// Peak while the gates trained (`None` on the CPU).
+    adapt: Option<crate::cuda::DeviceMemory>,
+    /// Peak while the slim model was fine-tuned.
+    finetune: Option<crate::cuda::DeviceMemory>,
+}
+
+impl StageMemory {
+    fn new(device: Device, rank: usize) -> Self {
+        StageMemory {
+            rank,
+            device: device_name(device),
+            adapt: None,
+            finetune: None,
+        }
+    }
+
+    fn write(&self, run_dir: &Path) -> Result<()> {
+        let dir = run_dir.join("memory");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        crate::io::hf_config::write(&dir.join(format!("rank{}.json", self.rank)), self)
+    }
+}
+
+/// What rank 0's export stage decided, for every rank: the keep-set, and the slim model's
+/// scores before fine-tuning for the summary.
+#[derive(Serialize, Deserialize)]
+struct Export {
+    keep: KeepSet,
+    search_table: Vec<crate::report::Candidate>,
+    quality: f64,
+    patch_cosine: Option<f64>,
+    photos: Option<f64>,
 }
 
 /// Runs one stage, turning the device running out of memory into an error that names the

@@ -2,8 +2,11 @@
 //! `loss = KD + λ·v + (ρ/2)·v²`, `v = (L̂ − T)/T`, with clipped dual ascent on λ. Every
 //! `probe_every` steps the current hard architecture is measured for real; that measurement is
 //! used for `v` and refits the proxy. Checkpoints (atomic) every `checkpoint_every` steps; a rerun
-//! resumes from the last one and continues `metrics.jsonl`. Contains no family code and no slicing.
+//! resumes from the last one and continues `metrics.jsonl`. With several workers (`dist`) each
+//! trains on its rows of the batch, gradients and losses are averaged, rank 0 probes and writes.
+//! Contains no family code and no slicing.
 
+use crate::dist::{averaged_scalars, Workers};
 use crate::distill;
 use crate::error::{Error, Result};
 use crate::gates::{GateMode, Gates};
@@ -33,6 +36,10 @@ pub struct StepMetrics {
     pub last_real_ms: Option<f64>,
     /// Kept units per group under hard masks (probe steps only: reading them syncs the device).
     pub kept: Option<Vec<usize>>,
+    /// Wall seconds of the training step, the probe left out (batch, forwards, backward,
+    /// gradient averaging, update, reading the losses).
+    #[serde(default)]
+    pub step_s: Option<f64>,
 }
 
 /// What survives a crash: everything the loop needs to continue where it was.
@@ -130,6 +137,8 @@ pub struct AdaptContext<'a> {
     pub observer: &'a dyn Observer,
     /// The run's seed: each step reseeds from it (`optim::seed_step`).
     pub seed: u64,
+    /// The processes training together (one, usually); `next_batch` yields this rank's rows.
+    pub workers: &'a Workers,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -255,7 +264,10 @@ pub fn adapt(
             "resuming adaptation from checkpoint"
         );
     }
-    ctx.metrics.truncate_from("adapt", state.step)?;
+    let leader = ctx.workers.is_leader();
+    if leader {
+        ctx.metrics.truncate_from("adapt", state.step)?;
+    }
     let mut probes = Vec::new();
     let gates_adam_file = ctx.checkpoint_dir.join("gates_adam.safetensors");
     let weights_adam_file = ctx.checkpoint_dir.join("student_adam.safetensors");
@@ -273,7 +285,6 @@ pub fn adapt(
     let mut kd_ema: Option<f64> = None;
     while state.step < cfg.steps && !state.finished {
         let step = state.step;
-        seed_step(ctx.seed, "adapt", step);
         // The export search measures the final architecture; a probe on the last step would
         // only let timing noise into its update.
         let probe_now = (step + 1) % cfg.probe_every == 0;
@@ -281,7 +292,9 @@ pub fn adapt(
         let mut kept = None;
         if probe_now {
             let keep = gates.keep_set();
-            let measured = (ctx.measure_keep)(&keep)?;
+            let measured = ctx
+                .workers
+                .from_leader(&format!("probe-{step}"), || (ctx.measure_keep)(&keep))?;
             let predicted = proxy.predict_keep_ms(&keep);
             probes.push(Probe {
                 step,
@@ -305,6 +318,10 @@ pub fn adapt(
                 "probe"
             );
         }
+        // Seeded after the probe, whose timing inputs only rank 0 draws: every rank then draws
+        // the same batch and gate noise.
+        seed_step(ctx.seed, "adapt", step);
+        let started = std::time::Instant::now();
         let x = (ctx.next_batch)();
         let terms = Lagrangian {
             target_ms,
@@ -334,32 +351,37 @@ pub fn adapt(
             weight_opt.zero_grad();
         }
         loss.backward();
+        let mut grads = gradients(gates.var_store());
+        if cfg.train_weights {
+            grads.extend(gradients(student.var_store()));
+        }
+        ctx.workers.average(&grads)?;
         opt.step();
         if let Some(weight_opt) = weight_opt.as_mut() {
             weight_opt.step();
         }
-        let (kd_value, v_value, loss_value) = (
-            kd.double_value(&[]),
-            v.double_value(&[]),
-            loss.double_value(&[]),
-        );
+        let [kd_value, v_value, loss_value] = averaged_scalars(ctx.workers, [&kd, &v, &loss])?;
+        let step_s = started.elapsed().as_secs_f64();
         if !loss_value.is_finite() {
             return Err(Error::Training { step, reason: format!("loss is {loss_value} (KD {kd_value}, v {v_value}); the last good checkpoint is in {}", ctx.checkpoint_dir.display()) });
         }
         state.lambda = (state.lambda + cfg.lambda_lr * v_value).clamp(0.0, cfg.lambda_max);
         kd_ema = Some(kd_ema.map_or(kd_value, |e| 0.9 * e + 0.1 * kd_value));
-        ctx.metrics.append(&StepMetrics {
-            stage: "adapt".into(),
-            step,
-            loss: loss_value,
-            kd: kd_value,
-            v: v_value,
-            lambda: state.lambda,
-            proxy_ms: proxy_ms.double_value(&[]),
-            real_ms,
-            last_real_ms: state.last_real_ms,
-            kept,
-        })?;
+        if leader {
+            ctx.metrics.append(&StepMetrics {
+                stage: "adapt".into(),
+                step,
+                loss: loss_value,
+                kd: kd_value,
+                v: v_value,
+                lambda: state.lambda,
+                proxy_ms: proxy_ms.double_value(&[]),
+                real_ms,
+                last_real_ms: state.last_real_ms,
+                kept,
+                step_s: Some(step_s),
+            })?;
+        }
         if let Some(real) = real_ms {
             let kd_now = kd_ema.unwrap_or(kd_value);
             // KD has settled when it no longer rises by more than 10% between probes: per-step KD
@@ -390,7 +412,9 @@ pub fn adapt(
                     .map_or("-".into(), |m| format!("{m:.2}ms"))
             ),
         );
-        if state.step % cfg.checkpoint_every == 0 || state.finished || state.step == cfg.steps {
+        let checkpoint =
+            state.step % cfg.checkpoint_every == 0 || state.finished || state.step == cfg.steps;
+        if leader && checkpoint {
             if let Some(weight_opt) = &weight_opt {
                 crate::io::safetensors::write(
                     &ctx.checkpoint_dir.join("student.safetensors"),
@@ -411,6 +435,15 @@ pub fn adapt(
         keep: gates.keep_set(),
         probes,
     })
+}
+
+/// The gradients of a store's trainable variables (undefined before the first backward).
+pub fn gradients(store: &tch::nn::VarStore) -> Vec<Tensor> {
+    store
+        .trainable_variables()
+        .iter()
+        .map(Tensor::grad)
+        .collect()
 }
 
 fn save_checkpoint(gates: &Gates, state: &AdaptState, dir: &Path) -> Result<()> {
