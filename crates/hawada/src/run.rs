@@ -654,6 +654,7 @@ pub fn run(
         )
     })?;
     memory.adapt = crate::cuda::device_memory(device);
+    memory.write(run_dir)?;
     if workers.is_leader() {
         gates.save(run_dir)?;
     }
@@ -778,7 +779,7 @@ pub fn run(
     }
     memory.write(run_dir)?;
     // Rank 0 evaluates, measures and writes; the others return its summary.
-    workers.from_leader("summary", || {
+    workers.from_leader("summary", || out_of_memory_as_error(device, eval_batch, || {
     save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
     let slim_quality = quality_of(slim.as_ref());
     let slim_patch_cosine = patches_before.zip(patch_cosine_of(slim.as_ref())).map(
@@ -889,7 +890,7 @@ pub fn run(
     summary.write(&run_dir.join("summary.json"))?;
     crate::report::write_html(run_dir)?;
     Ok(summary)
-    })
+    }))
 }
 
 /// Device memory of one worker's training stages (`memory/rank<N>.json`): what a GPU must hold
@@ -942,15 +943,24 @@ pub fn out_of_memory_as_error<T>(
     run: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     let is_oom = |message: &str| message.contains("out of memory");
-    let error = || Error::Device {
+    // libtorch's own sentence says how much was asked for and what the allocator held.
+    let error = |message: &str| {
+        Error::Device {
         device: device_name(device),
         reason: format!(
-            "out of memory during {stage} at {field} = {batch}; try a smaller {field} (e.g. {})",
-            (batch / 2).max(1)
+            "out of memory during {stage} at {field} = {batch}; try a smaller {field} (e.g. {}) ({})",
+            (batch / 2).max(1),
+            message
+                .lines()
+                .find(|line| line.contains("out of memory"))
+                .unwrap_or(message)
+                .trim()
+                .trim_start_matches("Torch(\"")
         ),
+    }
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-        Ok(Err(e)) if is_oom(&e.to_string()) => Err(error()),
+        Ok(Err(e)) if is_oom(&e.to_string()) => Err(error(&e.to_string())),
         Ok(result) => result,
         Err(payload) => {
             let message = payload
@@ -959,7 +969,7 @@ pub fn out_of_memory_as_error<T>(
                 .or_else(|| payload.downcast_ref::<&str>().copied())
                 .unwrap_or("");
             if is_oom(message) {
-                Err(error())
+                Err(error(message))
             } else {
                 std::panic::resume_unwind(payload)
             }

@@ -558,9 +558,17 @@ fn member(tensor: String, axis: i64, block: i64) -> Member {
 impl Llama {
     /// Builds the architecture with random weights on `device` in f32.
     pub fn new(cfg: LlamaConfig, device: Device, file: &Path) -> Result<Self> {
+        Self::new_in(cfg, (Kind::Float, device), file)
+    }
+
+    /// Builds the architecture with its variables created in `kind`, for weights loaded next:
+    /// an f32 model cast afterwards would hold twice the memory first (an 8B slim copy on an
+    /// H100: 32 GB of f32 beside the 16 GB bf16 teacher).
+    pub fn new_in(cfg: LlamaConfig, (kind, device): (Kind, Device), file: &Path) -> Result<Self> {
         cfg.validate(file)?;
         let (theta, scaling) = cfg.rope(file)?;
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(device);
+        vs.set_kind(kind);
         let root = vs.root();
         let model = &root / "model";
         let d = cfg.hidden_size;
@@ -1082,9 +1090,11 @@ impl Family for Llama {
             cfg.hawada_attention_layers = (!all(&attention_layers)).then_some(attention_layers);
             cfg.hawada_mlp_layers = (!all(&mlp_layers)).then_some(mlp_layers);
         }
-        let kind = self.vs.kind();
-        let mut slim = Llama::new(cfg, self.vs.device(), Path::new("<slim config>"))?;
-        slim.vs.set_kind(kind);
+        let slim = Llama::new_in(
+            cfg,
+            (self.vs.kind(), self.vs.device()),
+            Path::new("<slim config>"),
+        )?;
         load_into(&slim.vs, &tensors, Path::new("<sliced tensors>"))?;
         Ok(Box::new(slim))
     }
@@ -1154,12 +1164,15 @@ pub fn from_dir(
 ) -> Result<Llama> {
     let file = dir.join("config.json");
     let cfg: LlamaConfig = crate::io::hf_config::parse(&file, config)?;
-    let mut model = Llama::new(cfg, device, &file)?;
-    if !random_init {
-        let (tensors, source) = read_checkpoint(dir)?;
-        load_weights(&model, tensors, &source)?;
+    if random_init {
+        // Drawn in f32 and then cast, as before: the same random model in every dtype.
+        let mut model = Llama::new(cfg, device, &file)?;
+        model.vs.set_kind(kind);
+        return Ok(model);
     }
-    model.vs.set_kind(kind);
+    let model = Llama::new_in(cfg, (kind, device), &file)?;
+    let (tensors, source) = read_checkpoint(dir)?;
+    load_weights(&model, tensors, &source)?;
     Ok(model)
 }
 
@@ -1179,9 +1192,8 @@ pub fn from_gguf(path: &Path, device: Device, kind: Kind) -> Result<Llama> {
     let gguf = crate::io::gguf::Gguf::open(path)?;
     let config = crate::io::gguf::llama_config(&gguf)?;
     let cfg: LlamaConfig = crate::io::hf_config::parse(path, config)?;
-    let mut model = Llama::new(cfg, device, path)?;
+    let model = Llama::new_in(cfg, (kind, device), path)?;
     load_weights(&model, crate::io::gguf::llama_tensors(&gguf)?, path)?;
-    model.vs.set_kind(kind);
     Ok(model)
 }
 
