@@ -270,30 +270,64 @@ impl Workers {
         let Some(group) = self.group else {
             return value();
         };
-        let c_key = c_string("store key", key)?;
-        let mut err = [0u8; ERR_LEN];
         if self.is_leader() {
             let value = value();
             let published: std::result::Result<&T, String> =
                 value.as_ref().map_err(|e| e.to_string());
             let bytes = serde_json::to_vec(&published)
                 .map_err(|e| Error::Invalid(format!("{key} does not serialise: {e}")))?;
-            // SAFETY: key is NUL-terminated; `bytes` is live for the call with its length passed.
-            let rc = unsafe {
-                hawada_dist_store_set(
-                    group,
-                    c_key.as_ptr(),
-                    bytes.as_ptr().cast(),
-                    bytes.len() as c_int,
-                    err.as_mut_ptr().cast(),
-                    ERR_LEN as c_int,
-                )
-            };
-            if rc != 0 {
-                return Err(self.failed(&format!("publishing {key}"), &err));
-            }
+            self.store_set(group, key, &bytes)?;
             return value;
         }
+        let bytes = self.store_get(group, key)?;
+        let published: std::result::Result<T, String> = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("rank 0's {key} does not parse: {e}")))?;
+        published.map_err(|reason| Error::Device {
+            device: format!("rank {} of {}", self.rank, self.world),
+            reason: format!("rank 0 failed at {key}: {reason}"),
+        })
+    }
+
+    /// Ends the run together: rank 0 serves the store, so it waits until every other rank has
+    /// read what it published before it may exit.
+    pub fn finish(&self) -> Result<()> {
+        let Some(group) = self.group else {
+            return Ok(());
+        };
+        if self.is_leader() {
+            for rank in 1..self.world {
+                self.store_get(group, &format!("finished-{rank}"))?;
+            }
+            Ok(())
+        } else {
+            self.store_set(group, &format!("finished-{}", self.rank), b"1")
+        }
+    }
+
+    fn store_set(&self, group: *mut c_void, key: &str, bytes: &[u8]) -> Result<()> {
+        let c_key = c_string("store key", key)?;
+        let mut err = [0u8; ERR_LEN];
+        // SAFETY: key is NUL-terminated; `bytes` is live for the call with its length passed.
+        let rc = unsafe {
+            hawada_dist_store_set(
+                group,
+                c_key.as_ptr(),
+                bytes.as_ptr().cast(),
+                bytes.len() as c_int,
+                err.as_mut_ptr().cast(),
+                ERR_LEN as c_int,
+            )
+        };
+        if rc != 0 {
+            return Err(self.failed(&format!("publishing {key}"), &err));
+        }
+        Ok(())
+    }
+
+    /// Waits until `key` is set in the store and returns its value.
+    fn store_get(&self, group: *mut c_void, key: &str) -> Result<Vec<u8>> {
+        let c_key = c_string("store key", key)?;
+        let mut err = [0u8; ERR_LEN];
         let mut buffer = vec![0u8; 1 << 16];
         loop {
             // SAFETY: key is NUL-terminated; the output and error buffers have the lengths passed.
@@ -308,21 +342,15 @@ impl Workers {
                 )
             };
             if len < 0 {
-                return Err(self.failed(&format!("waiting for rank 0's {key}"), &err));
+                return Err(self.failed(&format!("waiting for {key}"), &err));
             }
             if len as usize > buffer.len() {
                 buffer.resize(len as usize, 0);
                 continue;
             }
             buffer.truncate(len as usize);
-            break;
+            return Ok(buffer);
         }
-        let published: std::result::Result<T, String> = serde_json::from_slice(&buffer)
-            .map_err(|e| Error::Invalid(format!("rank 0's {key} does not parse: {e}")))?;
-        published.map_err(|reason| Error::Device {
-            device: format!("rank {} of {}", self.rank, self.world),
-            reason: format!("rank 0 failed at {key}: {reason}"),
-        })
     }
 
     fn failed(&self, what: &str, err: &[u8]) -> Error {

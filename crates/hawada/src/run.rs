@@ -779,7 +779,7 @@ pub fn run(
     }
     memory.write(run_dir)?;
     // Rank 0 evaluates, measures and writes; the others return its summary.
-    workers.from_leader("summary", || out_of_memory_as_error(device, eval_batch, || {
+    let summary = workers.from_leader("summary", || out_of_memory_as_error(device, eval_batch, || {
     save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
     let slim_quality = quality_of(slim.as_ref());
     let slim_patch_cosine = patches_before.zip(patch_cosine_of(slim.as_ref())).map(
@@ -890,7 +890,9 @@ pub fn run(
     summary.write(&run_dir.join("summary.json"))?;
     crate::report::write_html(run_dir)?;
     Ok(summary)
-    }))
+    }))?;
+    workers.finish()?;
+    Ok(summary)
 }
 
 /// Device memory of one worker's training stages (`memory/rank<N>.json`): what a GPU must hold
