@@ -196,6 +196,13 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
         .lines()
         .count();
     assert_eq!(lines_before, lines_after);
+    // Regression: the resumed run reuses the export search's record instead of timing the
+    // candidates again, which could pick another shape than the fine-tune checkpoint holds
+    // (CI: "tensor `layer2.0.bn2.running_var` has shape [16], expected [8]").
+    let rerun: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(rerun["search"], summary["search"]);
 }
 
 #[test]

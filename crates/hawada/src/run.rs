@@ -695,7 +695,13 @@ pub fn run(
     };
     // Rank 0 searches and scores; every rank slims its student to the keep-set it picked.
     let mut exported_slim = None;
+    // The pick is recorded (`export.json`) and reused on resume: searching again would time the
+    // candidates again and could pick another shape than the fine-tune checkpoint holds.
+    let export_path = run_dir.join("export.json");
     let export = workers.from_leader("export", || {
+        if export_path.exists() {
+            return read_json::<Export>(&export_path);
+        }
         let (search_table, searched, pick) =
             out_of_memory_as_error(device, latency_batch, || {
                 search(
@@ -726,6 +732,7 @@ pub fn run(
             search_table,
         };
         tracing::info!(picked = %before.search_table[pick].name, slim_before = before.quality, calibration_agreement, "exported");
+        crate::io::hf_config::write(&export_path, &before)?;
         exported_slim = Some(slim);
         Ok(before)
     })?;
@@ -925,7 +932,7 @@ impl StageMemory {
 }
 
 /// What rank 0's export stage decided, for every rank: the keep-set, and the slim model's
-/// scores before fine-tuning for the summary.
+/// scores before fine-tuning for the summary (`export.json`, reused on resume).
 #[derive(Serialize, Deserialize)]
 struct Export {
     keep: KeepSet,
