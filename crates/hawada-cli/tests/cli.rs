@@ -60,6 +60,17 @@ fn tiny_recipe(dir: &Path) -> PathBuf {
     tiny_recipe_for(dir, TINY_RESNET)
 }
 
+/// [`tiny_recipe`] with each `(from, to)` replaced in its text, in order.
+fn tiny_recipe_with(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let path = tiny_recipe(dir);
+    let text = edits.iter().fold(
+        std::fs::read_to_string(&path).unwrap(),
+        |text, (from, to)| text.replace(from, to),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// A recipe that runs every stage in seconds on CPU for the model config `model` (TOML body).
 fn tiny_recipe_for(dir: &Path, model: &str) -> PathBuf {
     let text = format!(
@@ -228,15 +239,11 @@ fn tiny_vit_runs_every_stage() {
 #[test]
 fn profile_prints_both_proxies_and_caches_the_tables() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(tmp.path());
-    let text = std::fs::read_to_string(&recipe).unwrap().replace(
-        "[latency]",
-        &format!(
-            "[latency]\ncache_dir = \"{}\"",
-            tmp.path().join("cache").display()
-        ),
+    let cache = format!(
+        "[latency]\ncache_dir = \"{}\"",
+        tmp.path().join("cache").display()
     );
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = tiny_recipe_with(tmp.path(), &[("[latency]", &cache)]);
     let run = |dir: &str| {
         hawada()
             .arg("profile")
@@ -272,11 +279,7 @@ fn profile_prints_both_proxies_and_caches_the_tables() {
 #[test]
 fn unknown_recipe_key_is_reported_with_the_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(tmp.path());
-    let text = std::fs::read_to_string(&recipe)
-        .unwrap()
-        .replace("[target]", "[target]\nfractoin = 0.5");
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = tiny_recipe_with(tmp.path(), &[("[target]", "[target]\nfractoin = 0.5")]);
     let out = hawada().arg("run").arg(&recipe).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -292,11 +295,7 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         return; // only meaningful on a machine without a GPU
     }
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(tmp.path());
-    let text = std::fs::read_to_string(&recipe)
-        .unwrap()
-        .replace("device = \"cpu\"", "device = \"cuda\"");
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = tiny_recipe_with(tmp.path(), &[("device = \"cpu\"", "device = \"cuda\"")]);
     let out = hawada()
         .arg("run")
         .arg(&recipe)
@@ -397,11 +396,7 @@ fn real_smollm2_on_sotu_runs_every_stage() {
 #[test]
 fn an_unreachable_target_ends_cleanly_with_the_fastest_model_and_says_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(tmp.path());
-    let text = std::fs::read_to_string(&recipe)
-        .unwrap()
-        .replace("fraction = 0.7", "ms = 0.000001");
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = tiny_recipe_with(tmp.path(), &[("fraction = 0.7", "ms = 0.000001")]);
     let run_dir = tmp.path().join("run");
     let out = run_recipe(&recipe, &run_dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -452,16 +447,17 @@ fn gate_logits_max_abs_diff(a: &Path, b: &Path) -> f64 {
 #[test]
 fn a_run_killed_mid_adaptation_resumes_to_the_same_gates_as_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(tmp.path());
     // A target the gates cannot reach early, so adaptation runs long enough to be killed; no
     // probe inside the run, so no timing enters the gates' updates and two runs of one seed
     // must agree exactly (CPU).
-    let text = std::fs::read_to_string(&recipe)
-        .unwrap()
-        .replace("fraction = 0.7", "fraction = 0.2")
-        .replace("steps = 12", "steps = 150")
-        .replace("probe_every = 5", "probe_every = 1000");
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = tiny_recipe_with(
+        tmp.path(),
+        &[
+            ("fraction = 0.7", "fraction = 0.2"),
+            ("steps = 12", "steps = 150"),
+            ("probe_every = 5", "probe_every = 1000"),
+        ],
+    );
     // One BLAS thread: a loaded machine may otherwise give a kernel fewer threads in one run
     // than in the other, which sums in another order.
     let single_threaded = |run_dir: &Path| {
@@ -556,12 +552,13 @@ fn two_gloo_workers_train_the_gates_of_one_process_on_the_same_global_batch() {
     // batch. No probe inside adaptation and a shared profile, so the 1- and 2-worker runs differ
     // only in how each gradient's sum is split: their gates must agree to rounding.
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(tmp.path());
-    let text = std::fs::read_to_string(&recipe)
-        .unwrap()
-        .replace("steps = 12", "steps = 30")
-        .replace("probe_every = 5", "probe_every = 1000");
-    std::fs::write(&recipe, text).unwrap();
+    let recipe = tiny_recipe_with(
+        tmp.path(),
+        &[
+            ("steps = 12", "steps = 30"),
+            ("probe_every = 5", "probe_every = 1000"),
+        ],
+    );
     let run = |run_dir: &Path, gpus: &str| {
         hawada()
             .current_dir(tmp.path())

@@ -552,21 +552,22 @@ lr = 0.001
         texts.display(),
         tokenizer_file.display()
     );
-    let recipe_file = dir.path().join("vocab.toml");
-    let recipe = Recipe::parse(&text, &recipe_file).unwrap();
-    let err = hawada::run::run(
-        &recipe,
-        &recipe_file,
-        &dir.path().join("run"),
-        &hawada::progress::Silent,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = run_error(&dir.path().join("vocab.toml"), &text);
     assert!(
         err.contains("vocab.toml") && err.contains("data.tokenizer") && err.contains("49152"),
         "{err}"
     );
+}
+
+/// The error `hawada run` ends with for the recipe `text`, read as if from `recipe_file`, run
+/// in `run/` beside it.
+fn run_error(recipe_file: &Path, text: &str) -> String {
+    let recipe = Recipe::parse(text, recipe_file).unwrap();
+    let run_dir = recipe_file.parent().unwrap().join("run");
+    hawada::run::run(&recipe, recipe_file, &run_dir, &hawada::progress::Silent)
+        .err()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -716,17 +717,7 @@ batch = 64
         model_dir.display(),
         data.display()
     );
-    let recipe_file = dir.path().join("nan.toml");
-    let recipe = Recipe::parse(&text, &recipe_file).unwrap();
-    let err = hawada::run::run(
-        &recipe,
-        &recipe_file,
-        &dir.path().join("run"),
-        &hawada::progress::Silent,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = run_error(&dir.path().join("nan.toml"), &text);
     assert!(
         err.contains("step 0") && err.contains("NaN") && err.contains("checkpoints/adapt"),
         "{err}"
