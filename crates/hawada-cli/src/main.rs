@@ -208,6 +208,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     (recipe, file, run_dir)
                 }
             };
+            // Fetched once, before any worker starts: workers fetching at once would race.
+            ensure_data(&recipe)?;
             let workers = gpus.unwrap_or(recipe.gpus);
             if workers > 1 && std::env::var_os("WORLD_SIZE").is_none() {
                 recipe.check_batches_split(&file, workers)?;
@@ -216,10 +218,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if device.is_cuda() && workers > visible {
                     anyhow::bail!("--gpus {workers}: this machine shows {visible} CUDA device(s)");
                 }
-                ensure_data(&recipe)?;
                 return launch_workers(workers);
             }
-            ensure_data(&recipe)?;
             // Rank 0 shows progress and prints the result; the other workers stay quiet.
             let leader = std::env::var("RANK").map_or(true, |rank| rank.trim() == "0");
             let bars = progress::Bars::default();

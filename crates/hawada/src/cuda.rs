@@ -43,7 +43,8 @@ extern "C" {
 
 const ERR_LEN: usize = 1024;
 
-fn message(buffer: &[u8]) -> String {
+/// The NUL-terminated text a shim call wrote into `buffer` (an error message, a name).
+pub(crate) fn message(buffer: &[u8]) -> String {
     CStr::from_bytes_until_nul(buffer)
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()

@@ -10,9 +10,10 @@
 //! which alone measures latency (on its own GPU) and writes files, and is read by the others from
 //! the store.
 
+use crate::cuda::message;
 use crate::error::{Error, Result};
 use serde::{de::DeserializeOwned, Serialize};
-use std::ffi::{c_char, c_int, c_longlong, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_longlong, c_void, CString};
 use tch::{Device, Kind, Tensor};
 
 extern "C" {
@@ -63,12 +64,6 @@ const BUCKET_ELEMENTS: i64 = 1 << 26;
 
 fn c_string(what: &str, text: &str) -> Result<CString> {
     CString::new(text).map_err(|_| Error::Invalid(format!("{what} contains a NUL byte: {text:?}")))
-}
-
-fn message(buffer: &[u8]) -> String {
-    CStr::from_bytes_until_nul(buffer)
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// This process's place among the workers of one run.
@@ -367,14 +362,7 @@ pub fn averaged_scalars<const N: usize>(
     workers: &Workers,
     values: [&Tensor; N],
 ) -> Result<[f64; N]> {
-    let stacked = Tensor::stack(
-        &values
-            .iter()
-            .map(|v| v.detach().to_kind(Kind::Float).reshape([1]))
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .reshape([-1]);
+    let stacked = Tensor::stack(&values.map(|v| v.detach().to_kind(Kind::Float)), 0);
     workers.average(std::slice::from_ref(&stacked))?;
     let host = Vec::<f64>::try_from(&stacked.to_kind(Kind::Double))
         .map_err(|e| Error::Invalid(format!("averaged losses: {e}")))?;

@@ -294,35 +294,33 @@ fn train_teacher(
     let (run_dir, device, metrics, observer) =
         (env.run_dir, env.device, &env.metrics, env.observer);
     let dir = &recipe.model.dir;
-    {
-        let (Some(spec), Some(train)) = (&recipe.teacher_training, train) else {
-            return Err(Error::config(recipe_file, "model.dir", format!("{} holds no model.safetensors; give a model directory, set model.random_init, or add [teacher_training]", dir.display())));
-        };
-        tracing::info!(dir = %dir.display(), "training the teacher (self-trained, cached for later runs)");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        crate::io::hf_config::write(&dir.join("config.json"), &spec.config)?;
-        let mut model = families::load(dir, device, Kind::Float, true)?;
-        let steps = (spec.epochs * train.len() as f64 / spec.batch as f64).ceil() as i64;
-        let mut next = || train.random_batch(spec.batch, Kind::Float);
-        let opts = WeightTraining {
-            stage: "teacher",
-            steps,
-            lr: spec.lr,
-            checkpoint_every: 200,
-            checkpoint_dir: &run_dir.join("checkpoints/teacher"),
-            seed: recipe.seed,
-            workers: &Workers::single(),
-        };
-        train_weights(
-            model.as_mut(),
-            Objective::Labels,
-            &mut next,
-            &opts,
-            metrics,
-            observer,
-        )?;
-        model.save(dir)?;
-    }
+    let (Some(spec), Some(train)) = (&recipe.teacher_training, train) else {
+        return Err(Error::config(recipe_file, "model.dir", format!("{} holds no model.safetensors; give a model directory, set model.random_init, or add [teacher_training]", dir.display())));
+    };
+    tracing::info!(dir = %dir.display(), "training the teacher (self-trained, cached for later runs)");
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::io::hf_config::write(&dir.join("config.json"), &spec.config)?;
+    let mut model = families::load(dir, device, Kind::Float, true)?;
+    let steps = (spec.epochs * train.len() as f64 / spec.batch as f64).ceil() as i64;
+    let mut next = || train.random_batch(spec.batch, Kind::Float);
+    let opts = WeightTraining {
+        stage: "teacher",
+        steps,
+        lr: spec.lr,
+        checkpoint_every: 200,
+        checkpoint_dir: &run_dir.join("checkpoints/teacher"),
+        seed: recipe.seed,
+        workers: &Workers::single(),
+    };
+    train_weights(
+        model.as_mut(),
+        Objective::Labels,
+        &mut next,
+        &opts,
+        metrics,
+        observer,
+    )?;
+    model.save(dir)?;
     Ok(())
 }
 
@@ -580,13 +578,18 @@ pub fn run(
     let protocol = recipe.latency.protocol();
     let workload = recipe.latency.workload();
     let latency_batch = ("latency measurement", "latency.batch", recipe.latency.batch);
-    // Rank 0 measures; every rank then reads its profile.json and the cached site tables.
+    // Rank 0 measures; the other ranks then read its profile.json and the cached site tables.
+    let mut profiled = None;
     workers.from_leader("profile", || {
-        out_of_memory_as_error(device, latency_batch, || {
-            profile_stage(model.as_ref(), recipe, &env).map(|_| ())
-        })
+        profiled = Some(out_of_memory_as_error(device, latency_batch, || {
+            profile_stage(model.as_ref(), recipe, &env)
+        })?);
+        Ok(())
     })?;
-    let (profile, mut proxy) = profile_stage(model.as_ref(), recipe, &env)?;
+    let (profile, mut proxy) = match profiled {
+        Some(profiled) => profiled,
+        None => profile_stage(model.as_ref(), recipe, &env)?,
+    };
 
     // Adapt. The student is the teacher itself, or a copy when its weights train too.
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), device)?;
@@ -602,14 +605,10 @@ pub fn run(
     let mut next_input = || workers.shard(&train.random_batch(recipe.adapt.batch, kind).0);
     let relative_target = recipe.target.fraction.is_some();
     // Only rank 0 measures, so only it holds the keep-all inference copy.
-    let keep_all_model = match workers.is_leader() {
-        true => Some(inference_copy(
-            model.as_ref(),
-            &KeepSet::all(model.groups()),
-            workload,
-        )?),
-        false => None,
-    };
+    let keep_all_model = workers
+        .is_leader()
+        .then(|| inference_copy(model.as_ref(), &KeepSet::all(model.groups()), workload))
+        .transpose()?;
     let keep_all_model = || {
         keep_all_model
             .as_deref()
@@ -786,118 +785,120 @@ pub fn run(
     }
     memory.write(run_dir)?;
     // Rank 0 evaluates, measures and writes; the others return its summary.
-    let summary = workers.from_leader("summary", || out_of_memory_as_error(device, eval_batch, || {
-    save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
-    let slim_quality = quality_of(slim.as_ref());
-    let slim_patch_cosine = patches_before.zip(patch_cosine_of(slim.as_ref())).map(
-        |(before_finetune, after_finetune)| PatchCosine {
-            before_finetune,
-            after_finetune,
-        },
-    );
-    let slim_kl = eval::kl_to_teacher(
-        slim.as_ref(),
-        model.as_ref(),
-        test.as_ref(),
-        recipe.eval.batch,
-        kind,
-    );
+    let summary = workers.from_leader("summary", || {
+        out_of_memory_as_error(device, eval_batch, || {
+            save_model(slim.as_ref(), tokenizer.as_ref(), &run_dir.join("slim"))?;
+            let slim_quality = quality_of(slim.as_ref());
+            let slim_patch_cosine = patches_before.zip(patch_cosine_of(slim.as_ref())).map(
+                |(before_finetune, after_finetune)| PatchCosine {
+                    before_finetune,
+                    after_finetune,
+                },
+            );
+            let slim_kl = eval::kl_to_teacher(
+                slim.as_ref(),
+                model.as_ref(),
+                test.as_ref(),
+                recipe.eval.batch,
+                kind,
+            );
 
-    // Final measurement: keep-all and slim in the same process, back to back.
-    observer.begin("measure", 2);
-    let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()), workload)?;
-    let [keep_all, slim_latency] = measure_pair(
-        keep_all_model(),
-        slim_inference.as_ref(),
-        workload,
-        protocol,
-    )?;
-    observer.advance(2, "keep-all and slim, interleaved");
-    observer.end();
-    let widths: Vec<i64> = model
-        .groups()
-        .iter()
-        .zip(&keep.0)
-        .map(|(g, k)| k.len() as i64 * g.unit_width)
-        .collect();
-    let summary = Summary {
-        family: model.family().to_string(),
-        model: recipe
-            .model
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| recipe.name.clone()),
-        device: device_name(device),
-        dtype: recipe.dtype.clone(),
-        target_ms: profile.target_ms,
-        latency_ms: LatencyPair {
-            keep_all,
-            slim: slim_latency,
-        },
-        timing: if protocol.cuda_graphs && device.is_cuda() {
-            "cuda_graph"
-        } else {
-            "eager"
-        }
-        .into(),
-        speedup: keep_all.mean / slim_latency.mean,
-        params: Params {
-            teacher: model.num_params(),
-            slim: slim.num_params(),
-        },
-        quality: Quality {
-            metric: metric.name().into(),
-            teacher: teacher_quality,
-            slim_before_finetune: slim_before,
-            slim: slim_quality,
-            slim_kl_to_teacher: slim_kl,
-            slim_patch_cosine_to_teacher: slim_patch_cosine,
-            photos: photos
-                .as_ref()
-                .zip(photos_before)
-                .zip(photo_score(slim.as_ref()))
-                .map(|(((dir, data), slim_before_finetune), slim)| PhotoQuality {
-                    dir: dir.display().to_string(),
-                    images: data.len(),
-                    metric: match model.output() {
-                        Output::Features => "cls_cosine_to_teacher",
-                        Output::Logits => "top1_agreement_percent",
-                    }
-                    .into(),
-                    slim_before_finetune,
-                    slim,
+            // Final measurement: keep-all and slim in the same process, back to back.
+            observer.begin("measure", 2);
+            let slim_inference = inference_copy(slim.as_ref(), &KeepSet::all(slim.groups()), workload)?;
+            let [keep_all, slim_latency] = measure_pair(
+                keep_all_model(),
+                slim_inference.as_ref(),
+                workload,
+                protocol,
+            )?;
+            observer.advance(2, "keep-all and slim, interleaved");
+            observer.end();
+            let widths: Vec<i64> = model
+                .groups()
+                .iter()
+                .zip(&keep.0)
+                .map(|(g, k)| k.len() as i64 * g.unit_width)
+                .collect();
+            let summary = Summary {
+                family: model.family().to_string(),
+                model: recipe
+                    .model
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| recipe.name.clone()),
+                device: device_name(device),
+                dtype: recipe.dtype.clone(),
+                target_ms: profile.target_ms,
+                latency_ms: LatencyPair {
+                    keep_all,
+                    slim: slim_latency,
+                },
+                timing: if protocol.cuda_graphs && device.is_cuda() {
+                    "cuda_graph"
+                } else {
+                    "eager"
+                }
+                .into(),
+                speedup: keep_all.mean / slim_latency.mean,
+                params: Params {
+                    teacher: model.num_params(),
+                    slim: slim.num_params(),
+                },
+                quality: Quality {
+                    metric: metric.name().into(),
+                    teacher: teacher_quality,
+                    slim_before_finetune: slim_before,
+                    slim: slim_quality,
+                    slim_kl_to_teacher: slim_kl,
+                    slim_patch_cosine_to_teacher: slim_patch_cosine,
+                    photos: photos
+                        .as_ref()
+                        .zip(photos_before)
+                        .zip(photo_score(slim.as_ref()))
+                        .map(|(((dir, data), slim_before_finetune), slim)| PhotoQuality {
+                            dir: dir.display().to_string(),
+                            images: data.len(),
+                            metric: match model.output() {
+                                Output::Features => "cls_cosine_to_teacher",
+                                Output::Logits => "top1_agreement_percent",
+                            }
+                            .into(),
+                            slim_before_finetune,
+                            slim,
+                        }),
+                },
+                proxy: ProxySummary {
+                    mape: profile.fidelity().mape,
+                    spearman: profile.fidelity().spearman,
+                    n: profile.fidelity().n,
+                    cost: proxy.cost_name().into(),
+                },
+                proxy_flops: profile.fidelity_flops,
+                proxy_table: profile.fidelity_table,
+                search: search_table.clone(),
+                wall_s: started.elapsed().as_secs_f64(),
+                slim_widths: model
+                    .groups()
+                    .iter()
+                    .map(|g| g.name.clone())
+                    .zip(widths)
+                    .collect(),
+                adapt_steps: outcome.steps,
+                target_met: Some(match recipe.target.fraction {
+                    Some(fraction) => slim_latency.mean <= fraction * keep_all.mean,
+                    None => slim_latency.mean <= profile.target_ms,
                 }),
-        },
-        proxy: ProxySummary {
-            mape: profile.fidelity().mape,
-            spearman: profile.fidelity().spearman,
-            n: profile.fidelity().n,
-            cost: proxy.cost_name().into(),
-        },
-        proxy_flops: profile.fidelity_flops,
-        proxy_table: profile.fidelity_table,
-        search: search_table.clone(),
-        wall_s: started.elapsed().as_secs_f64(),
-        slim_widths: model
-            .groups()
-            .iter()
-            .map(|g| g.name.clone())
-            .zip(widths)
-            .collect(),
-        adapt_steps: outcome.steps,
-        target_met: Some(match recipe.target.fraction {
-            Some(fraction) => slim_latency.mean <= fraction * keep_all.mean,
-            None => slim_latency.mean <= profile.target_ms,
-        }),
-        workload: Some(workload),
-    };
-    let latency_json = serde_json::json!({ "profile": profile, "probes": outcome.probes, "search": search_table, "final": { "keep_all": keep_all, "slim": slim_latency } });
-    crate::io::hf_config::write(&run_dir.join("latency.json"), &latency_json)?;
-    summary.write(&run_dir.join("summary.json"))?;
-    crate::report::write_html(run_dir)?;
-    Ok(summary)
-    }))?;
+                workload: Some(workload),
+            };
+            let latency_json = serde_json::json!({ "profile": profile, "probes": outcome.probes, "search": search_table, "final": { "keep_all": keep_all, "slim": slim_latency } });
+            crate::io::hf_config::write(&run_dir.join("latency.json"), &latency_json)?;
+            summary.write(&run_dir.join("summary.json"))?;
+            crate::report::write_html(run_dir)?;
+            Ok(summary)
+        })
+    })?;
     workers.finish()?;
     Ok(summary)
 }
