@@ -11,8 +11,10 @@ PYTHON="${PYTHON:-python3}"
 
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
   echo "setup-libtorch: installing torch==$TORCH_VERSION into $VENV (about 2.8 GB)" >&2
+  # --no-cache-dir: pip would otherwise keep a second copy of the ~3 GB of wheels in ~/.cache,
+  # and CI's disk is tight.
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" >&2
+  "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check "torch==$TORCH_VERSION" >&2
 fi
 
 # The CUDA C runtime headers (crt/) that the CUDA-graph shim compiles against; PyPI's torch
@@ -21,7 +23,7 @@ fi
 # header nv/target.
 for wheel in nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85; do
   if ! "$VENV/bin/pip" show -q "${wheel%%==*}" >/dev/null 2>&1; then
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "$wheel" >&2
+    "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check --no-deps "$wheel" >&2
   fi
 done
 

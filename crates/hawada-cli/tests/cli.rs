@@ -342,6 +342,18 @@ fn real_smollm2_generates_english_from_its_gguf() {
 
 /// Runs a shipped CPU recipe (its `.cache/` paths made absolute) in a temporary folder; returns
 /// the folder (kept alive while the caller reads it), the run directory and its summary.json.
+/// Held by every test that runs a real language model through every stage. One such run leaves
+/// ~4 GB of f32 checkpoints and exports until its folder is removed, and CI's disk does not hold
+/// two at once (it ran out when the smoke runs and the SOTU test overlapped).
+static REAL_LM_RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn real_lm_run() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding the lock poisons it; the disk is still free for the next.
+    REAL_LM_RUN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn run_shipped_cpu_recipe(file: &str) -> (tempfile::TempDir, PathBuf, serde_json::Value) {
     let tmp = tempfile::tempdir().unwrap();
     let root = repo().canonicalize().unwrap();
@@ -360,6 +372,7 @@ fn run_shipped_cpu_recipe(file: &str) -> (tempfile::TempDir, PathBuf, serde_json
 
 #[test]
 fn real_smollm2_on_sotu_runs_every_stage() {
+    let _disk = real_lm_run();
     let (_tmp, run_dir, summary) = run_shipped_cpu_recipe("recipes/cpu/sotu-smollm2-smoke.toml");
     assert_eq!(summary["family"], "llama");
     assert_eq!(summary["quality"]["metric"], "test_perplexity");
@@ -752,6 +765,7 @@ fn every_shipped_recipe_runs_as_a_cpu_smoke_run() {
         let recipe = tmp.path().join(format!("{name}.toml"));
         std::fs::write(&recipe, text).unwrap();
         let run_dir = tmp.path().join(&name);
+        let _disk = real_lm_run();
         let out = hawada()
             .current_dir(tmp.path())
             .arg("run")
@@ -770,8 +784,8 @@ fn every_shipped_recipe_runs_as_a_cpu_smoke_run() {
             serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
                 .unwrap();
         assert_eq!(summary["device"], "cpu", "{name}");
-        // A SmolLM2 smoke run leaves ~3 GB of f32 checkpoints (model + Adam moments); CI's disk
-        // ran out with all of them kept.
+        // A SmolLM2 smoke run leaves ~4 GB of f32 checkpoints (model + Adam moments) and
+        // exports; CI's disk ran out with all of them kept.
         std::fs::remove_dir_all(&run_dir).unwrap();
         ran.push(name);
     }
