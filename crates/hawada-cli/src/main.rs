@@ -376,6 +376,9 @@ fn print_table(s: &Summary, run_dir: &Path) {
         "{:<28} {:>14} {:>14.digits$}",
         "  slim before fine-tune", "", s.quality.slim_before_finetune
     );
+    if let Some(q) = s.quality.teacher_finetuned {
+        println!("{:<28} {:>14.digits$}", "  teacher fine-tuned too", q);
+    }
     if let Some(p) = s.quality.slim_patch_cosine_to_teacher {
         println!(
             "{:<28} {:>14} {:>14.4}",

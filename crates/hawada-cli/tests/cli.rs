@@ -220,12 +220,28 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
 fn tiny_vit_runs_every_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = tiny_recipe_for(tmp.path(), TINY_VIT);
+    // Fine-tuning with labels mixed in, and the whole teacher fine-tuned the same way beside.
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        "[finetune]",
+        "[finetune]\nlabel_weight = 0.5\nteacher_baseline = true",
+    );
+    std::fs::write(&recipe, text).unwrap();
     let run_dir = tmp.path().join("run");
     run_recipe(&recipe, &run_dir);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["family"], "vit");
+    let baseline = summary["quality"]["teacher_finetuned"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&baseline), "{baseline}");
+    assert_eq!(
+        stage_steps(&run_dir, "teacher-baseline"),
+        (0..6).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        stage_steps(&run_dir, "finetune"),
+        (0..6).collect::<Vec<_>>()
+    );
     assert!(
         summary["params"]["slim"].as_i64().unwrap()
             <= summary["params"]["teacher"].as_i64().unwrap()

@@ -13,6 +13,34 @@ pub fn to_teacher(output: Output, student: &Tensor, teacher: &Tensor, temperatur
     }
 }
 
+/// `(1 − w)·to_teacher + w·cross_entropy`: distillation mixed with the data's own labels at
+/// weight `w` (`finetune.label_weight`); `w = 0` is [`to_teacher`] alone, without computing the
+/// cross-entropy.
+pub fn to_teacher_and_labels(
+    output: Output,
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: &Tensor,
+    temperature: f64,
+    label_weight: f64,
+) -> Tensor {
+    let kd = to_teacher(output, student, teacher, temperature);
+    if label_weight == 0.0 {
+        return kd;
+    }
+    kd * (1.0 - label_weight) + cross_entropy(student, labels) * label_weight
+}
+
+/// Cross-entropy in f32, classes or next tokens alike: one prediction per row of the flattened
+/// logits `[..., classes]`, labels `[...]`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let classes = logits.size()[logits.dim() - 1];
+    logits
+        .to_kind(Kind::Float)
+        .reshape([-1, classes])
+        .cross_entropy_for_logits(&labels.reshape([-1]))
+}
+
 /// `T² · KL(softmax(t/T) ‖ softmax(s/T))`, averaged over predictions: logits `[batch, classes]`
 /// (one per example) or `[batch, tokens, vocab]` (one per token).
 pub fn kd_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
@@ -67,6 +95,28 @@ mod tests {
             relative_mse(&(&s * 10.0), &(&t * 10.0)).double_value(&[]),
         );
         assert!((a - b).abs() < 1e-5 * a);
+    }
+
+    #[test]
+    fn label_weight_mixes_distillation_and_cross_entropy_linearly() {
+        let s = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
+        let t = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 6, 2, 3, 1, 5]).view([2, 3]);
+        let value = |w| to_teacher_and_labels(Output::Logits, &s, &t, &y, 2.0, w).double_value(&[]);
+        let kd = kd_kl(&s, &t, 2.0).double_value(&[]);
+        let ce = cross_entropy(&s, &y).double_value(&[]);
+        assert!((value(0.0) - kd).abs() < 1e-6);
+        assert!((value(1.0) - ce).abs() < 1e-6);
+        assert!((value(0.25) - (0.75 * kd + 0.25 * ce)).abs() < 1e-5);
+        // Cross-entropy by hand for the first row: −log softmax(s[0,0])[0].
+        let row = s.get(0).get(0);
+        let by_hand =
+            -(row.get(0).double_value(&[]) - row.exp().sum(Kind::Float).log().double_value(&[]));
+        let first = cross_entropy(
+            &s.narrow(1, 0, 1).narrow(0, 0, 1),
+            &y.narrow(1, 0, 1).narrow(0, 0, 1),
+        );
+        assert!((first.double_value(&[]) - by_hand).abs() < 1e-5);
     }
 
     #[test]

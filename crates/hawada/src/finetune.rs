@@ -17,10 +17,12 @@ use tch::Tensor;
 
 /// What a weight-training loop needs: the batches and how to score them.
 pub enum Objective<'a> {
-    /// Match the teacher's tempered distribution (or its hidden states, for backbones).
+    /// Match the teacher's tempered distribution (or its hidden states, for backbones), mixed
+    /// with cross-entropy on the labels at `label_weight` (0: distillation alone).
     Distill {
         teacher: &'a dyn Family,
         temperature: f64,
+        label_weight: f64,
     },
     /// Cross-entropy on labels.
     Labels,
@@ -103,20 +105,21 @@ pub fn train_weights(
             Objective::Distill {
                 teacher,
                 temperature,
+                label_weight,
             } => {
                 let target = tch::no_grad(|| {
                     teacher.forward(&x, &Masks::none(teacher.groups().len()), Phase::Eval)
                 });
-                distill::to_teacher(model.output(), &logits, &target, *temperature)
+                distill::to_teacher_and_labels(
+                    model.output(),
+                    &logits,
+                    &target,
+                    &y,
+                    *temperature,
+                    *label_weight,
+                )
             }
-            // Classes or next tokens alike: one prediction per row of the flattened logits.
-            Objective::Labels => {
-                let classes = logits.size()[logits.dim() - 1];
-                logits
-                    .to_kind(tch::Kind::Float)
-                    .reshape([-1, classes])
-                    .cross_entropy_for_logits(&y.reshape([-1]))
-            }
+            Objective::Labels => distill::cross_entropy(&logits, &y),
         };
         opt.zero_grad();
         loss.backward();

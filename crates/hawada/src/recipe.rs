@@ -270,6 +270,16 @@ pub struct FinetuneSection {
     pub kd_temperature: f64,
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: i64,
+    /// Weight of cross-entropy on the data's own labels (classes, or next tokens) in the
+    /// fine-tune loss, `(1 − w)·KD + w·CE`; 0 distils only. Above 0 the slim model also learns
+    /// the data's domain, which the teacher never saw: see `teacher_baseline`.
+    #[serde(default)]
+    pub label_weight: f64,
+    /// Also fine-tune a copy of the whole teacher with the same loss, steps and batches, and
+    /// report its quality (`quality.teacher_finetuned`): the fair reference for a slim model
+    /// fine-tuned with labels.
+    #[serde(default)]
+    pub teacher_baseline: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -403,7 +413,10 @@ impl Recipe {
     /// two gate and two fine-tune steps, two timed runs per measurement and site tables at the
     /// full widths only. What it measures is no measurement; it shows the recipe still runs
     /// (CI runs the shipped ones this way). A teacher the recipe would train is trained for one
-    /// step into `run_dir/teacher`, never into the recipe's cache.
+    /// step into `run_dir/teacher`, never into the recipe's cache. The teacher baseline
+    /// (`finetune.teacher_baseline`) is left out: it repeats the fine-tune on a whole copy, and
+    /// for a real language model its checkpoints would add gigabytes to CI's disk; tiny models
+    /// test it.
     pub fn smoke_from_file(path: &Path, run_dir: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut recipe: Recipe = toml::from_str(&text)
@@ -433,6 +446,7 @@ impl Recipe {
         finetune.steps = finetune.steps.min(2);
         finetune.batch = finetune.batch.min(2);
         finetune.checkpoint_every = 1;
+        finetune.teacher_baseline = false;
         let data = &mut recipe.data;
         data.holdout = data.holdout.min(2);
         data.test_limit = Some(data.test_limit.unwrap_or(4).min(4));
@@ -502,6 +516,14 @@ impl Recipe {
         self.check_batches_split(file, self.gpus)?;
         if self.finetune.steps < 0 {
             return Err(Error::config(file, "finetune.steps", "must be ≥ 0"));
+        }
+        let w = self.finetune.label_weight;
+        if !(0.0..=1.0).contains(&w) {
+            return Err(Error::config(
+                file,
+                "finetune.label_weight",
+                format!("must be in [0, 1] (the share of cross-entropy in the loss), found {w}"),
+            ));
         }
         if !matches!(self.latency.cost.as_str(), "table" | "flops") {
             return Err(Error::config(

@@ -751,38 +751,73 @@ pub fn run(
         photos: photos_before,
     } = export;
 
-    // Fine-tune by distillation.
-    if recipe.finetune.steps > 0 {
-        crate::cuda::reset_peak_memory(device);
+    // Fine-tune by distillation (mixed with the labels at `finetune.label_weight`).
+    let finetune = &recipe.finetune;
+    if finetune.label_weight > 0.0 && model.output() == Output::Features {
+        return Err(Error::config(
+            recipe_file,
+            "finetune.label_weight",
+            "the model outputs features (a backbone), which have no labels to score; set it to 0",
+        ));
+    }
+    let finetune_batch = ("fine-tuning", "finetune.batch", finetune.batch);
+    // The slim model, and with `teacher_baseline` a whole copy of the teacher, train with the
+    // same loss, steps and batch size on the same data.
+    let finetune_weights = |stage: &str, student: &mut dyn Family| -> Result<()> {
         let mut next = || {
-            let (x, y) = train.random_batch(recipe.finetune.batch, kind);
+            let (x, y) = train.random_batch(finetune.batch, kind);
             (workers.shard(&x), workers.shard(&y))
         };
         let opts = WeightTraining {
-            stage: "finetune",
-            steps: recipe.finetune.steps,
-            lr: recipe.finetune.lr,
-            checkpoint_every: recipe.finetune.checkpoint_every,
-            checkpoint_dir: &run_dir.join("checkpoints/finetune"),
+            stage,
+            steps: finetune.steps,
+            lr: finetune.lr,
+            checkpoint_every: finetune.checkpoint_every,
+            checkpoint_dir: &run_dir.join("checkpoints").join(stage),
             seed: recipe.seed,
             workers,
         };
-        let finetune_batch = ("fine-tuning", "finetune.batch", recipe.finetune.batch);
         out_of_memory_as_error(device, finetune_batch, || {
             train_weights(
-                slim.as_mut(),
+                student,
                 Objective::Distill {
                     teacher: model.as_ref(),
-                    temperature: recipe.finetune.kd_temperature,
+                    temperature: finetune.kd_temperature,
+                    label_weight: finetune.label_weight,
                 },
                 &mut next,
                 &opts,
                 metrics,
                 observer,
             )
-        })?;
+        })
+    };
+    if finetune.steps > 0 {
+        crate::cuda::reset_peak_memory(device);
+        finetune_weights("finetune", slim.as_mut())?;
         memory.finetune = crate::cuda::device_memory(device);
     }
+    // The baseline's only result is its quality: `teacher-baseline.json` keeps it, and its
+    // checkpoints (a whole model and its Adam moments) go once that is written.
+    let baseline_path = run_dir.join("teacher-baseline.json");
+    let teacher_finetuned = if !(finetune.teacher_baseline && finetune.steps > 0) {
+        None
+    } else if baseline_path.exists() {
+        Some(read_json::<TeacherBaseline>(&baseline_path)?.quality)
+    } else {
+        let mut copy = model.slim(&KeepSet::all(model.groups()))?;
+        copy.to_device_layout();
+        finetune_weights("teacher-baseline", copy.as_mut())?;
+        let quality = workers.from_leader("teacher-baseline-quality", || {
+            let quality =
+                out_of_memory_as_error(device, eval_batch, || Ok(quality_of(copy.as_ref())))?;
+            crate::io::hf_config::write(&baseline_path, &TeacherBaseline { quality })?;
+            let checkpoints = run_dir.join("checkpoints/teacher-baseline");
+            std::fs::remove_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
+            Ok(quality)
+        })?;
+        Some(quality)
+    };
     memory.write(run_dir)?;
     // Rank 0 evaluates, measures and writes; the others return its summary.
     let summary = workers.from_leader("summary", || {
@@ -849,6 +884,7 @@ pub fn run(
                 quality: Quality {
                     metric: metric.name().into(),
                     teacher: teacher_quality,
+                    teacher_finetuned,
                     slim_before_finetune: slim_before,
                     slim: slim_quality,
                     slim_kl_to_teacher: slim_kl,
@@ -941,6 +977,12 @@ struct Export {
     quality: f64,
     patch_cosine: Option<f64>,
     photos: Option<f64>,
+}
+
+/// `teacher-baseline.json`: the quality of the whole teacher fine-tuned like the slim model.
+#[derive(Serialize, Deserialize)]
+struct TeacherBaseline {
+    quality: f64,
 }
 
 /// Runs one stage, turning the device running out of memory into an error that names the

@@ -188,6 +188,18 @@ fn target_fraction_above_keep_all_is_rejected() {
 }
 
 #[test]
+fn a_label_weight_outside_zero_to_one_is_named() {
+    let text = DEFAULT_RECIPE.replace("[finetune]", "[finetune]\nlabel_weight = 1.5");
+    let err = Recipe::parse(&text, Path::new("r.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("finetune.label_weight") && err.contains("[0, 1]") && err.contains("1.5"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_dtype_is_named() {
     let text = DEFAULT_RECIPE.replace("dtype = \"f32\"", "dtype = \"f8\"");
     let err = Recipe::parse(&text, Path::new("r.toml"))

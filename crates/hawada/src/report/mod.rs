@@ -31,6 +31,10 @@ pub struct Quality {
     pub teacher: f64,
     pub slim_before_finetune: f64,
     pub slim: f64,
+    /// The whole teacher fine-tuned with the slim model's loss and steps
+    /// (`finetune.teacher_baseline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_finetuned: Option<f64>,
     /// Mean KL(teacher ‖ slim) per prediction on the test split, nats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slim_kl_to_teacher: Option<f64>,
@@ -341,6 +345,13 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         ),
     ]
     .into_iter()
+    .chain(summary.quality.teacher_finetuned.map(|q| {
+        row(
+            "  teacher fine-tuned the same way",
+            format!("{q:.digits$}"),
+            "".into(),
+        )
+    }))
     .chain(summary.quality.slim_patch_cosine_to_teacher.map(|p| {
         row(
             "patch cosine to teacher",
