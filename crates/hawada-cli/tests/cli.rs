@@ -148,6 +148,13 @@ fn tiny_recipe_runs_every_stage_and_resumes() {
     ] {
         assert!(run_dir.join(file).exists(), "missing {file}");
     }
+    // Optimiser moments only continue a stage: none is left once every stage is complete.
+    for moments in ["adapt/gates_adam.safetensors", "finetune/adam.safetensors"] {
+        assert!(
+            !run_dir.join("checkpoints").join(moments).exists(),
+            "{moments}"
+        );
+    }
     let html = std::fs::read_to_string(run_dir.join("report.html")).unwrap();
     assert!(html.contains(r#"<img src="plots/pareto.png""#), "{html}");
     let summary: serde_json::Value =

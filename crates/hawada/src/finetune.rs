@@ -8,7 +8,7 @@ use crate::distill;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{load_file_into, named_tensors};
 use crate::model::{Family, Masks, Phase};
-use crate::optim::{seed_step, Adam};
+use crate::optim::{remove_saved_moments, seed_step, Adam};
 use crate::progress::Observer;
 use crate::train::{gradients, MetricsLog};
 use serde::{Deserialize, Serialize};
@@ -152,6 +152,9 @@ pub fn train_weights(
         }
     }
     observer.end();
+    if leader {
+        remove_saved_moments(&adam_file)?;
+    }
     model.var_store_mut().freeze();
     Ok(())
 }

@@ -13,7 +13,7 @@ use crate::gates::{GateMode, Gates};
 use crate::latency::measure::LatencyStats;
 use crate::latency::proxy::{LatencyProxy, Sample};
 use crate::model::{Family, KeepSet, Masks, Phase};
-use crate::optim::{seed_step, Adam};
+use crate::optim::{remove_saved_moments, seed_step, Adam};
 use crate::progress::Observer;
 use crate::recipe::AdaptSection;
 use serde::{Deserialize, Serialize};
@@ -275,7 +275,9 @@ pub fn adapt(
     let mut weight_opt = cfg
         .train_weights
         .then(|| Adam::new(student.var_store(), cfg.weight_lr));
-    if saved_state.exists() && gates_adam_file.exists() {
+    // A complete stage has no moments left (`remove_saved_moments`) and needs none.
+    let stage_left = state.step < cfg.steps && !state.finished;
+    if saved_state.exists() && stage_left && gates_adam_file.exists() {
         opt.load(&gates_adam_file)?;
         if let Some(weight_opt) = weight_opt.as_mut() {
             weight_opt.load(&weights_adam_file)?;
@@ -428,6 +430,10 @@ pub fn adapt(
         }
     }
     ctx.observer.end();
+    if leader {
+        remove_saved_moments(&gates_adam_file)?;
+        remove_saved_moments(&weights_adam_file)?;
+    }
     Ok(AdaptOutcome {
         steps: state.step,
         final_lambda: state.lambda,
