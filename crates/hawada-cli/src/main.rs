@@ -129,6 +129,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Set by `launch_workers` to its own pid: a worker that finds another parent (the launcher was
+/// killed, even by SIGKILL) stops, rather than hold its GPU with no one waiting for it.
+const LAUNCHER_PID: &str = "HAWADA_LAUNCHER_PID";
+
+/// In a worker started by `launch_workers`, a thread that ends the process once the launcher is
+/// gone (its parent pid changes when the launcher dies).
+fn stop_when_launcher_dies() {
+    let Some(launcher) = std::env::var(LAUNCHER_PID)
+        .ok()
+        .and_then(|pid| pid.parse::<u32>().ok())
+    else {
+        return;
+    };
+    std::thread::spawn(move || loop {
+        if std::os::unix::process::parent_id() != launcher {
+            eprintln!("hawada: the launcher (pid {launcher}) is gone; this worker stops");
+            std::process::exit(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    });
+}
+
 /// Starts `workers` copies of this command, one per GPU, with the variables torchrun would set
 /// (a free local port for the rendezvous), and waits for them; the first to fail stops the rest.
 fn launch_workers(workers: usize) -> anyhow::Result<ExitCode> {
@@ -147,6 +169,7 @@ fn launch_workers(workers: usize) -> anyhow::Result<ExitCode> {
             .env("LOCAL_RANK", rank.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env(LAUNCHER_PID, std::process::id().to_string())
             .spawn()
             .with_context(|| format!("starting worker {rank} of {workers}"))?;
         children.push(Some(child));
@@ -220,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return launch_workers(workers);
             }
+            stop_when_launcher_dies();
             // Rank 0 shows progress and prints the result; the other workers stay quiet.
             let leader = std::env::var("RANK").map_or(true, |rank| rank.trim() == "0");
             let bars = progress::Bars::default();

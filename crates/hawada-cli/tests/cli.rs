@@ -582,6 +582,71 @@ fn a_run_killed_mid_adaptation_resumes_to_the_same_gates_as_an_uninterrupted_one
     );
 }
 
+/// Pids of the processes whose command line names `needle` (Linux `/proc`).
+fn processes_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
+        })
+        .collect()
+}
+
+#[test]
+fn workers_stop_when_their_launcher_is_killed() {
+    // SIGKILL gives the launcher no chance to stop its workers; they notice it is gone.
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe_with(tmp.path(), &[("steps = 12", "steps = 100000")]);
+    let run_dir = tmp.path().join("killed-launcher");
+    let mut launcher = hawada()
+        .current_dir(tmp.path())
+        .env("OMP_NUM_THREADS", "1")
+        .args(["run", "--gpus", "2"])
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let needle = run_dir.to_string_lossy().into_owned();
+    let launcher_pid = launcher.id();
+    let workers = || {
+        processes_naming(&needle)
+            .into_iter()
+            .filter(|&pid| pid != launcher_pid)
+            .count()
+    };
+    // Wait until both workers train (the gate steps have begun).
+    let started = std::time::Instant::now();
+    while stage_steps(&run_dir, "adapt").is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "the workers never trained"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(workers(), 2);
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while workers() > 0 && killed.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let left: Vec<u32> = processes_naming(&needle);
+    for pid in &left {
+        // Orphans of a failed check would train on until CI ends.
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    assert!(
+        left.is_empty(),
+        "{} worker(s) still running 10 s after the launcher died",
+        left.len()
+    );
+}
+
 #[test]
 fn two_gloo_workers_train_the_gates_of_one_process_on_the_same_global_batch() {
     // `hawada run --gpus 2` on a CPU recipe: two processes joined by gloo, each on half of every
