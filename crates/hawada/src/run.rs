@@ -499,6 +499,13 @@ pub fn run(
     } = load_splits(recipe, device)?;
     let model = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
     check_lengths(model.as_ref(), recipe, recipe_file)?;
+    if recipe.finetune.label_weight > 0.0 && model.output() == Output::Features {
+        return Err(Error::config(
+            recipe_file,
+            "finetune.label_weight",
+            "the model outputs features (a backbone), which have no labels to score; set it to 0",
+        ));
+    }
     if let (Some(tokenizer), Some(vocab)) = (&tokenizer, model.vocab_size()) {
         let ids = tokenizer.get_vocab_size(true) as i64;
         if ids > vocab {
@@ -753,13 +760,6 @@ pub fn run(
 
     // Fine-tune by distillation (mixed with the labels at `finetune.label_weight`).
     let finetune = &recipe.finetune;
-    if finetune.label_weight > 0.0 && model.output() == Output::Features {
-        return Err(Error::config(
-            recipe_file,
-            "finetune.label_weight",
-            "the model outputs features (a backbone), which have no labels to score; set it to 0",
-        ));
-    }
     let finetune_batch = ("fine-tuning", "finetune.batch", finetune.batch);
     // The slim model, and with `teacher_baseline` a whole copy of the teacher, train with the
     // same loss, steps and batch size on the same data.

@@ -583,6 +583,49 @@ fn run_error(recipe_file: &Path, text: &str) -> String {
 }
 
 #[test]
+fn labels_in_the_fine_tune_of_a_backbone_are_refused_before_any_stage() {
+    // The tiny DINOv2 backbone outputs features: there are no labels to take cross-entropy on.
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = format!(
+        r#"name = "backbone"
+device = "cpu"
+[model]
+dir = "{}"
+[data]
+format = "idx"
+dir = "{}"
+image_size = 28
+[latency]
+batch = 1
+[target]
+fraction = 0.5
+[adapt]
+steps = 1
+batch = 1
+probe_every = 1
+checkpoint_every = 1
+[finetune]
+steps = 1
+batch = 1
+lr = 0.001
+label_weight = 0.5
+"#,
+        root.join("fixtures/dinov2/model.onnx").display(),
+        root.join(".cache/assets/fashion-mnist").display(),
+    );
+    let err = run_error(&dir.path().join("backbone.toml"), &text);
+    assert!(
+        err.contains("backbone.toml")
+            && err.contains("finetune.label_weight")
+            && err.contains("features"),
+        "{err}"
+    );
+    // Refused before the profile, so nothing was measured.
+    assert!(!dir.path().join("run/profile.json").exists());
+}
+
+#[test]
 fn every_shipped_recipe_parses_and_names_a_model_that_exists_or_is_built() {
     // Recipes never rot silently: each one under recipes/ parses, and
     // its model is a committed config, a fetched asset, or a teacher the recipe trains.
