@@ -268,10 +268,18 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         (
             "finetune",
             Chart {
-                title: "Fine-tune: KD loss",
+                // KD alone, or mixed with the labels' cross-entropy (`finetune.label_weight`).
+                title: "Fine-tune: loss",
                 x_label: "step",
-                y_label: "KD",
-                series: vec![line("KD", 0x9467bd, stage_points("finetune", "loss"))],
+                y_label: "loss",
+                series: [
+                    ("slim model", 0x9467bd, "finetune"),
+                    ("whole teacher (baseline)", 0x7f7f7f, "teacher-baseline"),
+                ]
+                .into_iter()
+                .map(|(label, color, stage)| line(label, color, stage_points(stage, "loss")))
+                .filter(|series| !series.points.is_empty())
+                .collect(),
             },
         ),
         (
