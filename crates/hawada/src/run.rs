@@ -600,14 +600,11 @@ pub fn run(
 
     // Adapt. The student is the teacher itself, or a copy when its weights train too.
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), device)?;
-    let student_copy = if recipe.adapt.train_weights {
-        let mut copy = model.slim(&KeepSet::all(model.groups()))?;
-        copy.var_store_mut().unfreeze();
-        copy.to_device_layout();
-        Some(copy)
-    } else {
-        None
-    };
+    let student_copy = recipe
+        .adapt
+        .train_weights
+        .then(|| trainable_copy(model.as_ref()))
+        .transpose()?;
     let student: &dyn Family = student_copy.as_deref().unwrap_or(model.as_ref());
     let mut next_input = || workers.shard(&train.random_batch(recipe.adapt.batch, kind).0);
     let relative_target = recipe.target.fraction.is_some();
@@ -805,8 +802,7 @@ pub fn run(
     } else if baseline_path.exists() {
         Some(read_json::<TeacherBaseline>(&baseline_path)?.quality)
     } else {
-        let mut copy = model.slim(&KeepSet::all(model.groups()))?;
-        copy.to_device_layout();
+        let mut copy = trainable_copy(model.as_ref())?;
         finetune_weights("teacher-baseline", copy.as_mut())?;
         let quality = workers.from_leader("teacher-baseline-quality", || {
             let quality =
@@ -937,6 +933,15 @@ pub fn run(
     })?;
     workers.finish()?;
     Ok(summary)
+}
+
+/// A copy of the whole `model` whose weights train: the student when `adapt.train_weights` is
+/// set, and the teacher baseline of `finetune.teacher_baseline`.
+fn trainable_copy(model: &dyn Family) -> Result<Box<dyn Family>> {
+    let mut copy = model.slim(&KeepSet::all(model.groups()))?;
+    copy.var_store_mut().unfreeze();
+    copy.to_device_layout();
+    Ok(copy)
 }
 
 /// Device memory of one worker's training stages (`memory/rank<N>.json`): what a GPU must hold
