@@ -9,12 +9,15 @@
 #     default recipes/h100/sotu-smollm2-135m-decode-bf16.toml) end to end and samples greedy text
 #     from teacher and slim model. With RUN_LIMIT_S=N the run stops after N seconds, and the
 #     same call again on the still-warm machine resumes it (the run directory is in /tmp).
-#   stage `carry`: only stores half 1 (when the bench is not wanted).
+#   stage `carry`: only stores half 1 and unpacks SOTU, with no binary (carry
+#     .cache/carry/smollm2.part00 and .cache/carry/sotu.tgz), when the bench is not wanted; the
+#     `smollm2` call after it then carries the binary and .cache/carry/smollm2.part01 alone.
 #   stage `adapt1b` (one call; carry the binary, .cache/carry/sotu.tgz and
 #     .cache/teachers/smollm2-tokenizer.json): Llama-3.2-1B shapes (random init) adapted for
 #     prefill 8×512 and decode b16 @512 (recipes/h100/llama32-1b-{prefill,decode}-adapt-bf16.toml,
 #     or $RECIPES), each run's summary and Pareto plot under $OUT/<recipe>/.
-# Local preparation: scripts/gpu-llama.sh prepare   (writes .cache/carry/ and the tokenizer)
+# Local preparation: scripts/gpu-llama.sh prepare   (writes .cache/carry/ and the tokenizer, and
+# strips target/release/hawada: 11 MiB of binary beside a 47 MiB half and the tree fills 64 MiB)
 set -euo pipefail
 STAGE="${1:?usage: gpu-llama.sh prepare|bench|carry|adapt1b|smollm2}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +34,15 @@ if [[ "$STAGE" == prepare ]]; then
   target/release/hawada convert "$GGUF" "$tmp/smollm2" --dtype bf16 >/dev/null
   mkdir -p .cache/teachers && cp "$tmp/smollm2/tokenizer.json" .cache/teachers/smollm2-tokenizer.json
   rm -rf "$tmp"
-  ls -la .cache/carry
+  strip target/release/hawada
+  ls -la .cache/carry target/release/hawada
+  exit 0
+fi
+CARRY=/tmp/hawada-carry
+if [[ "$STAGE" == carry ]]; then
+  mkdir -p "$CARRY" .cache/assets
+  cp .cache/carry/smollm2.part00 "$CARRY/"
+  tar -xzf .cache/carry/sotu.tgz -C .cache/assets
   exit 0
 fi
 OUT="${OUT:-gpu-out}"
@@ -39,14 +50,10 @@ SITE=/opt/torch/.venv/lib/python3.12/site-packages
 export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BIN=target/release/hawada
 WORK="$(mktemp -d)"
-CARRY=/tmp/hawada-carry
 mkdir -p "$OUT" "$CARRY"
 exec > >(tee "$OUT/gpu-$STAGE.txt") 2>&1
 if ldd "$BIN" | grep 'not found'; then echo "gpu-llama: missing libraries (above)" >&2; exit 1; fi
 case "$STAGE" in
-  carry)
-    cp .cache/carry/smollm2.part00 "$CARRY/"
-    ;;
   bench)
     cp .cache/carry/smollm2.part00 "$CARRY/"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
