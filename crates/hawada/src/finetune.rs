@@ -39,11 +39,41 @@ pub struct WeightTraining<'a> {
     pub seed: u64,
     /// The processes training together; `next_batch` yields this rank's rows.
     pub workers: &'a Workers,
+    /// Scores the model on held-out data at every checkpoint, and training ends with the
+    /// best-scoring weights instead of the last.
+    pub keep_best: Option<Validation<'a>>,
+}
+
+/// A score of the model on data it does not train on (rank 0 computes it).
+pub struct Validation<'a> {
+    pub score: &'a dyn Fn(&dyn Family) -> f64,
+    pub higher_is_better: bool,
+}
+
+impl Validation<'_> {
+    fn improves(&self, score: f64, best: Option<&Best>) -> bool {
+        best.is_none_or(|best| {
+            if self.higher_is_better {
+                score > best.score
+            } else {
+                score < best.score
+            }
+        })
+    }
+}
+
+/// The best-scoring checkpoint so far (its weights: `best.safetensors`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Best {
+    step: i64,
+    score: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct WeightState {
     step: i64,
+    #[serde(default)]
+    best: Option<Best>,
 }
 
 #[derive(Serialize)]
@@ -52,6 +82,15 @@ struct WeightMetrics<'a> {
     step: i64,
     loss: f64,
     lr: f64,
+}
+
+/// The held-out score at a checkpoint. `step` is the index of the last step done, like the loss
+/// lines': a resume from that checkpoint then keeps the line (`MetricsLog::truncate_from`).
+#[derive(Serialize)]
+struct ValidationMetrics<'a> {
+    stage: &'a str,
+    step: i64,
+    validation: f64,
 }
 
 /// Trains every weight of `model` for `opts.steps` Adam steps with a cosine learning-rate decay.
@@ -68,7 +107,9 @@ pub fn train_weights(
     let state_file = opts.checkpoint_dir.join("state.json");
     let weights_file = opts.checkpoint_dir.join("model.safetensors");
     let adam_file = opts.checkpoint_dir.join("adam.safetensors");
+    let best_file = opts.checkpoint_dir.join("best.safetensors");
     let mut start = 0;
+    let mut best = None;
     if state_file.exists() && weights_file.exists() {
         let state: WeightState = crate::io::hf_config::parse(
             &state_file,
@@ -76,6 +117,7 @@ pub fn train_weights(
         )?;
         load_file_into(model.var_store(), &weights_file)?;
         start = state.step;
+        best = state.best;
         tracing::info!(
             stage = opts.stage,
             step = start,
@@ -145,13 +187,59 @@ pub fn train_weights(
             })?;
         }
         observer.advance(step as u64 + 1, &format!("loss {loss_value:.4}"));
-        if leader && ((step + 1) % opts.checkpoint_every == 0 || step + 1 == opts.steps) {
-            crate::io::safetensors::write(&weights_file, &named_tensors(model.var_store()))?;
-            opt.save(&adam_file)?;
-            crate::io::hf_config::write(&state_file, &WeightState { step: step + 1 })?;
+        let done = step + 1;
+        if done % opts.checkpoint_every == 0 || done == opts.steps {
+            if let Some(validation) = &opts.keep_best {
+                let key = format!("{}-validation-{done}", opts.stage);
+                let score = opts.workers.from_leader(&key, || {
+                    let _guard = tch::no_grad_guard();
+                    Ok((validation.score)(&*model))
+                })?;
+                if validation.improves(score, best.as_ref()) {
+                    best = Some(Best { step: done, score });
+                    if leader {
+                        let weights = named_tensors(model.var_store());
+                        crate::io::safetensors::write(&best_file, &weights)?;
+                    }
+                }
+                if leader {
+                    metrics.append(&ValidationMetrics {
+                        stage: opts.stage,
+                        step,
+                        validation: score,
+                    })?;
+                }
+            }
+            if leader {
+                crate::io::safetensors::write(&weights_file, &named_tensors(model.var_store()))?;
+                opt.save(&adam_file)?;
+                crate::io::hf_config::write(&state_file, &WeightState { step: done, best })?;
+            }
         }
     }
     observer.end();
+    // The stage's weights become the best checkpoint's: `model.safetensors` is replaced by
+    // it, so a resume of the finished stage loads them too.
+    if let Some(best) = best {
+        let replaced = opts
+            .workers
+            .from_leader(&format!("{}-best", opts.stage), || {
+                if !best_file.exists() {
+                    return Ok(false);
+                }
+                std::fs::rename(&best_file, &weights_file).map_err(|e| Error::io(&best_file, e))?;
+                Ok(true)
+            })?;
+        if replaced {
+            load_file_into(model.var_store(), &weights_file)?;
+            tracing::info!(
+                stage = opts.stage,
+                step = best.step,
+                score = best.score,
+                "kept the best-scoring checkpoint"
+            );
+        }
+    }
     if leader {
         remove_saved_moments(&adam_file)?;
     }

@@ -280,6 +280,12 @@ pub struct FinetuneSection {
     /// fine-tuned with labels.
     #[serde(default)]
     pub teacher_baseline: bool,
+    /// Score the model with the run's quality metric on the calibration split (`data.holdout`:
+    /// training data never trained on, disjoint from test) at every checkpoint, and end with the
+    /// best-scoring weights rather than the last: a long fine-tune on a small dataset with
+    /// labels can over-fit it. Applies to the teacher baseline too.
+    #[serde(default)]
+    pub keep_best: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

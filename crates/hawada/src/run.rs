@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::eval;
 use crate::export::search::{candidates, search, Measurement, SearchContext};
 use crate::families;
-use crate::finetune::{train_weights, Objective, WeightTraining};
+use crate::finetune::{train_weights, Objective, Validation, WeightTraining};
 use crate::gates::{enforce_follows, floor_units, Gates};
 use crate::latency::forward::{
     inference_copy, measure_against_keep_all, measure_model, measure_pair,
@@ -311,6 +311,7 @@ fn train_teacher(
         checkpoint_dir: &run_dir.join("checkpoints/teacher"),
         seed: recipe.seed,
         workers: &Workers::single(),
+        keep_best: None,
     };
     train_weights(
         model.as_mut(),
@@ -758,6 +759,16 @@ pub fn run(
     // Fine-tune by distillation (mixed with the labels at `finetune.label_weight`).
     let finetune = &recipe.finetune;
     let finetune_batch = ("fine-tuning", "finetune.batch", finetune.batch);
+    let calibration_score = |m: &dyn Family| {
+        eval::quality(
+            m,
+            model.as_ref(),
+            calibration.as_ref(),
+            metric,
+            recipe.eval.batch,
+            kind,
+        )
+    };
     // The slim model, and with `teacher_baseline` a whole copy of the teacher, train with the
     // same loss, steps and batch size on the same data.
     let finetune_weights = |stage: &str, student: &mut dyn Family| -> Result<()> {
@@ -773,6 +784,10 @@ pub fn run(
             checkpoint_dir: &run_dir.join("checkpoints").join(stage),
             seed: recipe.seed,
             workers,
+            keep_best: finetune.keep_best.then_some(Validation {
+                score: &calibration_score,
+                higher_is_better: metric.higher_is_better(),
+            }),
         };
         out_of_memory_as_error(device, finetune_batch, || {
             train_weights(

@@ -30,6 +30,10 @@ impl Metric {
             Metric::ClsCosine => "test_cls_cosine_to_teacher",
         }
     }
+
+    pub fn higher_is_better(&self) -> bool {
+        *self != Metric::Perplexity
+    }
 }
 
 /// A split of examples: model inputs with their targets (class labels `[batch]`, or next tokens

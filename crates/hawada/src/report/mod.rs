@@ -210,6 +210,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         .collect();
     pareto.sort_by(|a, b| a.0.total_cmp(&b.0));
     let kept = kept_by_kind(run_dir, &metrics);
+    let validation_label = summary.quality.metric.replacen("test_", "", 1);
     let charts = [
         (
             "kd",
@@ -283,6 +284,28 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             },
         ),
         (
+            "validation",
+            Chart {
+                // `finetune.keep_best`: each stage ends with its best point here.
+                title: "Fine-tune: quality on the calibration split",
+                x_label: "step",
+                y_label: &validation_label,
+                series: [
+                    ("slim model", 0x9467bd, "finetune"),
+                    ("whole teacher (baseline)", 0x7f7f7f, "teacher-baseline"),
+                ]
+                .into_iter()
+                .map(|(label, color, stage)| Series {
+                    label,
+                    color,
+                    points: stage_points(stage, "validation"),
+                    dots: true,
+                })
+                .filter(|series| !series.points.is_empty())
+                .collect(),
+            },
+        ),
+        (
             "pareto",
             Chart {
                 title: "Export search: measured latency vs agreement",
@@ -310,6 +333,9 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(&plots).map_err(|e| Error::io(&plots, e))?;
     let mut images = String::new();
     for (name, chart) in &charts {
+        if *name == "validation" && chart.series.is_empty() {
+            continue;
+        }
         chart.write_png(&plots.join(format!("{name}.png")))?;
         let _ = write!(
             images,
