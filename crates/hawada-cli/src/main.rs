@@ -46,6 +46,21 @@ enum Command {
         #[arg(long)]
         gpus: Option<usize>,
     },
+    /// Run a recipe at several latency targets, each in `<run dir>/t<fraction>` (resumed like
+    /// `run`), sharing the first target's profile; writes `sweep.json` and charts of speed-up
+    /// against agreement and quality (`plots/sweep-*.png`).
+    Sweep {
+        recipe: PathBuf,
+        /// Target fractions of keep-all latency, each in (0, 1].
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<f64>,
+        /// Sweep directory (default: runs/<recipe name>-sweep).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Every target as a smoke run (see `run --smoke`).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Profile a recipe's model on this device: keep-all latency, measured per-site cost tables
     /// (cached), and the fidelity (MAPE, Spearman) of the table and FLOP proxies on held-out
     /// random sub-architectures.
@@ -207,30 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             smoke,
             gpus,
         } => {
-            let (recipe, file, run_dir) = match (&recipe, smoke) {
-                (Some(path), true) => {
-                    let run_dir = run_dir.unwrap_or_else(|| {
-                        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-                        PathBuf::from("runs").join(format!("{stem}-smoke"))
-                    });
-                    let recipe = Recipe::smoke_from_file(path, &run_dir).with_context(|| {
-                        format!("reading recipe {} for a smoke run", path.display())
-                    })?;
-                    (recipe, path.clone(), run_dir)
-                }
-                (Some(path), false) => {
-                    let recipe = Recipe::from_file(path)
-                        .with_context(|| format!("reading recipe {}", path.display()))?;
-                    let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
-                    (recipe, path.clone(), run_dir)
-                }
-                (None, _) => {
-                    let file = PathBuf::from("<embedded default recipe>");
-                    let recipe = Recipe::parse(DEFAULT_RECIPE, &file)?;
-                    let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
-                    (recipe, file, run_dir)
-                }
-            };
+            let (recipe, file, run_dir) = resolve_recipe(recipe.as_deref(), smoke, run_dir, "")?;
             // Fetched once, before any worker starts: workers fetching at once would race.
             ensure_data(&recipe)?;
             let workers = gpus.unwrap_or(recipe.gpus);
@@ -260,6 +252,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("(a smoke run: the recipe runs; its numbers are no measurement)");
                 }
             }
+        }
+        Command::Sweep {
+            recipe,
+            targets,
+            run_dir,
+            smoke,
+        } => {
+            let (recipe, file, dir) = resolve_recipe(Some(&recipe), smoke, run_dir, "-sweep")?;
+            ensure_data(&recipe)?;
+            let bars = progress::Bars::default();
+            let sweep = hawada::sweep::sweep(&recipe, &file, &dir, &targets, &bars)
+                .with_context(|| format!("sweep of `{}` in {}", recipe.name, dir.display()))?;
+            print_sweep(&sweep, &dir);
         }
         Command::Profile { recipe, run_dir } => {
             let file = recipe;
@@ -315,6 +320,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The recipe to run (a file, its smoke version, or the embedded default), its file name for
+/// errors, and the run directory: `run_dir`, or `runs/<name><suffix>` (`runs/<file
+/// stem>-smoke<suffix>` for a smoke run).
+fn resolve_recipe(
+    recipe: Option<&Path>,
+    smoke: bool,
+    run_dir: Option<PathBuf>,
+    suffix: &str,
+) -> anyhow::Result<(Recipe, PathBuf, PathBuf)> {
+    let default_dir = |recipe: &Recipe| {
+        let dir = hawada::run::default_run_dir(recipe);
+        PathBuf::from(format!("{}{suffix}", dir.display()))
+    };
+    Ok(match (recipe, smoke) {
+        (Some(path), true) => {
+            let run_dir = run_dir.unwrap_or_else(|| {
+                let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                PathBuf::from("runs").join(format!("{stem}-smoke{suffix}"))
+            });
+            let recipe = Recipe::smoke_from_file(path, &run_dir)
+                .with_context(|| format!("reading recipe {} for a smoke run", path.display()))?;
+            (recipe, path.to_path_buf(), run_dir)
+        }
+        (Some(path), false) => {
+            let recipe = Recipe::from_file(path)
+                .with_context(|| format!("reading recipe {}", path.display()))?;
+            let run_dir = run_dir.unwrap_or_else(|| default_dir(&recipe));
+            (recipe, path.to_path_buf(), run_dir)
+        }
+        (None, _) => {
+            let file = PathBuf::from("<embedded default recipe>");
+            let recipe = Recipe::parse(DEFAULT_RECIPE, &file)?;
+            let run_dir = run_dir.unwrap_or_else(|| default_dir(&recipe));
+            (recipe, file, run_dir)
+        }
+    })
+}
+
 /// Fetches the recipe's data asset with the project script when its directory is missing.
 fn ensure_data(recipe: &Recipe) -> anyhow::Result<()> {
     if recipe.data.dir.exists() {
@@ -365,6 +408,57 @@ fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> {
         out_dir.display()
     );
     Ok(())
+}
+
+fn print_sweep(sweep: &hawada::sweep::Sweep, dir: &Path) {
+    println!();
+    println!("HawAda sweep: {}", sweep.recipe);
+    let metric = sweep.points.first().map(|p| &p.summary.quality);
+    let digits = if metric.is_some_and(|q| q.metric.contains("cosine")) {
+        4
+    } else {
+        2
+    };
+    let quality = match metric {
+        Some(q) if !sweep.random_init => format!(
+            "{}: teacher {:.digits$}; slim before → after fine-tune",
+            q.metric, q.teacher
+        ),
+        _ => "(random-init teacher: speed only)".to_string(),
+    };
+    println!(
+        "{:>7} {:>11} {:>9} {:>9} {:>12} {:>11}   {quality}",
+        "target", "keep-all ms", "slim ms", "speed-up", "params", "agreement %"
+    );
+    for p in &sweep.points {
+        let s = &p.summary;
+        let agreement = s
+            .search
+            .iter()
+            .find(|c| c.picked)
+            .map_or(0.0, |c| c.agreement);
+        let quality = if sweep.random_init {
+            String::new()
+        } else {
+            format!(
+                "{:.digits$} → {:.digits$}",
+                s.quality.slim_before_finetune, s.quality.slim
+            )
+        };
+        println!(
+            "{:>7} {:>11.3} {:>9.3} {:>8.2}× {:>12} {:>11.2}   {quality}",
+            p.target_fraction,
+            s.latency_ms.keep_all.mean,
+            s.latency_ms.slim.mean,
+            s.speedup,
+            s.params.slim,
+            agreement
+        );
+    }
+    println!(
+        "sweep directory: {} (sweep.json, plots/sweep-*.png; each target's run in t<fraction>/)",
+        dir.display()
+    );
 }
 
 fn print_table(s: &Summary, run_dir: &Path) {

@@ -21,6 +21,7 @@ pub mod progress;
 pub mod recipe;
 pub mod report;
 pub mod run;
+pub mod sweep;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -469,6 +469,19 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// This recipe with the latency target `fraction` of keep-all (replacing its target), named
+    /// `<name>-t<fraction>`: one point of a sweep.
+    pub fn at_fraction(&self, fraction: f64, file: &Path) -> Result<Recipe> {
+        let mut recipe = self.clone();
+        recipe.name = format!("{}-t{fraction}", self.name);
+        recipe.target = TargetSection {
+            ms: None,
+            fraction: Some(fraction),
+        };
+        recipe.validate(file)?;
+        Ok(recipe)
+    }
+
     fn validate(&self, file: &Path) -> Result<()> {
         let positive = |field: &str, v: f64| {
             if v > 0.0 && v.is_finite() {

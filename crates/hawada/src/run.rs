@@ -147,7 +147,20 @@ pub fn profile_stage(
     };
     let profile_path = env.run_dir.join("profile.json");
     let profile: Profile = if profile_path.exists() {
-        read_json(&profile_path)?
+        // A profile does not depend on the target: a sweep shares one among its targets.
+        let stored: Profile = read_json(&profile_path)?;
+        let target_ms = target_ms(recipe, stored.keep_all.mean);
+        if target_ms != stored.target_ms && env.workers.is_leader() {
+            let profile = Profile {
+                target_ms,
+                ..stored.clone()
+            };
+            crate::io::hf_config::write(&profile_path, &profile)?;
+        }
+        Profile {
+            target_ms,
+            ..stored
+        }
     } else {
         let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
         observer.begin("profile", n_archs as u64 + 1);
@@ -174,11 +187,7 @@ pub fn profile_stage(
         }
         observer.end();
         let holdout = fit.split_off(recipe.latency.fit_archs + 1);
-        let target_ms = match (recipe.target.ms, recipe.target.fraction) {
-            (Some(ms), _) => ms,
-            (None, Some(f)) => f * keep_all.mean,
-            (None, None) => unreachable!("validated: exactly one target"),
-        };
+        let target_ms = target_ms(recipe, keep_all.mean);
         let (_, fidelity_flops) = fit_proxy(flops(), &fit, &holdout);
         let (_, fidelity_table) = fit_proxy(table(), &fit, &holdout);
         let profile = Profile {
@@ -212,6 +221,15 @@ pub fn profile_stage(
         "profiled"
     );
     Ok((profile, proxy))
+}
+
+/// The recipe's latency target in ms, given the keep-all latency.
+fn target_ms(recipe: &Recipe, keep_all_ms: f64) -> f64 {
+    match (recipe.target.ms, recipe.target.fraction) {
+        (Some(ms), _) => ms,
+        (None, Some(f)) => f * keep_all_ms,
+        (None, None) => unreachable!("validated: exactly one target"),
+    }
 }
 
 /// A random sub-architecture: an overall keep fraction drawn from [0.25, 1], each group keeping

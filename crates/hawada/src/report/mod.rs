@@ -434,3 +434,72 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         other => other,
     })
 }
+
+/// The sweep's charts in `dir/plots/`: measured speed-up against the teacher agreement of each
+/// target's slim model (before fine-tune, on the calibration split), and, for a real teacher,
+/// against its quality metric before and after fine-tune, the teacher at 1×.
+pub fn write_sweep_charts(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<()> {
+    let plots = dir.join("plots");
+    std::fs::create_dir_all(&plots).map_err(|e| Error::io(&plots, e))?;
+    let mut points: Vec<&crate::sweep::SweepPoint> = sweep.points.iter().collect();
+    points.sort_by(|a, b| a.summary.speedup.total_cmp(&b.summary.speedup));
+    let at_speedup = |value: &dyn Fn(&Summary) -> Option<f64>| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .filter_map(|p| Some((p.summary.speedup, value(&p.summary)?)))
+            .collect()
+    };
+    let agreement = Chart {
+        title: "Sweep: measured speed-up vs agreement with the teacher",
+        x_label: "speed-up",
+        y_label: "agreement %",
+        series: vec![Series {
+            label: "slim model (export pick, before fine-tune)",
+            color: 0x1f77b4,
+            points: at_speedup(&|s| Some(s.search.iter().find(|c| c.picked)?.agreement)),
+            dots: true,
+        }],
+    };
+    agreement.write_png(&plots.join("sweep-agreement.png"))?;
+    if sweep.random_init {
+        return Ok(());
+    }
+    let Some(first) = points.first() else {
+        return Ok(());
+    };
+    let quality = &first.summary.quality;
+    let from_teacher = |mut points: Vec<(f64, f64)>| {
+        points.insert(0, (1.0, quality.teacher));
+        points
+    };
+    let label = quality.metric.replacen("test_", "", 1);
+    let mut series = vec![
+        Series {
+            label: "slim model, fine-tuned (teacher at 1x)",
+            color: 0x9467bd,
+            points: from_teacher(at_speedup(&|s| Some(s.quality.slim))),
+            dots: false,
+        },
+        Series {
+            label: "slim model before fine-tune",
+            color: 0xff7f0e,
+            points: at_speedup(&|s| Some(s.quality.slim_before_finetune)),
+            dots: true,
+        },
+    ];
+    if let Some(q) = quality.teacher_finetuned {
+        series.push(Series {
+            label: "whole teacher fine-tuned the same way",
+            color: 0x7f7f7f,
+            points: vec![(1.0, q)],
+            dots: true,
+        });
+    }
+    Chart {
+        title: "Sweep: measured speed-up vs quality",
+        x_label: "speed-up",
+        y_label: &label,
+        series,
+    }
+    .write_png(&plots.join("sweep-quality.png"))
+}

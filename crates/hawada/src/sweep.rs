@@ -1,0 +1,79 @@
+//! A sweep: one recipe run at several latency targets (fractions of keep-all), each in its own
+//! run directory, all sharing the first run's profile (keep-all latency, proxy fit; the site
+//! tables are cached anyway), so the targets are judged against the same keep-all measurement.
+//! `sweep.json` and `plots/sweep-*.png` show the trade-off they trace.
+
+use crate::error::{Error, Result};
+use crate::progress::Observer;
+use crate::recipe::Recipe;
+use crate::report::Summary;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One target of a sweep and what its run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub target_fraction: f64,
+    /// Relative to the sweep directory.
+    pub run_dir: String,
+    pub summary: Summary,
+}
+
+/// `sweep.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sweep {
+    pub recipe: String,
+    /// The teacher has random weights: its quality columns mean nothing, only speed and the
+    /// agreement with the teacher do.
+    pub random_init: bool,
+    pub points: Vec<SweepPoint>,
+}
+
+/// Runs `recipe` at each of `fractions` (in order) in `dir/t<fraction>`, resuming any run
+/// already there, then writes `dir/sweep.json` and the sweep charts.
+pub fn sweep(
+    recipe: &Recipe,
+    recipe_file: &Path,
+    dir: &Path,
+    fractions: &[f64],
+    observer: &dyn Observer,
+) -> Result<Sweep> {
+    if fractions.is_empty() {
+        return Err(Error::Invalid(
+            "a sweep needs at least one target fraction".into(),
+        ));
+    }
+    let recipes = fractions
+        .iter()
+        .map(|&f| recipe.at_fraction(f, recipe_file))
+        .collect::<Result<Vec<_>>>()?;
+    let mut points = Vec::new();
+    let mut shared_profile = None;
+    for (&fraction, recipe) in fractions.iter().zip(&recipes) {
+        let name = format!("t{fraction}");
+        let run_dir = dir.join(&name);
+        let profile = run_dir.join("profile.json");
+        if let Some(shared) = &shared_profile {
+            if !profile.exists() {
+                std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+                std::fs::copy(shared, &profile).map_err(|e| Error::io(&profile, e))?;
+            }
+        }
+        tracing::info!(fraction, run_dir = %run_dir.display(), "sweep: next target");
+        let summary = crate::run::run(recipe, recipe_file, &run_dir, observer)?;
+        shared_profile.get_or_insert(profile);
+        points.push(SweepPoint {
+            target_fraction: fraction,
+            run_dir: name,
+            summary,
+        });
+    }
+    let sweep = Sweep {
+        recipe: recipe_file.display().to_string(),
+        random_init: recipe.model.random_init,
+        points,
+    };
+    crate::io::hf_config::write(&dir.join("sweep.json"), &sweep)?;
+    crate::report::write_sweep_charts(dir, &sweep)?;
+    Ok(sweep)
+}

