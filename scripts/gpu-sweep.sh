@@ -6,9 +6,9 @@
 # prepare` here writes the last two.
 # Sweep directories live in /tmp/hawada-runs/<recipe>-sweep: with RUN_LIMIT_S=N the call stops
 # after N seconds, and the same call again on the still-warm machine resumes where it stopped.
-# Under $OUT/<recipe>/: sweep.json, the sweep charts, and per target t<f>.summary.json,
-# t<f>.latency.json and t<f>.pareto.png (what comes back from $OUT must be at most 2 folders
-# deep).
+# What comes back is one archive (a call returns at most 8 files from $OUT): $OUT/sweeps.tgz
+# holds <recipe>-sweep/ with sweep.json, plots/sweep-*.png and per target t<f>/ with
+# summary.json, latency.json, metrics.jsonl, report.html and plots/ — also after a stop.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,6 +24,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 if [[ -f .cache/carry/sotu.tgz && ! -d .cache/assets/sotu/data ]]; then
   mkdir -p .cache/assets && tar -xzf .cache/carry/sotu.tgz -C .cache/assets
 fi
+pack() {
+  (cd /tmp/hawada-runs && find . -path '*-sweep/*' -not -path '*/latency-cache/*' \
+    \( -name sweep.json -o -name summary.json -o -name latency.json -o -name metrics.jsonl \
+    -o -name report.html -o -name '*.png' \) | tar -czf "$OUT/sweeps.tgz" -T -)
+}
+trap pack EXIT
 deadline=$(( $(date +%s) + ${RUN_LIMIT_S:-86400} ))
 for recipe in ${RECIPES:?set RECIPES to the recipes to sweep}; do
   name="$(basename "$recipe" .toml)"
@@ -33,12 +39,4 @@ for recipe in ${RECIPES:?set RECIPES to the recipes to sweep}; do
     echo "gpu-sweep: $name stopped (time limit or error above); the same call again resumes $dir"
     exit 0
   fi
-  mkdir -p "$OUT/$name"
-  cp "$dir/sweep.json" "$dir"/plots/sweep-*.png "$OUT/$name/"
-  for run in "$dir"/t*/; do
-    t="$(basename "$run")"
-    cp "$run/summary.json" "$OUT/$name/$t.summary.json"
-    cp "$run/latency.json" "$OUT/$name/$t.latency.json"
-    cp "$run/plots/pareto.png" "$OUT/$name/$t.pareto.png"
-  done
 done
