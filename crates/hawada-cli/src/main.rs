@@ -91,7 +91,8 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
-    /// Rewrite report.html of a finished run directory.
+    /// Rewrite report.html and the charts of a finished run directory, or the charts of a
+    /// finished sweep directory (one holding `sweep.json`).
     Report { run_dir: PathBuf },
     /// Continue a prompt greedily with a language model (a GGUF file or an HF directory, e.g. a
     /// run's `slim/`), using its own tokenizer and the KV cache.
@@ -305,6 +306,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out_dir,
             dtype,
         } => convert(&model, &out_dir, &dtype)?,
+        Command::Report { run_dir } if run_dir.join("sweep.json").exists() => {
+            hawada::sweep::write_charts(&run_dir)
+                .with_context(|| format!("drawing the sweep charts of {}", run_dir.display()))?;
+            println!("{}", run_dir.join("plots").display());
+        }
         Command::Report { run_dir } => {
             hawada::report::write_html(&run_dir)
                 .with_context(|| format!("writing the report of {}", run_dir.display()))?;

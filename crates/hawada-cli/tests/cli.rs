@@ -260,6 +260,62 @@ fn tiny_vit_runs_every_stage() {
 }
 
 #[test]
+fn a_sweep_runs_each_target_on_one_profile_and_draws_the_trade_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let dir = tmp.path().join("sweep");
+    let sweep = |targets: &str| {
+        hawada()
+            .current_dir(tmp.path())
+            .args(["sweep", recipe.to_str().unwrap(), "--targets", targets])
+            .arg("--run-dir")
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let out = sweep("0.9,0.5");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("speed-up") && stdout.contains("0.9") && stdout.contains("0.5"));
+    let json = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let summary = json(dir.join("sweep.json"));
+    let points = summary["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    // Both targets are fractions of the same keep-all measurement: the first run's profile.
+    let (first, second) = (
+        json(dir.join("t0.9/profile.json")),
+        json(dir.join("t0.5/profile.json")),
+    );
+    let keep_all = first["keep_all"]["mean"].as_f64().unwrap();
+    assert_eq!(second["keep_all"]["mean"].as_f64().unwrap(), keep_all);
+    for (point, fraction) in points.iter().zip([0.9, 0.5]) {
+        let target = point["summary"]["target_ms"].as_f64().unwrap();
+        assert!(
+            (target - fraction * keep_all).abs() < 1e-9,
+            "{target} vs {fraction} × {keep_all}"
+        );
+        assert_eq!(point["target_fraction"].as_f64().unwrap(), fraction);
+    }
+    for chart in ["sweep-agreement.png", "sweep-quality.png"] {
+        assert!(dir.join("plots").join(chart).exists(), "{chart}");
+    }
+    // A target outside (0, 1] is refused before anything runs, naming the field.
+    let out = sweep("0.5,1.5");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("target.fraction") && stderr.contains("1.5"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn profile_prints_both_proxies_and_caches_the_tables() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = format!(

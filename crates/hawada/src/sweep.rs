@@ -77,3 +77,11 @@ pub fn sweep(
     crate::report::write_sweep_charts(dir, &sweep)?;
     Ok(sweep)
 }
+
+/// Redraws the charts of a finished sweep from its `sweep.json`.
+pub fn write_charts(dir: &Path) -> Result<()> {
+    let path = dir.join("sweep.json");
+    let sweep: Sweep =
+        crate::io::hf_config::parse(&path, crate::io::hf_config::read_value(&path)?)?;
+    crate::report::write_sweep_charts(dir, &sweep)
+}

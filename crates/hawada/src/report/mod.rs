@@ -454,7 +454,7 @@ pub fn write_sweep_charts(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<()>
         x_label: "speed-up",
         y_label: "agreement %",
         series: vec![Series {
-            label: "slim model (export pick, before fine-tune)",
+            label: "slim model (before fine-tune)",
             color: 0x1f77b4,
             points: at_speedup(&|s| Some(s.search.iter().find(|c| c.picked)?.agreement)),
             dots: true,
@@ -475,13 +475,13 @@ pub fn write_sweep_charts(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<()>
     let label = quality.metric.replacen("test_", "", 1);
     let mut series = vec![
         Series {
-            label: "slim model, fine-tuned (teacher at 1x)",
+            label: "teacher (1x), slim fine-tuned",
             color: 0x9467bd,
             points: from_teacher(at_speedup(&|s| Some(s.quality.slim))),
             dots: false,
         },
         Series {
-            label: "slim model before fine-tune",
+            label: "slim before fine-tune",
             color: 0xff7f0e,
             points: at_speedup(&|s| Some(s.quality.slim_before_finetune)),
             dots: true,
@@ -489,7 +489,7 @@ pub fn write_sweep_charts(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<()>
     ];
     if let Some(q) = quality.teacher_finetuned {
         series.push(Series {
-            label: "whole teacher fine-tuned the same way",
+            label: "teacher fine-tuned the same way",
             color: 0x7f7f7f,
             points: vec![(1.0, q)],
             dots: true,

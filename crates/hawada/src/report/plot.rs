@@ -114,8 +114,12 @@ impl Chart<'_> {
         if y1 <= y0 {
             (y0, y1) = (y0 - 0.5, y1 + 0.5);
         }
-        let pad = 0.05 * (y1 - y0);
-        (y0, y1) = (y0 - pad, y1 + pad);
+        // Room above the data for the legend, one line per series.
+        let span = y1 - y0;
+        (y0, y1) = (
+            y0 - 0.05 * span,
+            y1 + (0.05 + 0.08 * self.series.len() as f64) * span,
+        );
         let (plot_w, plot_h) = ((w - LEFT - RIGHT) as f64, (h - TOP - BOTTOM) as f64);
         let at = |x: f64, y: f64| {
             Point::new(
@@ -183,10 +187,11 @@ impl Chart<'_> {
                         .draw(&mut canvas);
                 }
             }
-            let _ = Text::new(
+            let _ = Text::with_alignment(
                 s.label,
-                Point::new(w - RIGHT - 170, TOP + 4 + 14 * i as i32),
+                Point::new(w - RIGHT - 4, TOP + 4 + 14 * i as i32),
                 MonoTextStyle::new(&ascii::FONT_6X13_BOLD, color),
+                Alignment::Right,
             )
             .draw(&mut canvas);
         }
