@@ -261,6 +261,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             smoke,
         } => {
             let (recipe, file, dir) = resolve_recipe(Some(&recipe), smoke, run_dir, "-sweep")?;
+            if recipe.gpus > 1 {
+                bail!(
+                    "{}: `gpus = {}`, but a sweep runs in one process on one device; run each target with `hawada run --gpus {}` instead",
+                    file.display(),
+                    recipe.gpus,
+                    recipe.gpus
+                );
+            }
             ensure_data(&recipe)?;
             let bars = progress::Bars::default();
             let sweep = hawada::sweep::sweep(&recipe, &file, &dir, &targets, &bars)

@@ -313,6 +313,20 @@ fn a_sweep_runs_each_target_on_one_profile_and_draws_the_trade_off() {
         stderr.contains("target.fraction") && stderr.contains("1.5"),
         "{stderr}"
     );
+    // A data-parallel recipe is refused: a sweep runs in one process.
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(
+        &recipe,
+        text.replace("name = \"tiny\"", "name = \"tiny\"\ngpus = 2"),
+    )
+    .unwrap();
+    let out = sweep("0.5");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("gpus = 2") && stderr.contains("--gpus"),
+        "{stderr}"
+    );
 }
 
 #[test]
