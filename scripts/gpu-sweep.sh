@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine (shared/GPU.md): `hawada sweep` of each recipe in $RECIPES over the target
-# fractions $TARGETS (default 0.8,0.6,0.5,0.4), one after another. Carry the binary,
-# .cache/assets/fashion-mnist (image recipes), .cache/carry/sotu.tgz and
-# .cache/teachers/smollm2-tokenizer.json (Llama-3.2-1B-shape recipes); `scripts/gpu-llama.sh
-# prepare` here writes the last two.
+# fractions $TARGETS (default 0.8,0.6,0.5,0.4), one after another. Carry the binary and what
+# the recipes read: .cache/assets/fashion-mnist (image recipes) and the self-trained teachers in
+# .cache/teachers/ (fmnist-* recipes), or .cache/carry/sotu.tgz and
+# .cache/teachers/smollm2-tokenizer.json (Llama-3.2-1B-shape recipes; `scripts/gpu-llama.sh
+# prepare` here writes them).
 # Sweep directories live in /tmp/hawada-runs/<recipe>-sweep: with RUN_LIMIT_S=N the call stops
 # after N seconds, and the same call again on the still-warm machine resumes where it stopped.
 # What comes back is one archive (a call returns at most 8 files from $OUT): $OUT/sweeps.tgz

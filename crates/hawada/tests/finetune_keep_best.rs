@@ -37,7 +37,6 @@ fn training_ends_with_the_best_scoring_checkpoint_and_a_resume_keeps_it() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = MetricsLog::new(dir.path().join("metrics.jsonl"));
     let tokens = Tensor::randint(64, [4, 9], (Kind::Int64, Device::Cpu));
-    let mut next = || (tokens.narrow(1, 0, 8), tokens.narrow(1, 1, 8));
     // Scores of the checkpoints after steps 2, 4 and 6 (lower is better): the second is best.
     let scores = [5.0, 1.0, 3.0];
     let scored = RefCell::new(Vec::new());
@@ -60,17 +59,21 @@ fn training_ends_with_the_best_scoring_checkpoint_and_a_resume_keeps_it() {
             higher_is_better: false,
         }),
     };
+    let train = |model: &mut dyn Family| {
+        let mut next = || (tokens.narrow(1, 0, 8), tokens.narrow(1, 1, 8));
+        train_weights(
+            model,
+            Objective::Labels,
+            &mut next,
+            &opts,
+            &metrics,
+            &Silent,
+        )
+        .unwrap();
+    };
     let mut model = tiny_llama();
     let start = weights(model.as_ref());
-    train_weights(
-        model.as_mut(),
-        Objective::Labels,
-        &mut next,
-        &opts,
-        &metrics,
-        &Silent,
-    )
-    .unwrap();
+    train(model.as_mut());
     let snapshots = scored.take();
     assert_eq!(snapshots.len(), 3);
     assert!(
@@ -95,15 +98,7 @@ fn training_ends_with_the_best_scoring_checkpoint_and_a_resume_keeps_it() {
 
     // A rerun finds the stage complete: it trains no step, and loads the kept weights.
     let mut resumed = tiny_llama();
-    train_weights(
-        resumed.as_mut(),
-        Objective::Labels,
-        &mut next,
-        &opts,
-        &metrics,
-        &Silent,
-    )
-    .unwrap();
+    train(resumed.as_mut());
     assert!(scored.borrow().is_empty(), "no step ran again");
     assert!(same(&weights(resumed.as_ref()), &snapshots[1]));
     assert_eq!(
