@@ -47,8 +47,8 @@ enum Command {
         gpus: Option<usize>,
     },
     /// Run a recipe at several latency targets, each in `<run dir>/t<fraction>` (resumed like
-    /// `run`), sharing the first target's profile; writes `sweep.json` and charts of speed-up
-    /// against agreement and quality (`plots/sweep-*.png`).
+    /// `run`), sharing the first target's profile; writes `sweep.json`, `sweep.html` and charts
+    /// of speed-up against agreement and quality (`plots/sweep-*.png`).
     Sweep {
         recipe: PathBuf,
         /// Target fractions of keep-all latency, each in (0, 1].
@@ -91,8 +91,8 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
-    /// Rewrite report.html and the charts of a finished run directory, or the charts of a
-    /// finished sweep directory (one holding `sweep.json`).
+    /// Rewrite report.html and the charts of a finished run directory, or sweep.html and the
+    /// charts of a finished sweep directory (one holding `sweep.json`).
     Report { run_dir: PathBuf },
     /// Continue a prompt greedily with a language model (a GGUF file or an HF directory, e.g. a
     /// run's `slim/`), using its own tokenizer and the KV cache.
@@ -315,9 +315,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dtype,
         } => convert(&model, &out_dir, &dtype)?,
         Command::Report { run_dir } if run_dir.join("sweep.json").exists() => {
-            hawada::sweep::write_charts(&run_dir)
-                .with_context(|| format!("drawing the sweep charts of {}", run_dir.display()))?;
-            println!("{}", run_dir.join("plots").display());
+            hawada::sweep::write_report(&run_dir)
+                .with_context(|| format!("writing the sweep report of {}", run_dir.display()))?;
+            println!("{}", run_dir.join("sweep.html").display());
         }
         Command::Report { run_dir } => {
             hawada::report::write_html(&run_dir)
@@ -470,7 +470,7 @@ fn print_sweep(sweep: &hawada::sweep::Sweep, dir: &Path) {
         );
     }
     println!(
-        "sweep directory: {} (sweep.json, plots/sweep-*.png; each target's run in t<fraction>/)",
+        "sweep directory: {} (sweep.html, sweep.json, plots/sweep-*.png; each target's run in t<fraction>/)",
         dir.display()
     );
 }

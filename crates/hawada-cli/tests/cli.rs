@@ -305,6 +305,8 @@ fn a_sweep_runs_each_target_on_one_profile_and_draws_the_trade_off() {
     for chart in ["sweep-agreement.png", "sweep-quality.png"] {
         assert!(dir.join("plots").join(chart).exists(), "{chart}");
     }
+    let html = std::fs::read_to_string(dir.join("sweep.html")).unwrap();
+    assert!(html.contains(r#"href="t0.9/""#) && html.contains("plots/sweep-quality.png"));
     // A target outside (0, 1] is refused before anything runs, naming the field.
     let out = sweep("0.5,1.5");
     assert!(!out.status.success());

@@ -1,7 +1,7 @@
 //! A sweep: one recipe run at several latency targets (fractions of keep-all), each in its own
 //! run directory, all sharing the first run's profile (keep-all latency, proxy fit; the site
 //! tables are cached anyway), so the targets are judged against the same keep-all measurement.
-//! `sweep.json` and `plots/sweep-*.png` show the trade-off they trace.
+//! `sweep.json`, `sweep.html` and `plots/sweep-*.png` show the trade-off they trace.
 
 use crate::error::{Error, Result};
 use crate::progress::Observer;
@@ -74,14 +74,14 @@ pub fn sweep(
         points,
     };
     crate::io::hf_config::write(&dir.join("sweep.json"), &sweep)?;
-    crate::report::write_sweep_charts(dir, &sweep)?;
+    crate::report::write_sweep_report(dir, &sweep)?;
     Ok(sweep)
 }
 
-/// Redraws the charts of a finished sweep from its `sweep.json`.
-pub fn write_charts(dir: &Path) -> Result<()> {
+/// Rewrites `sweep.html` and the charts of a finished sweep from its `sweep.json`.
+pub fn write_report(dir: &Path) -> Result<()> {
     let path = dir.join("sweep.json");
     let sweep: Sweep =
         crate::io::hf_config::parse(&path, crate::io::hf_config::read_value(&path)?)?;
-    crate::report::write_sweep_charts(dir, &sweep)
+    crate::report::write_sweep_report(dir, &sweep)
 }
