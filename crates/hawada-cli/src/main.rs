@@ -428,11 +428,7 @@ fn print_sweep(sweep: &hawada::sweep::Sweep, dir: &Path) {
     println!();
     println!("HawAda sweep: {}", sweep.recipe);
     let metric = sweep.points.first().map(|p| &p.summary.quality);
-    let digits = if metric.is_some_and(|q| q.metric.contains("cosine")) {
-        4
-    } else {
-        2
-    };
+    let digits = metric.map_or(2, |q| q.digits());
     let quality = match metric {
         Some(q) if !sweep.random_init => format!(
             "{}: teacher {:.digits$}; slim before → after fine-tune",
@@ -446,11 +442,7 @@ fn print_sweep(sweep: &hawada::sweep::Sweep, dir: &Path) {
     );
     for p in &sweep.points {
         let s = &p.summary;
-        let agreement = s
-            .search
-            .iter()
-            .find(|c| c.picked)
-            .map_or(0.0, |c| c.agreement);
+        let agreement = s.picked().map_or(0.0, |c| c.agreement);
         let quality = if sweep.random_init {
             String::new()
         } else {

@@ -150,17 +150,15 @@ pub fn profile_stage(
         // A profile does not depend on the target: a sweep shares one among its targets.
         let stored: Profile = read_json(&profile_path)?;
         let target_ms = target_ms(recipe, stored.keep_all.mean);
-        if target_ms != stored.target_ms && env.workers.is_leader() {
-            let profile = Profile {
-                target_ms,
-                ..stored.clone()
-            };
-            crate::io::hf_config::write(&profile_path, &profile)?;
-        }
-        Profile {
+        let retargeted = target_ms != stored.target_ms;
+        let profile = Profile {
             target_ms,
             ..stored
+        };
+        if retargeted && env.workers.is_leader() {
+            crate::io::hf_config::write(&profile_path, &profile)?;
         }
+        profile
     } else {
         let n_archs = recipe.latency.fit_archs + recipe.latency.holdout_archs;
         observer.begin("profile", n_archs as u64 + 1);

@@ -133,6 +133,23 @@ impl Summary {
     pub fn write(&self, path: &Path) -> Result<()> {
         crate::io::hf_config::write(path, self)
     }
+
+    /// The export search's pick: the slim model's architecture.
+    pub fn picked(&self) -> Option<&Candidate> {
+        self.search.iter().find(|c| c.picked)
+    }
+}
+
+impl Quality {
+    /// Decimals to print the metric with: cosines need four to differ; accuracy and perplexity
+    /// read well with two.
+    pub fn digits(&self) -> usize {
+        if self.metric.contains("cosine") {
+            4
+        } else {
+            2
+        }
+    }
 }
 
 /// Percent of each unit kind's units kept (heads, channels, …) at every probe of the gate
@@ -211,6 +228,23 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
     pareto.sort_by(|a, b| a.0.total_cmp(&b.0));
     let kept = kept_by_kind(run_dir, &metrics);
     let validation_label = summary.quality.metric.replacen("test_", "", 1);
+    // One series per weight-training stage that logged `key`: the slim model's fine-tune and,
+    // with `finetune.teacher_baseline`, the whole teacher's.
+    let per_stage = |key: &str, dots: bool| -> Vec<Series> {
+        [
+            ("slim model", 0x9467bd, "finetune"),
+            ("whole teacher (baseline)", 0x7f7f7f, "teacher-baseline"),
+        ]
+        .into_iter()
+        .map(|(label, color, stage)| Series {
+            label,
+            color,
+            points: stage_points(stage, key),
+            dots,
+        })
+        .filter(|series| !series.points.is_empty())
+        .collect()
+    };
     let charts = [
         (
             "kd",
@@ -273,14 +307,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
                 title: "Fine-tune: loss",
                 x_label: "step",
                 y_label: "loss",
-                series: [
-                    ("slim model", 0x9467bd, "finetune"),
-                    ("whole teacher (baseline)", 0x7f7f7f, "teacher-baseline"),
-                ]
-                .into_iter()
-                .map(|(label, color, stage)| line(label, color, stage_points(stage, "loss")))
-                .filter(|series| !series.points.is_empty())
-                .collect(),
+                series: per_stage("loss", false),
             },
         ),
         (
@@ -290,19 +317,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
                 title: "Fine-tune: quality on the calibration split",
                 x_label: "step",
                 y_label: &validation_label,
-                series: [
-                    ("slim model", 0x9467bd, "finetune"),
-                    ("whole teacher (baseline)", 0x7f7f7f, "teacher-baseline"),
-                ]
-                .into_iter()
-                .map(|(label, color, stage)| Series {
-                    label,
-                    color,
-                    points: stage_points(stage, "validation"),
-                    dots: true,
-                })
-                .filter(|series| !series.points.is_empty())
-                .collect(),
+                series: per_stage("validation", true),
             },
         ),
         (
@@ -347,12 +362,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
         format!("<tr><td>{name}</td><td>{keep_all}</td><td>{slim}</td></tr>")
     };
     let l = &summary.latency_ms;
-    // Cosines need four digits to differ; accuracy and perplexity read well with two.
-    let digits = if summary.quality.metric.contains("cosine") {
-        4
-    } else {
-        2
-    };
+    let digits = summary.quality.digits();
     let table = [
         row(
             "latency mean (ms)",
@@ -442,24 +452,15 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
 pub fn write_sweep_report(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<()> {
     let charts = write_sweep_charts(dir, sweep)?;
     let real = !sweep.random_init;
-    let digits = if sweep
-        .points
-        .iter()
-        .any(|p| p.summary.quality.metric.contains("cosine"))
-    {
-        4
-    } else {
-        2
-    };
+    let first = sweep.points.first().map(|p| &p.summary);
+    let digits = first.map_or(2, |s| s.quality.digits());
     let rows: String = sweep
         .points
         .iter()
         .map(|p| {
             let s = &p.summary;
             let agreement = s
-                .search
-                .iter()
-                .find(|c| c.picked)
+                .picked()
                 .map_or(String::new(), |c| format!("{:.2}", c.agreement));
             let quality = if real {
                 format!(
@@ -483,7 +484,6 @@ pub fn write_sweep_report(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<()>
             )
         })
         .collect();
-    let first = sweep.points.first().map(|p| &p.summary);
     let quality_head = match first {
         Some(s) if real => format!(
             "<th>{m} before fine-tune</th><th>{m} (teacher {t:.digits$})</th>",
@@ -539,7 +539,7 @@ fn write_sweep_charts(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<Vec<&'s
         series: vec![Series {
             label: "slim model (before fine-tune)",
             color: 0x1f77b4,
-            points: at_speedup(&|s| Some(s.search.iter().find(|c| c.picked)?.agreement)),
+            points: at_speedup(&|s| Some(s.picked()?.agreement)),
             dots: true,
         }],
     };
