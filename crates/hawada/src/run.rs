@@ -6,7 +6,7 @@ use crate::data::{load_vocabulary, BatchShape, Examples, ImageDataset, TextDatas
 use crate::dist::Workers;
 use crate::error::{Error, Result};
 use crate::eval;
-use crate::export::search::{candidates, search, Measurement, SearchContext};
+use crate::export::search::{candidates, keep_meeting_target, search, Measurement, SearchContext};
 use crate::families;
 use crate::finetune::{train_weights, Objective, Validation, WeightTraining};
 use crate::gates::{enforce_follows, floor_units, Gates};
@@ -679,12 +679,24 @@ pub fn run(
         gates.save(run_dir)?;
     }
 
-    // Export: the GPU-friendly search over roundings of the trained keep-set, every candidate
-    // measured (against keep-all, drift-cancelled) and scored on the calibration batch.
+    // Export: the GPU-friendly search over roundings of the trained keep-set and of the cut of
+    // the same logits that the proxy (refitted by every probe) puts at the target, every
+    // candidate measured (against keep-all, drift-cancelled) and scored on the calibration batch.
+    let logits = gates.host_logits();
+    let at_target = keep_meeting_target(
+        model.groups(),
+        &logits,
+        recipe.gates.min_keep,
+        profile.target_ms,
+        &|keep| proxy.predict_keep_ms(keep),
+    );
     let listed = candidates(
         model.groups(),
-        &gates.host_logits(),
-        &outcome.keep,
+        &logits,
+        &[
+            ("as trained", outcome.keep.clone()),
+            ("at target", at_target),
+        ],
         recipe.gates.min_keep,
         &recipe.export,
     );

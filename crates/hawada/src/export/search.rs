@@ -5,7 +5,7 @@
 //! whose measured latency meets the target, else the fastest.
 
 use crate::error::Result;
-use crate::gates::{enforce_follows, floor_units, top_units};
+use crate::gates::{enforce_follows, floor_units, keep_from_logits, top_units};
 use crate::latency::measure::LatencyStats;
 use crate::model::{Group, KeepSet, UnitKind};
 use crate::progress::Observer;
@@ -37,26 +37,92 @@ impl Default for SearchOptions {
     }
 }
 
-/// Units per rounding step for a group, or `None` when the multiple does not apply to it.
-fn step_units(group: &Group, multiple: i64) -> Option<i64> {
+/// Units per rounding step for a group, or `None` when the multiple does not apply to it (a
+/// channel multiple never rounds heads, nor a head multiple channels).
+fn step_units(group: &Group, multiple: i64, options: &SearchOptions) -> Option<i64> {
     match group.kind {
-        UnitKind::Channels => (multiple > group.unit_width && multiple % group.unit_width == 0)
+        UnitKind::Channels => (options.channel_multiples.contains(&multiple)
+            && multiple > group.unit_width
+            && multiple % group.unit_width == 0)
             .then(|| multiple / group.unit_width),
-        UnitKind::Heads => (multiple > 1).then_some(multiple),
+        UnitKind::Heads => {
+            (options.head_multiples.contains(&multiple) && multiple > 1).then_some(multiple)
+        }
         UnitKind::KvGroups | UnitKind::Sublayer => None,
     }
 }
 
-/// Named candidate keep-sets: the trained keep-set, then every (multiple, floor|ceil) rounding
-/// of its counts with the `follows` rule re-applied, deduplicated (first name wins).
+/// The keep-set that keeps units above one logit threshold across all groups (`min_keep` and
+/// `follows` as in [`keep_from_logits`]), with the lowest threshold whose `predicted_ms` meets
+/// `target_ms`, or the highest threshold when none does.
+///
+/// Gate training ends with the target met at the `l > 0` threshold, but the gates fall together
+/// (Adam moves every logit about `lr` a step when the latency term dominates), so that threshold
+/// can land far past the target (measured: a 0.4× target exported at 0.1×). The logits' order
+/// still ranks the units; this moves only the cut.
+pub fn keep_meeting_target(
+    groups: &[Group],
+    logits: &[Vec<f32>],
+    min_keep: i64,
+    target_ms: f64,
+    predicted_ms: &dyn Fn(&KeepSet) -> f64,
+) -> KeepSet {
+    let mut thresholds: Vec<f32> = logits.iter().flatten().copied().collect();
+    thresholds.sort_by(f32::total_cmp);
+    thresholds.dedup();
+    // Cut `i` keeps the units above `thresholds[i - 1]`; cut 0 keeps every unit.
+    let keep_at_cut = |i: usize| {
+        let threshold = if i == 0 {
+            f32::NEG_INFINITY
+        } else {
+            thresholds[i - 1]
+        };
+        let shifted: Vec<Vec<f32>> = logits
+            .iter()
+            .map(|values| values.iter().map(|&l| l - threshold).collect())
+            .collect();
+        keep_from_logits(groups, &shifted, min_keep)
+    };
+    let meets = |i: usize| predicted_ms(&keep_at_cut(i)) <= target_ms;
+    let (mut over, mut under) = (0, thresholds.len());
+    if meets(over) {
+        return keep_at_cut(over);
+    }
+    if !meets(under) {
+        return keep_at_cut(under);
+    }
+    // Latency falls as the cut rises (up to the tables' small steps): bisect for the first cut
+    // that meets the target.
+    while under - over > 1 {
+        let mid = (over + under) / 2;
+        if meets(mid) {
+            under = mid;
+        } else {
+            over = mid;
+        }
+    }
+    keep_at_cut(under)
+}
+
+/// Named candidate keep-sets: each base keep-set (the first is the trained one), then every
+/// (multiple, floor|ceil) rounding of each base's counts with the `follows` rule re-applied,
+/// deduplicated (first name wins). Roundings of a later base carry its name as a prefix.
 pub fn candidates(
     groups: &[Group],
     logits: &[Vec<f32>],
-    trained: &KeepSet,
+    bases: &[(&str, KeepSet)],
     min_keep: i64,
     options: &SearchOptions,
 ) -> Vec<(String, KeepSet)> {
-    let mut out = vec![("as trained".to_string(), trained.clone())];
+    let mut out: Vec<(String, KeepSet)> = Vec::new();
+    let mut add = |name: String, keep: KeepSet| {
+        if !out.iter().any(|(_, k)| *k == keep) {
+            out.push((name, keep));
+        }
+    };
+    for (name, keep) in bases {
+        add(name.to_string(), keep.clone());
+    }
     let multiples: Vec<i64> = options
         .channel_multiples
         .iter()
@@ -65,39 +131,48 @@ pub fn candidates(
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    for multiple in multiples {
-        for ceil in [false, true] {
-            let mut changed = false;
-            let rounded = KeepSet(
-                groups
-                    .iter()
-                    .zip(logits)
-                    .zip(&trained.0)
-                    .map(|((group, logits), kept)| {
-                        let Some(step) = step_units(group, multiple) else {
-                            return kept.clone();
-                        };
-                        let k = kept.len() as i64;
-                        let rounded = if ceil {
-                            k.div_euclid(step) * step + if k % step == 0 { 0 } else { step }
-                        } else {
-                            k.div_euclid(step) * step
-                        };
-                        let units = rounded
-                            .max(step.min(group.len))
-                            .max(floor_units(group, min_keep))
-                            .min(group.len);
-                        changed = true;
-                        top_units(logits, units as usize, |_| true)
-                    })
-                    .collect(),
-            );
-            let keep = enforce_follows(groups, logits, rounded);
-            if changed && !out.iter().any(|(_, k)| *k == keep) {
-                out.push((
-                    format!("×{multiple} {}", if ceil { "ceil" } else { "floor" }),
-                    keep,
-                ));
+    for (base_index, (base_name, base)) in bases.iter().enumerate() {
+        let prefix = if base_index == 0 {
+            String::new()
+        } else {
+            format!("{base_name} ")
+        };
+        for &multiple in &multiples {
+            for ceil in [false, true] {
+                let mut changed = false;
+                let rounded = KeepSet(
+                    groups
+                        .iter()
+                        .zip(logits)
+                        .zip(&base.0)
+                        .map(|((group, logits), kept)| {
+                            let Some(step) = step_units(group, multiple, options) else {
+                                return kept.clone();
+                            };
+                            let k = kept.len() as i64;
+                            let rounded = if ceil {
+                                k.div_euclid(step) * step + if k % step == 0 { 0 } else { step }
+                            } else {
+                                k.div_euclid(step) * step
+                            };
+                            let units = rounded
+                                .max(step.min(group.len))
+                                .max(floor_units(group, min_keep))
+                                .min(group.len);
+                            changed = true;
+                            top_units(logits, units as usize, |_| true)
+                        })
+                        .collect(),
+                );
+                if changed {
+                    add(
+                        format!(
+                            "{prefix}×{multiple} {}",
+                            if ceil { "ceil" } else { "floor" }
+                        ),
+                        enforce_follows(groups, logits, rounded),
+                    );
+                }
             }
         }
     }
@@ -211,7 +286,7 @@ mod tests {
             channel_multiples: vec![1, 8, 16],
             head_multiples: vec![],
         };
-        let c = candidates(&groups, &logits, &trained, 1, &options);
+        let c = candidates(&groups, &logits, &[("as trained", trained)], 1, &options);
         let by_name = |n: &str| {
             c.iter()
                 .find(|(name, _)| name == n)
@@ -260,5 +335,45 @@ mod tests {
         assert_eq!(measured.len(), 4);
         assert_eq!(entries[pick].name, "k2");
         assert!(entries.iter().all(|e| e.pareto));
+    }
+
+    #[test]
+    fn keep_meeting_target_moves_the_cut_to_the_first_logit_that_meets_it() {
+        let groups = [channels("a", 4, 1), channels("b", 4, 1)];
+        let logits = vec![vec![-3.0, -1.0, 2.0, 0.5], vec![-2.0, 1.0, -0.5, 3.0]];
+        // One ms per kept unit.
+        let predicted = |keep: &KeepSet| keep.0.iter().map(Vec::len).sum::<usize>() as f64;
+        let at = |target_ms| keep_meeting_target(&groups, &logits, 1, target_ms, &predicted);
+        // l > 0 keeps 4 units; a target of 6 brings back the two highest below 0.
+        assert_eq!(at(6.0).0, vec![vec![1, 2, 3], vec![1, 2, 3]]);
+        assert_eq!(at(8.0).0, vec![vec![0, 1, 2, 3], vec![0, 1, 2, 3]]);
+        assert_eq!(at(3.0).0, vec![vec![2], vec![1, 3]]);
+        // min_keep holds; an unreachable target gets the fewest units.
+        assert_eq!(at(0.5).0, vec![vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn a_channel_multiple_does_not_round_heads() {
+        let heads = Group {
+            kind: UnitKind::Heads,
+            ..channels("heads", 4, 1)
+        };
+        let groups = [channels("a", 4, 8), heads];
+        let logits = vec![vec![1.0, 2.0, 3.0, 4.0], vec![1.0, 2.0, 3.0, 4.0]];
+        let trained = KeepSet(vec![vec![1, 2, 3], vec![3]]);
+        let options = SearchOptions {
+            channel_multiples: vec![16],
+            head_multiples: vec![2],
+        };
+        let c = candidates(&groups, &logits, &[("as trained", trained)], 1, &options);
+        let by_name = |n: &str| {
+            c.iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, k)| k.0.clone())
+        };
+        // ×16 rounds only the channels (3 units of 8 → 2 or 4); ×2 only the heads.
+        assert_eq!(by_name("×16 floor"), Some(vec![vec![2, 3], vec![3]]));
+        // (×2 floor of one head is two heads too, the smallest step: listed once, as floor.)
+        assert_eq!(by_name("×2 floor"), Some(vec![vec![1, 2, 3], vec![2, 3]]));
     }
 }

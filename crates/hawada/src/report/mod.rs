@@ -271,7 +271,16 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
                 x_label: "step",
                 y_label: "ms",
                 series: vec![
-                    line("proxy", 0x2ca02c, stage_points("adapt", "proxy_ms")),
+                    line(
+                        "proxy, expected widths",
+                        0x2ca02c,
+                        stage_points("adapt", "proxy_ms"),
+                    ),
+                    line(
+                        "proxy, hard architecture",
+                        0x17becf,
+                        stage_points("adapt", "kept_proxy_ms"),
+                    ),
                     Series {
                         label: "measured (probe)",
                         color: 0xd62728,

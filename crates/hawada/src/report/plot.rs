@@ -91,8 +91,13 @@ impl Chart<'_> {
         let (w, h) = (WIDTH as i32, HEIGHT as i32);
         let _ = Text::with_alignment(self.title, Point::new(w / 2, 18), title, Alignment::Center)
             .draw(&mut canvas);
-        let all: Vec<(f64, f64)> = self
+        // A series with no points (a metric an older run did not log) gets no legend line.
+        let drawn: Vec<&Series> = self
             .series
+            .iter()
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        let all: Vec<(f64, f64)> = drawn
             .iter()
             .flat_map(|s| s.points.iter().copied())
             .filter(|(x, y)| x.is_finite() && y.is_finite())
@@ -118,7 +123,7 @@ impl Chart<'_> {
         let span = y1 - y0;
         (y0, y1) = (
             y0 - 0.05 * span,
-            y1 + (0.05 + 0.08 * self.series.len() as f64) * span,
+            y1 + (0.05 + 0.08 * drawn.len() as f64) * span,
         );
         let (plot_w, plot_h) = ((w - LEFT - RIGHT) as f64, (h - TOP - BOTTOM) as f64);
         let at = |x: f64, y: f64| {
@@ -166,7 +171,7 @@ impl Chart<'_> {
         )
         .draw(&mut canvas);
         let _ = Text::new(self.y_label, Point::new(6, TOP - 8), text).draw(&mut canvas);
-        for (i, s) in self.series.iter().enumerate() {
+        for (i, s) in drawn.iter().enumerate() {
             let color = rgb(s.color);
             let points: Vec<Point> = s
                 .points
