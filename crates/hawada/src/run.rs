@@ -6,7 +6,7 @@ use crate::data::{load_vocabulary, BatchShape, Examples, ImageDataset, TextDatas
 use crate::dist::Workers;
 use crate::error::{Error, Result};
 use crate::eval;
-use crate::export::search::{candidates, keep_meeting_target, search, Measurement, SearchContext};
+use crate::export::search::{candidates, cuts_meeting_target, search, Measurement, SearchContext};
 use crate::families;
 use crate::finetune::{train_weights, Objective, Validation, WeightTraining};
 use crate::gates::{enforce_follows, floor_units, Gates};
@@ -222,6 +222,10 @@ pub fn profile_stage(
 }
 
 /// The recipe's latency target in ms, given the keep-all latency.
+/// Cuts the export search measures on its way to one that meets the target (one is usually
+/// enough; the proxy's error near the target rarely needs more than one correction).
+const AT_TARGET_ATTEMPTS: usize = 3;
+
 fn target_ms(recipe: &Recipe, keep_all_ms: f64) -> f64 {
     match (recipe.target.ms, recipe.target.fraction) {
         (Some(ms), _) => ms,
@@ -679,27 +683,11 @@ pub fn run(
         gates.save(run_dir)?;
     }
 
-    // Export: the GPU-friendly search over roundings of the trained keep-set and of the cut of
-    // the same logits that the proxy (refitted by every probe) puts at the target, every
-    // candidate measured (against keep-all, drift-cancelled) and scored on the calibration batch.
+    // Export: the GPU-friendly search over roundings of the trained keep-set and of the cuts of
+    // the same logits that the proxy (refitted by every probe) puts at the target, corrected by
+    // measuring them; every candidate measured (against keep-all, drift-cancelled) and scored
+    // on the calibration batch.
     let logits = gates.host_logits();
-    let at_target = keep_meeting_target(
-        model.groups(),
-        &logits,
-        recipe.gates.min_keep,
-        profile.target_ms,
-        &|keep| proxy.predict_keep_ms(keep),
-    );
-    let listed = candidates(
-        model.groups(),
-        &logits,
-        &[
-            ("as trained", outcome.keep.clone()),
-            ("at target", at_target),
-        ],
-        recipe.gates.min_keep,
-        &recipe.export,
-    );
     let mut measure_candidate = |keep: &KeepSet| -> Result<Measurement> {
         let slim = inference_copy(model.as_ref(), keep, workload)?;
         let latency = measure_against_keep_all(
@@ -736,6 +724,30 @@ pub fn run(
         }
         let (search_table, searched, pick) =
             out_of_memory_as_error(device, latency_batch, || {
+                let cuts = cuts_meeting_target(
+                    model.groups(),
+                    &logits,
+                    recipe.gates.min_keep,
+                    profile.target_ms,
+                    &|keep| proxy.predict_keep_ms(keep),
+                    &mut |keep| Ok(measure_candidate(keep)?.latency.mean),
+                    AT_TARGET_ATTEMPTS,
+                )?;
+                let names: Vec<String> = (1..=cuts.len())
+                    .map(|i| match i {
+                        1 => "at target".to_string(),
+                        _ => format!("at target {i}"),
+                    })
+                    .collect();
+                let mut bases = vec![("as trained", outcome.keep.clone())];
+                bases.extend(names.iter().map(String::as_str).zip(cuts));
+                let listed = candidates(
+                    model.groups(),
+                    &logits,
+                    &bases,
+                    recipe.gates.min_keep,
+                    &recipe.export,
+                );
                 search(
                     model.groups(),
                     listed,
