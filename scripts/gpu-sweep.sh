@@ -28,7 +28,7 @@ fi
 pack() {
   (cd /tmp/hawada-runs && find . -path '*-sweep/*' -not -path '*/latency-cache/*' \
     \( -name sweep.json -o -name summary.json -o -name latency.json -o -name metrics.jsonl \
-    -o -name report.html -o -name '*.png' \) | tar -czf "$OUT/sweeps.tgz" -T -)
+    -o -name report.html -o -name sweep.html -o -name '*.png' \) | tar -czf "$OUT/sweeps.tgz" -T -)
 }
 trap pack EXIT
 deadline=$(( $(date +%s) + ${RUN_LIMIT_S:-86400} ))
