@@ -543,6 +543,13 @@ fn adapt_lines(run_dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Whether any gate-training step of a run measured its architecture (a probe).
+fn probed(run_dir: &Path) -> bool {
+    adapt_lines(run_dir)
+        .iter()
+        .any(|l| !serde_json::from_str::<serde_json::Value>(l).unwrap()["real_ms"].is_null())
+}
+
 /// The largest difference between the gate logits two run directories wrote.
 fn gate_logits_max_abs_diff(a: &Path, b: &Path) -> f64 {
     let gates = |dir: &Path| hawada::io::safetensors::read(&dir.join("gates.safetensors")).unwrap();
@@ -555,13 +562,14 @@ fn gate_logits_max_abs_diff(a: &Path, b: &Path) -> f64 {
 #[test]
 fn a_run_killed_mid_adaptation_resumes_to_the_same_gates_as_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
-    // A target the gates cannot reach early, so adaptation runs long enough to be killed; no
-    // probe inside the run, so no timing enters the gates' updates and two runs of one seed
-    // must agree exactly (CPU).
+    // A target below the fastest architecture (the tiny model's floor is ~25 % of keep-all
+    // here), so adaptation runs long enough to be killed and never meets it; no periodic probe
+    // inside the run and no first step under target (which is probed), so no timing enters the
+    // gates' updates and two runs of one seed must agree exactly (CPU).
     let recipe = tiny_recipe_with(
         tmp.path(),
         &[
-            ("fraction = 0.7", "fraction = 0.2"),
+            ("fraction = 0.7", "fraction = 0.05"),
             ("steps = 12", "steps = 150"),
             ("probe_every = 5", "probe_every = 1000"),
         ],
@@ -632,6 +640,7 @@ fn a_run_killed_mid_adaptation_resumes_to_the_same_gates_as_an_uninterrupted_one
     // batches and gate noise of a step come from (seed, step), and the optimisers' moments come
     // back from the checkpoint. Bit-exact here (single-threaded CPU); the tolerance is for
     // libraries that pick kernels by load.
+    assert!(!probed(&run_dir) && !probed(&uninterrupted));
     let (resumed, straight) = (adapt_lines(&run_dir), adapt_lines(&uninterrupted));
     assert_eq!(resumed.len(), straight.len());
     let mut worst = 0.0f64;
@@ -722,12 +731,14 @@ fn workers_stop_when_their_launcher_is_killed() {
 #[test]
 fn two_gloo_workers_train_the_gates_of_one_process_on_the_same_global_batch() {
     // `hawada run --gpus 2` on a CPU recipe: two processes joined by gloo, each on half of every
-    // batch. No probe inside adaptation and a shared profile, so the 1- and 2-worker runs differ
-    // only in how each gradient's sum is split: their gates must agree to rounding.
+    // batch. No probe inside adaptation (no periodic one, and a target below the fastest
+    // architecture, so no first step under it) and a shared profile, so the 1- and 2-worker
+    // runs differ only in how each gradient's sum is split: their gates must agree to rounding.
     let tmp = tempfile::tempdir().unwrap();
     let recipe = tiny_recipe_with(
         tmp.path(),
         &[
+            ("fraction = 0.7", "fraction = 0.05"),
             ("steps = 12", "steps = 30"),
             ("probe_every = 5", "probe_every = 1000"),
         ],
@@ -766,6 +777,7 @@ fn two_gloo_workers_train_the_gates_of_one_process_on_the_same_global_batch() {
         assert!(two.join(file).exists(), "{file}");
     }
     assert_eq!(stage_steps(&two, "adapt"), (0..30).collect::<Vec<_>>());
+    assert!(!probed(&one) && !probed(&two));
     let logit_diff = gate_logits_max_abs_diff(&one, &two);
     let kd = |dir: &Path| {
         adapt_lines(dir)
