@@ -242,7 +242,8 @@ pub struct AdaptSection {
     /// Weight of an MSE term on logits, added to the KL.
     #[serde(default)]
     pub mse_weight: f64,
-    /// Dual step size η_λ.
+    /// Dual step size η_λ: λ grows by η_λ·v while the hard architecture is over the target
+    /// and is zero once it meets it (`train`).
     #[serde(default = "default_lambda_lr")]
     pub lambda_lr: f64,
     #[serde(default = "default_lambda_max")]
@@ -250,6 +251,8 @@ pub struct AdaptSection {
     /// Quadratic penalty ρ.
     #[serde(default = "default_rho")]
     pub rho: f64,
+    /// Steps between real measurements of the hard architecture; the step it first meets the
+    /// target (by the proxy) is measured too.
     pub probe_every: i64,
     pub checkpoint_every: i64,
     /// Also train the student's weights (a copy of the teacher's) with a second optimizer, so the
