@@ -733,14 +733,8 @@ pub fn run(
                     &mut |keep| Ok(measure_candidate(keep)?.latency.mean),
                     AT_TARGET_ATTEMPTS,
                 )?;
-                let names: Vec<String> = (1..=cuts.len())
-                    .map(|i| match i {
-                        1 => "at target".to_string(),
-                        _ => format!("at target {i}"),
-                    })
-                    .collect();
-                let mut bases = vec![("as trained", outcome.keep.clone())];
-                bases.extend(names.iter().map(String::as_str).zip(cuts));
+                let mut bases = vec![("as trained".to_string(), outcome.keep.clone())];
+                bases.extend(cuts);
                 let listed = candidates(
                     model.groups(),
                     &logits,

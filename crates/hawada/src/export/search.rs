@@ -118,16 +118,20 @@ pub fn cuts_meeting_target(
     predicted_ms: &dyn Fn(&KeepSet) -> f64,
     measured_ms: &mut dyn FnMut(&KeepSet) -> Result<f64>,
     attempts: usize,
-) -> Result<Vec<KeepSet>> {
-    let mut cuts: Vec<KeepSet> = Vec::new();
+) -> Result<Vec<(String, KeepSet)>> {
+    let mut cuts: Vec<(String, KeepSet)> = Vec::new();
     let mut goal_ms = target_ms;
-    for _ in 0..attempts {
+    for attempt in 1..=attempts {
         let cut = keep_meeting_target(groups, logits, min_keep, goal_ms, predicted_ms);
-        if cuts.contains(&cut) {
+        if cuts.iter().any(|(_, kept)| *kept == cut) {
             break;
         }
         let ms = measured_ms(&cut)?;
-        cuts.push(cut);
+        let name = match attempt {
+            1 => "at target".to_string(),
+            _ => format!("at target {attempt}"),
+        };
+        cuts.push((name, cut));
         if ms <= target_ms {
             break;
         }
@@ -142,7 +146,7 @@ pub fn cuts_meeting_target(
 pub fn candidates(
     groups: &[Group],
     logits: &[Vec<f32>],
-    bases: &[(&str, KeepSet)],
+    bases: &[(String, KeepSet)],
     min_keep: i64,
     options: &SearchOptions,
 ) -> Vec<(String, KeepSet)> {
@@ -153,7 +157,7 @@ pub fn candidates(
         }
     };
     for (name, keep) in bases {
-        add(name.to_string(), keep.clone());
+        add(name.clone(), keep.clone());
     }
     let multiples: Vec<i64> = options
         .channel_multiples
@@ -318,7 +322,13 @@ mod tests {
             channel_multiples: vec![1, 8, 16],
             head_multiples: vec![],
         };
-        let c = candidates(&groups, &logits, &[("as trained", trained)], 1, &options);
+        let c = candidates(
+            &groups,
+            &logits,
+            &[("as trained".to_string(), trained)],
+            1,
+            &options,
+        );
         let by_name = |n: &str| {
             c.iter()
                 .find(|(name, _)| name == n)
@@ -397,7 +407,13 @@ mod tests {
             channel_multiples: vec![16],
             head_multiples: vec![2],
         };
-        let c = candidates(&groups, &logits, &[("as trained", trained)], 1, &options);
+        let c = candidates(
+            &groups,
+            &logits,
+            &[("as trained".to_string(), trained)],
+            1,
+            &options,
+        );
         let by_name = |n: &str| {
             c.iter()
                 .find(|(name, _)| name == n)
@@ -424,6 +440,8 @@ mod tests {
             cuts_meeting_target(&groups, &logits, 1, 6.0, &predicted, &mut measure, 3).unwrap();
         // 6 units measure 9 ms; the goal shrinks to 4 ms: 4 units, 6 ms, which meets it.
         assert_eq!(measured, vec![6, 4]);
-        assert_eq!(cuts.last().unwrap().0[0], vec![0, 1, 2, 3]);
+        let names: Vec<&str> = cuts.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, vec!["at target", "at target 2"]);
+        assert_eq!(cuts[1].1 .0[0], vec![0, 1, 2, 3]);
     }
 }
