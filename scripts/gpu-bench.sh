@@ -7,13 +7,12 @@
 set -euo pipefail
 OUT="${OUT:-gpu-out}"
 RECIPE="${1:-recipes/h100/resnet18-224-bf16.toml}"
-SITE=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 BIN=target/release/hawada
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.txt") 2>&1
-if ldd "$BIN" | grep 'not found'; then echo "gpu-bench: missing libraries (above)" >&2; exit 1; fi
+check_libraries gpu-bench "$BIN"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 "$BIN" info
 # A-B-B-A: HawAda, PyTorch, PyTorch, HawAda; compare.py averages each side.

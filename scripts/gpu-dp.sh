@@ -17,14 +17,13 @@ case "$STAGE" in
   *) echo "gpu-dp: unknown stage $STAGE" >&2; exit 2 ;;
 esac
 OUT="${OUT:-gpu-out}"
-SITE=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:$SITE/nvidia/nccl/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$ROOT/scripts/gpu-env.sh"
 BIN=target/release/hawada
 NAME="$(basename "$RECIPE" .toml)"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT/$NAME"
 exec > >(tee "$OUT/$NAME/gpu-dp-$STAGE.txt") 2>&1
-if ldd "$BIN" | grep 'not found'; then echo "gpu-dp: missing libraries (above)" >&2; exit 1; fi
+check_libraries gpu-dp "$BIN"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
 [[ -d .cache/assets/sotu/data ]] || { mkdir -p .cache/assets && tar -xzf .cache/carry/sotu.tgz -C .cache/assets; }
 # A failed run (out of memory, say) still leaves its memory records and metrics to look at.

@@ -46,13 +46,12 @@ if [[ "$STAGE" == carry ]]; then
   exit 0
 fi
 OUT="${OUT:-gpu-out}"
-SITE=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$ROOT/scripts/gpu-env.sh"
 BIN=target/release/hawada
 WORK="$(mktemp -d)"
 mkdir -p "$OUT" "$CARRY"
 exec > >(tee "$OUT/gpu-$STAGE.txt") 2>&1
-if ldd "$BIN" | grep 'not found'; then echo "gpu-llama: missing libraries (above)" >&2; exit 1; fi
+check_libraries gpu-llama "$BIN"
 case "$STAGE" in
   bench)
     cp .cache/carry/smollm2.part00 "$CARRY/"

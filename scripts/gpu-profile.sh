@@ -5,11 +5,11 @@
 # Usage: bash scripts/gpu-profile.sh recipes/h100/resnet18-224-bf16.toml [...]
 set -euo pipefail
 OUT="${OUT:-gpu-out}"
-SITE=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu-profile.txt") 2>&1
+check_libraries gpu-profile target/release/hawada
 for recipe in "$@"; do
   name="$(basename "$recipe" .toml)"
   target/release/hawada profile "$recipe" --run-dir "$WORK/$name"

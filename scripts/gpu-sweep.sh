@@ -15,12 +15,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-gpu-out}"
 TARGETS="${TARGETS:-0.8,0.6,0.5,0.4}"
-SITE=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$ROOT/scripts/gpu-env.sh"
 BIN=target/release/hawada
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu-sweep.txt") 2>&1
-if ldd "$BIN" | grep 'not found'; then echo "gpu-sweep: missing libraries (above)" >&2; exit 1; fi
+check_libraries gpu-sweep "$BIN"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 if [[ -f .cache/carry/sotu.tgz && ! -d .cache/assets/sotu/data ]]; then
   mkdir -p .cache/assets && tar -xzf .cache/carry/sotu.tgz -C .cache/assets

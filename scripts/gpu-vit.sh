@@ -28,13 +28,12 @@ if [[ "$STAGE" == prepare ]]; then
   exit 0
 fi
 OUT="${OUT:-gpu-out}"
-SITE=/opt/torch/.venv/lib/python3.12/site-packages
-export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$ROOT/scripts/gpu-env.sh"
 WORK="$(mktemp -d)"
 CARRY=/tmp/hawada-carry
 mkdir -p "$OUT" "$CARRY"
 exec > >(tee "$OUT/gpu-vit-$STAGE.txt") 2>&1
-if ldd "$BIN" | grep 'not found'; then echo "gpu-vit: missing libraries (above)" >&2; exit 1; fi
+check_libraries gpu-vit "$BIN"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 case "$STAGE" in
   carry)
