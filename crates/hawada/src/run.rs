@@ -221,11 +221,11 @@ pub fn profile_stage(
     Ok((profile, proxy))
 }
 
-/// The recipe's latency target in ms, given the keep-all latency.
 /// Cuts the export search measures on its way to one that meets the target (one is usually
 /// enough; the proxy's error near the target rarely needs more than one correction).
 const AT_TARGET_ATTEMPTS: usize = 3;
 
+/// The recipe's latency target in ms, given the keep-all latency.
 fn target_ms(recipe: &Recipe, keep_all_ms: f64) -> f64 {
     match (recipe.target.ms, recipe.target.fraction) {
         (Some(ms), _) => ms,

@@ -312,6 +312,30 @@ mod tests {
         }
     }
 
+    /// The candidates of the trained keep-set alone, min_keep 1.
+    fn candidates_of_trained(
+        groups: &[Group],
+        logits: &[Vec<f32>],
+        trained: KeepSet,
+        options: &SearchOptions,
+    ) -> Vec<(String, KeepSet)> {
+        candidates(
+            groups,
+            logits,
+            &[("as trained".to_string(), trained)],
+            1,
+            options,
+        )
+    }
+
+    /// The kept units per group of the candidate called `name`.
+    fn keep_named(listed: &[(String, KeepSet)], name: &str) -> Option<Vec<Vec<i64>>> {
+        listed
+            .iter()
+            .find(|(listed_name, _)| listed_name == name)
+            .map(|(_, keep)| keep.0.clone())
+    }
+
     #[test]
     fn rounds_floor_and_ceil_to_multiples_and_keeps_top_logits() {
         let groups = [channels("a", 8, 4)];
@@ -322,21 +346,14 @@ mod tests {
             channel_multiples: vec![1, 8, 16],
             head_multiples: vec![],
         };
-        let c = candidates(
-            &groups,
-            &logits,
-            &[("as trained".to_string(), trained)],
-            1,
-            &options,
+        let c = candidates_of_trained(&groups, &logits, trained, &options);
+        // 16 and 24 channels.
+        assert_eq!(keep_named(&c, "×8 floor"), Some(vec![vec![0, 2, 3, 4]]));
+        assert_eq!(
+            keep_named(&c, "×8 ceil"),
+            Some(vec![vec![0, 2, 3, 4, 6, 7]])
         );
-        let by_name = |n: &str| {
-            c.iter()
-                .find(|(name, _)| name == n)
-                .map(|(_, k)| k.0[0].clone())
-        };
-        assert_eq!(by_name("×8 floor"), Some(vec![0, 2, 3, 4])); // 16 channels
-        assert_eq!(by_name("×8 ceil"), Some(vec![0, 2, 3, 4, 6, 7])); // 24 channels
-                                                                      // ×16 floor keeps 16 channels, a duplicate of ×8 floor: listed once.
+        // ×16 floor keeps 16 channels, a duplicate of ×8 floor: listed once.
         let names: Vec<&str> = c.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, vec!["as trained", "×8 floor", "×8 ceil", "×16 ceil"]);
     }
@@ -407,22 +424,14 @@ mod tests {
             channel_multiples: vec![16],
             head_multiples: vec![2],
         };
-        let c = candidates(
-            &groups,
-            &logits,
-            &[("as trained".to_string(), trained)],
-            1,
-            &options,
-        );
-        let by_name = |n: &str| {
-            c.iter()
-                .find(|(name, _)| name == n)
-                .map(|(_, k)| k.0.clone())
-        };
+        let c = candidates_of_trained(&groups, &logits, trained, &options);
         // ×16 rounds only the channels (3 units of 8 → 2 or 4); ×2 only the heads.
-        assert_eq!(by_name("×16 floor"), Some(vec![vec![2, 3], vec![3]]));
+        assert_eq!(keep_named(&c, "×16 floor"), Some(vec![vec![2, 3], vec![3]]));
         // (×2 floor of one head is two heads too, the smallest step: listed once, as floor.)
-        assert_eq!(by_name("×2 floor"), Some(vec![vec![1, 2, 3], vec![2, 3]]));
+        assert_eq!(
+            keep_named(&c, "×2 floor"),
+            Some(vec![vec![1, 2, 3], vec![2, 3]])
+        );
     }
 
     #[test]
