@@ -228,8 +228,9 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
     pareto.sort_by(|a, b| a.0.total_cmp(&b.0));
     let kept = kept_by_kind(run_dir, &metrics);
     let validation_label = summary.quality.metric.replacen("test_", "", 1);
-    // One series per weight-training stage that logged `key`: the slim model's fine-tune and,
-    // with `finetune.teacher_baseline`, the whole teacher's.
+    // One series per weight-training stage: the slim model's fine-tune and, with
+    // `finetune.teacher_baseline`, the whole teacher's (a stage that did not log `key` has no
+    // points, and the chart leaves it out).
     let per_stage = |key: &str, dots: bool| -> Vec<Series> {
         [
             ("slim model", 0x9467bd, "finetune"),
@@ -242,7 +243,6 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             points: stage_points(stage, key),
             dots,
         })
-        .filter(|series| !series.points.is_empty())
         .collect()
     };
     let charts = [
@@ -357,7 +357,8 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(&plots).map_err(|e| Error::io(&plots, e))?;
     let mut images = String::new();
     for (name, chart) in &charts {
-        if *name == "validation" && chart.series.is_empty() {
+        // A run without validation (no `keep_best`) has nothing to draw there.
+        if *name == "validation" && chart.series.iter().all(|s| s.points.is_empty()) {
             continue;
         }
         chart.write_png(&plots.join(format!("{name}.png")))?;
