@@ -501,7 +501,8 @@ fn print_table(s: &Summary, run_dir: &Path) {
         "  slim before fine-tune", "", s.quality.slim_before_finetune
     );
     if let Some(q) = s.quality.teacher_finetuned {
-        println!("{:<28} {:>14.digits$}", "  teacher fine-tuned too", q);
+        let label = format!("  {}", s.quality.teacher_finetuned_label());
+        println!("{label:<28} {q:>14.digits$}");
     }
     if let Some(p) = s.quality.slim_patch_cosine_to_teacher {
         println!(

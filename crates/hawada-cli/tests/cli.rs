@@ -332,6 +332,85 @@ fn a_sweep_runs_each_target_on_one_profile_and_draws_the_trade_off() {
 }
 
 #[test]
+fn a_corrected_teacher_teaches_every_later_stage_and_a_sweep_corrects_it_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe_with(
+        tmp.path(),
+        &[(
+            "[finetune]",
+            "[finetune]\nlabel_weight = 0.5\ncorrect_teacher = true",
+        )],
+    );
+    let dir = tmp.path().join("sweep");
+    let sweep = || {
+        let out = hawada()
+            .current_dir(tmp.path())
+            .args(["sweep", recipe.to_str().unwrap(), "--targets", "0.9,0.5"])
+            .arg("--run-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sweep();
+    let (first, second) = (dir.join("t0.9"), dir.join("t0.5"));
+    // The correction runs before the gates train, and only in the first target's run.
+    let stages: Vec<String> = std::fs::read_to_string(first.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["stage"].to_string())
+        .collect();
+    let first_adapt = stages.iter().position(|s| s == r#""adapt""#).unwrap();
+    let last_correction = stages
+        .iter()
+        .rposition(|s| s == r#""teacher-baseline""#)
+        .unwrap();
+    assert!(last_correction < first_adapt, "{stages:?}");
+    assert_eq!(
+        stage_steps(&first, "teacher-baseline"),
+        (0..6).collect::<Vec<_>>()
+    );
+    assert!(stage_steps(&second, "teacher-baseline").is_empty());
+    // The gated student is the teacher itself (its weights do not train), so the export holds
+    // the corrected teacher's weights where nothing was sliced, not the original's.
+    let bias = |model_dir: PathBuf| {
+        hawada::io::safetensors::read(&model_dir.join("model.safetensors")).unwrap()["fc.bias"]
+            .shallow_clone()
+    };
+    let max_abs_diff = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+    let original = bias(tmp.path().join("teacher"));
+    let corrected = bias(first.join("teacher-corrected"));
+    assert!(max_abs_diff(&original, &corrected) > 0.0);
+    for run in [&first, &second] {
+        let exported = bias(run.join("slim-before-finetune"));
+        assert_eq!(max_abs_diff(&exported, &corrected), 0.0);
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["quality"]["distilled_from"], "teacher_finetuned");
+        let baseline: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(first.join("teacher-baseline.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(summary["quality"]["teacher_finetuned"], baseline["quality"]);
+    }
+    // Run again, the sweep resumes: nothing trains.
+    let lines = |run: &Path| {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let before = (lines(&first), lines(&second));
+    sweep();
+    assert_eq!((lines(&first), lines(&second)), before);
+}
+
+#[test]
 fn profile_prints_both_proxies_and_caches_the_tables() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = format!(

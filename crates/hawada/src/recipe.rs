@@ -283,6 +283,14 @@ pub struct FinetuneSection {
     /// fine-tuned with labels.
     #[serde(default)]
     pub teacher_baseline: bool,
+    /// Minitron's teacher correction: fine-tune the whole teacher first (as `teacher_baseline`
+    /// does, whose result it is) and make that fine-tuned teacher the teacher of every later
+    /// stage: gate training, the export search's scores, the slim model's fine-tune and its KL.
+    /// With labels mixed in, the original teacher's distribution is worse on the data than the
+    /// slim model can become, and distilling from it holds the slim model back. Needs
+    /// `label_weight` > 0 and `steps` > 0.
+    #[serde(default)]
+    pub correct_teacher: bool,
     /// Score the model with the run's quality metric on the calibration split (`data.holdout`:
     /// training data never trained on, disjoint from test) at every checkpoint, and end with the
     /// best-scoring weights rather than the last: a long fine-tune on a small dataset with
@@ -423,7 +431,7 @@ impl Recipe {
     /// full widths only. What it measures is no measurement; it shows the recipe still runs
     /// (CI runs the shipped ones this way). A teacher the recipe would train is trained for one
     /// step into `run_dir/teacher`, never into the recipe's cache. The teacher baseline
-    /// (`finetune.teacher_baseline`) is left out: it repeats the fine-tune on a whole copy, and
+    /// (`finetune.teacher_baseline`, and `correct_teacher`) is left out: it repeats the fine-tune on a whole copy, and
     /// for a real language model its checkpoints would add gigabytes to CI's disk; tiny models
     /// test it.
     pub fn smoke_from_file(path: &Path, run_dir: &Path) -> Result<Self> {
@@ -456,6 +464,7 @@ impl Recipe {
         finetune.batch = finetune.batch.min(2);
         finetune.checkpoint_every = 1;
         finetune.teacher_baseline = false;
+        finetune.correct_teacher = false;
         let data = &mut recipe.data;
         data.holdout = data.holdout.min(2);
         data.test_limit = Some(data.test_limit.unwrap_or(4).min(4));
@@ -545,6 +554,13 @@ impl Recipe {
                 file,
                 "finetune.label_weight",
                 format!("must be in [0, 1] (the share of cross-entropy in the loss), found {w}"),
+            ));
+        }
+        if self.finetune.correct_teacher && !(w > 0.0 && self.finetune.steps > 0) {
+            return Err(Error::config(
+                file,
+                "finetune.correct_teacher",
+                format!("corrects the teacher on the data's labels; it needs finetune.label_weight > 0 and finetune.steps > 0 (found {w} and {})", self.finetune.steps),
             ));
         }
         if !matches!(self.latency.cost.as_str(), "table" | "flops") {
@@ -649,5 +665,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn correcting_the_teacher_without_labels_is_an_error_naming_both_fields() {
+        let text = DEFAULT_RECIPE.replace("[finetune]", "[finetune]\ncorrect_teacher = true");
+        let err = Recipe::parse(&text, Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("finetune.correct_teacher") && err.contains("finetune.label_weight"),
+            "{err}"
+        );
+        let with_labels = text.replace("[finetune]", "[finetune]\nlabel_weight = 0.5");
+        assert!(Recipe::parse(&with_labels, Path::new("r.toml")).is_ok());
     }
 }

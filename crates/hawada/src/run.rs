@@ -2,7 +2,7 @@
 //! (each stage either reloads its recorded output or resumes from its checkpoint). With the CLI,
 //! the only caller of `families::load`.
 
-use crate::data::{load_vocabulary, BatchShape, Examples, ImageDataset, TextDataset};
+use crate::data::{load_vocabulary, BatchShape, Examples, ImageDataset, Metric, TextDataset};
 use crate::dist::Workers;
 use crate::error::{Error, Result};
 use crate::eval;
@@ -518,16 +518,16 @@ pub fn run(
         test,
         tokenizer,
     } = load_splits(recipe, device)?;
-    let model = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
-    check_lengths(model.as_ref(), recipe, recipe_file)?;
-    if recipe.finetune.label_weight > 0.0 && model.output() == Output::Features {
+    let loaded = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
+    check_lengths(loaded.as_ref(), recipe, recipe_file)?;
+    if recipe.finetune.label_weight > 0.0 && loaded.output() == Output::Features {
         return Err(Error::config(
             recipe_file,
             "finetune.label_weight",
             "the model outputs features (a backbone), which have no labels to score; set it to 0",
         ));
     }
-    if let (Some(tokenizer), Some(vocab)) = (&tokenizer, model.vocab_size()) {
+    if let (Some(tokenizer), Some(vocab)) = (&tokenizer, loaded.vocab_size()) {
         let ids = tokenizer.get_vocab_size(true) as i64;
         if ids > vocab {
             return Err(Error::config(
@@ -537,14 +537,42 @@ pub fn run(
             ));
         }
     }
-    let n_groups = model.groups().len();
     tracing::info!(
-        family = model.family(),
-        groups = n_groups,
-        params = model.num_params(),
+        family = loaded.family(),
+        groups = loaded.groups().len(),
+        params = loaded.num_params(),
         "teacher loaded"
     );
-    let metric = eval::metric_for(model.as_ref(), test.as_ref());
+    let metric = eval::metric_for(loaded.as_ref(), test.as_ref());
+    let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
+    let workers = &env.workers;
+    let teacher_quality = workers.from_leader("teacher-quality", || {
+        out_of_memory_as_error(device, eval_batch, || {
+            Ok(eval::quality(
+                loaded.as_ref(),
+                loaded.as_ref(),
+                test.as_ref(),
+                metric,
+                recipe.eval.batch,
+                kind,
+            ))
+        })
+    })?;
+    let weight_data = WeightData {
+        train: train.as_ref(),
+        calibration: calibration.as_ref(),
+        test: test.as_ref(),
+        metric,
+    };
+    // From here on `model` is the teacher of every stage: the one loaded, or with
+    // `finetune.correct_teacher` the whole teacher fine-tuned on the data.
+    let (model, corrected_quality) = if recipe.finetune.correct_teacher {
+        let (corrected, quality) =
+            correct_teacher(loaded, recipe, &weight_data, tokenizer.as_ref(), &env)?;
+        (corrected, Some(quality))
+    } else {
+        (loaded, None)
+    };
     let quality_of = |m: &dyn Family| {
         eval::quality(
             m,
@@ -569,11 +597,6 @@ pub fn run(
             .patches
         })
     };
-    let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
-    let workers = &env.workers;
-    let teacher_quality = workers.from_leader("teacher-quality", || {
-        out_of_memory_as_error(device, eval_batch, || Ok(quality_of(model.as_ref())))
-    })?;
     let photos = match (&recipe.data.photos, recipe.data.format) {
         (Some(dir), DataFormat::Idx) => {
             let size = recipe.data.image_size.unwrap_or(28);
@@ -792,76 +815,30 @@ pub fn run(
 
     // Fine-tune by distillation (mixed with the labels at `finetune.label_weight`).
     let finetune = &recipe.finetune;
-    let finetune_batch = ("fine-tuning", "finetune.batch", finetune.batch);
-    let calibration_score = |m: &dyn Family| {
-        eval::quality(
-            m,
-            model.as_ref(),
-            calibration.as_ref(),
-            metric,
-            recipe.eval.batch,
-            kind,
-        )
-    };
-    // The slim model, and with `teacher_baseline` a whole copy of the teacher, train with the
-    // same loss, steps and batch size on the same data.
-    let finetune_weights = |stage: &str, student: &mut dyn Family| -> Result<()> {
-        let mut next = || {
-            let (x, y) = train.random_batch(finetune.batch, kind);
-            (workers.shard(&x), workers.shard(&y))
-        };
-        let opts = WeightTraining {
-            stage,
-            steps: finetune.steps,
-            lr: finetune.lr,
-            checkpoint_every: finetune.checkpoint_every,
-            checkpoint_dir: &run_dir.join("checkpoints").join(stage),
-            seed: recipe.seed,
-            workers,
-            keep_best: finetune.keep_best.then_some(Validation {
-                score: &calibration_score,
-                higher_is_better: metric.higher_is_better(),
-            }),
-        };
-        out_of_memory_as_error(device, finetune_batch, || {
-            train_weights(
-                student,
-                Objective::Distill {
-                    teacher: model.as_ref(),
-                    temperature: finetune.kd_temperature,
-                    label_weight: finetune.label_weight,
-                },
-                &mut next,
-                &opts,
-                metrics,
-                observer,
-            )
-        })
-    };
     if finetune.steps > 0 {
         crate::cuda::reset_peak_memory(device);
-        finetune_weights("finetune", slim.as_mut())?;
+        finetune_weights(
+            "finetune",
+            slim.as_mut(),
+            model.as_ref(),
+            recipe,
+            &weight_data,
+            &env,
+        )?;
         memory.finetune = crate::cuda::device_memory(device);
     }
-    // The baseline's only result is its quality: `teacher-baseline.json` keeps it, and its
-    // checkpoints (a whole model and its Adam moments) go once that is written.
-    let baseline_path = run_dir.join("teacher-baseline.json");
-    let teacher_finetuned = if !(finetune.teacher_baseline && finetune.steps > 0) {
-        None
-    } else if baseline_path.exists() {
-        Some(read_json::<TeacherBaseline>(&baseline_path)?.quality)
+    let teacher_finetuned = if corrected_quality.is_some() {
+        corrected_quality
+    } else if finetune.teacher_baseline && finetune.steps > 0 {
+        Some(teacher_baseline(
+            model.as_ref(),
+            recipe,
+            &weight_data,
+            None,
+            &env,
+        )?)
     } else {
-        let mut copy = trainable_copy(model.as_ref())?;
-        finetune_weights("teacher-baseline", copy.as_mut())?;
-        let quality = workers.from_leader("teacher-baseline-quality", || {
-            let quality =
-                out_of_memory_as_error(device, eval_batch, || Ok(quality_of(copy.as_ref())))?;
-            crate::io::hf_config::write(&baseline_path, &TeacherBaseline { quality })?;
-            let checkpoints = run_dir.join("checkpoints/teacher-baseline");
-            std::fs::remove_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
-            Ok(quality)
-        })?;
-        Some(quality)
+        None
     };
     memory.write(run_dir)?;
     // Rank 0 evaluates, measures and writes; the others return its summary.
@@ -930,6 +907,14 @@ pub fn run(
                     metric: metric.name().into(),
                     teacher: teacher_quality,
                     teacher_finetuned,
+                    distilled_from: Some(
+                        if corrected_quality.is_some() {
+                            "teacher_finetuned"
+                        } else {
+                            "teacher"
+                        }
+                        .into(),
+                    ),
                     slim_before_finetune: slim_before,
                     slim: slim_quality,
                     slim_kl_to_teacher: slim_kl,
@@ -982,6 +967,138 @@ pub fn run(
     })?;
     workers.finish()?;
     Ok(summary)
+}
+
+/// The data weight training reads: batches from `train`, the calibration split that
+/// `finetune.keep_best` scores checkpoints on, and the test split for quality.
+struct WeightData<'a> {
+    train: &'a dyn Examples,
+    calibration: &'a dyn Examples,
+    test: &'a dyn Examples,
+    metric: Metric,
+}
+
+/// Trains `student`'s weights as `[finetune]` says: distillation from `teacher` mixed with the
+/// labels at `label_weight`, checkpointed under `checkpoints/<stage>`. The slim model, the
+/// teacher baseline and the corrected teacher all train this way, on the same batches.
+fn finetune_weights(
+    stage: &str,
+    student: &mut dyn Family,
+    teacher: &dyn Family,
+    recipe: &Recipe,
+    data: &WeightData<'_>,
+    env: &RunEnv<'_>,
+) -> Result<()> {
+    let (finetune, kind, workers) = (&recipe.finetune, env.kind, &env.workers);
+    let calibration_score = |m: &dyn Family| {
+        eval::quality(
+            m,
+            teacher,
+            data.calibration,
+            data.metric,
+            recipe.eval.batch,
+            kind,
+        )
+    };
+    let mut next = || {
+        let (x, y) = data.train.random_batch(finetune.batch, kind);
+        (workers.shard(&x), workers.shard(&y))
+    };
+    let opts = WeightTraining {
+        stage,
+        steps: finetune.steps,
+        lr: finetune.lr,
+        checkpoint_every: finetune.checkpoint_every,
+        checkpoint_dir: &env.run_dir.join("checkpoints").join(stage),
+        seed: recipe.seed,
+        workers,
+        keep_best: finetune.keep_best.then_some(Validation {
+            score: &calibration_score,
+            higher_is_better: data.metric.higher_is_better(),
+        }),
+    };
+    let batch = ("fine-tuning", "finetune.batch", finetune.batch);
+    out_of_memory_as_error(env.device, batch, || {
+        train_weights(
+            student,
+            Objective::Distill {
+                teacher,
+                temperature: finetune.kd_temperature,
+                label_weight: finetune.label_weight,
+            },
+            &mut next,
+            &opts,
+            &env.metrics,
+            env.observer,
+        )
+    })
+}
+
+/// The teacher baseline (`finetune.teacher_baseline`): a whole copy of `teacher` fine-tuned
+/// like the slim model (stage `teacher-baseline`); returns its quality on the test split. That
+/// quality is its only result unless `save_to` names a directory for the model (with the
+/// tokenizer): `teacher-baseline.json` keeps it, a resumed run reads it back, and the
+/// checkpoints (a whole model and its Adam moments) go once it is written.
+fn teacher_baseline(
+    teacher: &dyn Family,
+    recipe: &Recipe,
+    data: &WeightData<'_>,
+    save_to: Option<(&Path, Option<&tokenizers::Tokenizer>)>,
+    env: &RunEnv<'_>,
+) -> Result<f64> {
+    let baseline_path = env.run_dir.join("teacher-baseline.json");
+    if baseline_path.exists() {
+        return Ok(read_json::<TeacherBaseline>(&baseline_path)?.quality);
+    }
+    let mut copy = trainable_copy(teacher)?;
+    finetune_weights(
+        "teacher-baseline",
+        copy.as_mut(),
+        teacher,
+        recipe,
+        data,
+        env,
+    )?;
+    let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
+    env.workers.from_leader("teacher-baseline-quality", || {
+        if let Some((dir, tokenizer)) = save_to {
+            save_model(copy.as_ref(), tokenizer, dir)?;
+        }
+        let quality = out_of_memory_as_error(env.device, eval_batch, || {
+            Ok(eval::quality(
+                copy.as_ref(),
+                teacher,
+                data.test,
+                data.metric,
+                recipe.eval.batch,
+                env.kind,
+            ))
+        })?;
+        crate::io::hf_config::write(&baseline_path, &TeacherBaseline { quality })?;
+        let checkpoints = env.run_dir.join("checkpoints/teacher-baseline");
+        std::fs::remove_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
+        Ok(quality)
+    })
+}
+
+/// Minitron's teacher correction (`finetune.correct_teacher`): the teacher baseline, saved in
+/// `teacher-corrected/` and loaded back frozen, replaces `teacher` for every later stage.
+/// Returns it and its quality on the test split.
+fn correct_teacher(
+    teacher: Box<dyn Family>,
+    recipe: &Recipe,
+    data: &WeightData<'_>,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    env: &RunEnv<'_>,
+) -> Result<(Box<dyn Family>, f64)> {
+    let dir = env.run_dir.join("teacher-corrected");
+    let quality = teacher_baseline(teacher.as_ref(), recipe, data, Some((&dir, tokenizer)), env)?;
+    drop(teacher);
+    let mut corrected = families::load(&dir, env.device, env.kind, false)?;
+    corrected.var_store_mut().freeze();
+    corrected.to_device_layout();
+    tracing::info!(quality, dir = %dir.display(), "teacher corrected: the fine-tuned whole teacher teaches from here on");
+    Ok((corrected, quality))
 }
 
 /// A copy of the whole `model` whose weights train: the student when `adapt.train_weights` is

@@ -1,6 +1,7 @@
 //! A sweep: one recipe run at several latency targets (fractions of keep-all), each in its own
 //! run directory, all sharing the first run's profile (keep-all latency, proxy fit; the site
-//! tables are cached anyway), so the targets are judged against the same keep-all measurement.
+//! tables are cached anyway), so the targets are judged against the same keep-all measurement,
+//! and its teacher baseline or corrected teacher, which no target changes.
 //! `sweep.json`, `sweep.html` and `plots/sweep-*.png` show the trade-off they trace.
 
 use crate::error::{Error, Result};
@@ -48,20 +49,19 @@ pub fn sweep(
         .map(|&f| recipe.at_fraction(f, recipe_file))
         .collect::<Result<Vec<_>>>()?;
     let mut points = Vec::new();
-    let mut shared_profile = None;
+    let mut first_run: Option<std::path::PathBuf> = None;
     for (&fraction, recipe) in fractions.iter().zip(&recipes) {
         let name = format!("t{fraction}");
         let run_dir = dir.join(&name);
-        let profile = run_dir.join("profile.json");
-        if let Some(shared) = &shared_profile {
-            if !profile.exists() {
-                std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-                std::fs::copy(shared, &profile).map_err(|e| Error::io(&profile, e))?;
+        if let Some(first) = &first_run {
+            std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+            for shared in SHARED {
+                copy_missing(&first.join(shared), &run_dir.join(shared))?;
             }
         }
         tracing::info!(fraction, run_dir = %run_dir.display(), "sweep: next target");
         let summary = crate::run::run(recipe, recipe_file, &run_dir, observer)?;
-        shared_profile.get_or_insert(profile);
+        first_run.get_or_insert(run_dir);
         points.push(SweepPoint {
             target_fraction: fraction,
             run_dir: name,
@@ -76,6 +76,30 @@ pub fn sweep(
     crate::io::hf_config::write(&dir.join("sweep.json"), &sweep)?;
     crate::report::write_sweep_report(dir, &sweep)?;
     Ok(sweep)
+}
+
+/// What the first target's run leaves that every later target reuses (as a resumed run would):
+/// the profile, the teacher baseline's quality, and the corrected teacher.
+// The corrected teacher is copied before the record that says it is complete.
+const SHARED: [&str; 3] = ["profile.json", "teacher-corrected", "teacher-baseline.json"];
+
+/// Copies the file or flat directory `from` to `to` unless `to` exists or `from` does not.
+fn copy_missing(from: &Path, to: &Path) -> Result<()> {
+    if to.exists() || !from.exists() {
+        return Ok(());
+    }
+    if !from.is_dir() {
+        std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
+        return Ok(());
+    }
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let file = entry.map_err(|e| Error::io(from, e))?.path();
+        if let Some(name) = file.file_name() {
+            std::fs::copy(&file, to.join(name)).map_err(|e| Error::io(&file, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Rewrites `sweep.html` and the charts of a finished sweep from its `sweep.json`.

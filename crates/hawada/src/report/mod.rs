@@ -35,7 +35,12 @@ pub struct Quality {
     /// (`finetune.teacher_baseline`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_finetuned: Option<f64>,
-    /// Mean KL(teacher ‖ slim) per prediction on the test split, nats.
+    /// The teacher the slim model was distilled from and is compared with (KL, agreement):
+    /// `teacher` as loaded, or `teacher_finetuned` under `finetune.correct_teacher`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distilled_from: Option<String>,
+    /// Mean KL(teacher ‖ slim) per prediction on the test split, nats; the teacher of
+    /// `distilled_from`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slim_kl_to_teacher: Option<f64>,
     /// Backbones: mean cosine similarity of the slim model's patch features to the teacher's on
@@ -148,6 +153,16 @@ impl Quality {
             4
         } else {
             2
+        }
+    }
+
+    /// What `teacher_finetuned` is, in a table row: the baseline fine-tuned beside the slim
+    /// model, or the corrected teacher the slim model learnt from.
+    pub fn teacher_finetuned_label(&self) -> &'static str {
+        if self.distilled_from.as_deref() == Some("teacher_finetuned") {
+            "teacher corrected first"
+        } else {
+            "teacher fine-tuned the same way"
         }
     }
 }
@@ -401,7 +416,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
     .into_iter()
     .chain(summary.quality.teacher_finetuned.map(|q| {
         row(
-            "  teacher fine-tuned the same way",
+            &format!("  {}", summary.quality.teacher_finetuned_label()),
             format!("{q:.digits$}"),
             "".into(),
         )
