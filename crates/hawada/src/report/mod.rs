@@ -244,12 +244,12 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
     let kept = kept_by_kind(run_dir, &metrics);
     let validation_label = summary.quality.metric.replacen("test_", "", 1);
     // One series per weight-training stage: the slim model's fine-tune and, with
-    // `finetune.teacher_baseline`, the whole teacher's (a stage that did not log `key` has no
-    // points, and the chart leaves it out).
+    // `finetune.teacher_baseline` or `correct_teacher`, the whole teacher's (a stage that did not
+    // log `key` has no points, and the chart leaves it out).
     let per_stage = |key: &str, dots: bool| -> Vec<Series> {
         [
             ("slim model", 0x9467bd, "finetune"),
-            ("whole teacher (baseline)", 0x7f7f7f, "teacher-baseline"),
+            ("whole teacher, fine-tuned", 0x7f7f7f, "teacher-baseline"),
         ]
         .into_iter()
         .map(|(label, color, stage)| Series {
