@@ -259,20 +259,23 @@ fn tiny_vit_runs_every_stage() {
     assert_eq!(slim["hawada_heads"].as_array().unwrap().len(), 2);
 }
 
+/// Runs `hawada sweep RECIPE --targets TARGETS --run-dir DIR` in the recipe's folder.
+fn run_sweep(recipe: &Path, targets: &str, dir: &Path) -> std::process::Output {
+    hawada()
+        .current_dir(recipe.parent().unwrap())
+        .args(["sweep", recipe.to_str().unwrap(), "--targets", targets])
+        .arg("--run-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_sweep_runs_each_target_on_one_profile_and_draws_the_trade_off() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = tiny_recipe(tmp.path());
     let dir = tmp.path().join("sweep");
-    let sweep = |targets: &str| {
-        hawada()
-            .current_dir(tmp.path())
-            .args(["sweep", recipe.to_str().unwrap(), "--targets", targets])
-            .arg("--run-dir")
-            .arg(&dir)
-            .output()
-            .unwrap()
-    };
+    let sweep = |targets: &str| run_sweep(&recipe, targets, &dir);
     let out = sweep("0.9,0.5");
     assert!(
         out.status.success(),
@@ -343,13 +346,7 @@ fn a_corrected_teacher_teaches_every_later_stage_and_a_sweep_corrects_it_once() 
     );
     let dir = tmp.path().join("sweep");
     let sweep = || {
-        let out = hawada()
-            .current_dir(tmp.path())
-            .args(["sweep", recipe.to_str().unwrap(), "--targets", "0.9,0.5"])
-            .arg("--run-dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
+        let out = run_sweep(&recipe, "0.9,0.5", &dir);
         assert!(
             out.status.success(),
             "stderr: {}",

@@ -431,9 +431,9 @@ impl Recipe {
     /// full widths only. What it measures is no measurement; it shows the recipe still runs
     /// (CI runs the shipped ones this way). A teacher the recipe would train is trained for one
     /// step into `run_dir/teacher`, never into the recipe's cache. The teacher baseline
-    /// (`finetune.teacher_baseline`, and `correct_teacher`) is left out: it repeats the fine-tune on a whole copy, and
-    /// for a real language model its checkpoints would add gigabytes to CI's disk; tiny models
-    /// test it.
+    /// (`finetune.teacher_baseline`, also behind `correct_teacher`) is left out: it repeats the
+    /// fine-tune on a whole copy, and for a real language model its checkpoints would add
+    /// gigabytes to CI's disk; tiny models test it.
     pub fn smoke_from_file(path: &Path, run_dir: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut recipe: Recipe = toml::from_str(&text)

@@ -9,7 +9,7 @@ use crate::progress::Observer;
 use crate::recipe::Recipe;
 use crate::report::Summary;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One target of a sweep and what its run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,7 +49,7 @@ pub fn sweep(
         .map(|&f| recipe.at_fraction(f, recipe_file))
         .collect::<Result<Vec<_>>>()?;
     let mut points = Vec::new();
-    let mut first_run: Option<std::path::PathBuf> = None;
+    let mut first_run: Option<PathBuf> = None;
     for (&fraction, recipe) in fractions.iter().zip(&recipes) {
         let name = format!("t{fraction}");
         let run_dir = dir.join(&name);
@@ -79,8 +79,8 @@ pub fn sweep(
 }
 
 /// What the first target's run leaves that every later target reuses (as a resumed run would):
-/// the profile, the teacher baseline's quality, and the corrected teacher.
-// The corrected teacher is copied before the record that says it is complete.
+/// the profile, the corrected teacher, and the teacher baseline's quality, in that order: the
+/// corrected teacher is copied before the record that says it is complete.
 const SHARED: [&str; 3] = ["profile.json", "teacher-corrected", "teacher-baseline.json"];
 
 /// Copies the file or flat directory `from` to `to` unless `to` exists or `from` does not.

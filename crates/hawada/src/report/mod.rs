@@ -32,7 +32,7 @@ pub struct Quality {
     pub slim_before_finetune: f64,
     pub slim: f64,
     /// The whole teacher fine-tuned with the slim model's loss and steps
-    /// (`finetune.teacher_baseline`).
+    /// (`finetune.teacher_baseline`, or before everything else with `correct_teacher`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_finetuned: Option<f64>,
     /// The teacher the slim model was distilled from and is compared with (KL, agreement):
