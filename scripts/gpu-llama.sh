@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine (shared/GPU.md), LLaMA work in two stages, because the SmolLM2 GGUF (98 MB)
-# is larger than one call may carry (64 MiB, the repository's tracked files included): it travels
-# as three thirds (part00–part02) in three calls made back to back, kept between them in
-# /tmp/hawada-carry. Every stage stores the thirds its call carried there.
+# On the GPU machine (shared/GPU.md), LLaMA work in stages over calls, because the SmolLM2 GGUF
+# (98 MB) is larger than one call may carry (64 MiB, the repository's tracked files included):
+# it travels as three thirds (part00–part02) in three calls made back to back, kept between them
+# in /tmp/hawada-carry. Every stage stores the thirds its call carried there.
 #   stage `bench`: Llama-3.2-1B shapes (random init): HawAda bench vs transformers
 #     in the same call (prefill 8×512, decode b1 and b16 @512), the weight-read floor, and
 #     transformers loading HawAda's uniform slim export (stock LlamaConfig) with logits compared.

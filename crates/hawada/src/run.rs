@@ -22,7 +22,7 @@ use crate::model::{Family, KeepSet, Masks, Output, UnitKind};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
 use crate::report::{
-    LatencyPair, Params, PatchCosine, PhotoQuality, ProxySummary, Quality, Summary,
+    DistilledFrom, LatencyPair, Params, PatchCosine, PhotoQuality, ProxySummary, Quality, Summary,
 };
 use crate::train::{adapt, AdaptContext, MetricsLog, Models};
 use serde::{Deserialize, Serialize};
@@ -907,14 +907,11 @@ pub fn run(
                     metric: metric.name().into(),
                     teacher: teacher_quality,
                     teacher_finetuned,
-                    distilled_from: Some(
-                        if corrected_quality.is_some() {
-                            "teacher_finetuned"
-                        } else {
-                            "teacher"
-                        }
-                        .into(),
-                    ),
+                    distilled_from: Some(if corrected_quality.is_some() {
+                        DistilledFrom::TeacherFinetuned
+                    } else {
+                        DistilledFrom::Teacher
+                    }),
                     slim_before_finetune: slim_before,
                     slim: slim_quality,
                     slim_kl_to_teacher: slim_kl,

@@ -35,10 +35,9 @@ pub struct Quality {
     /// (`finetune.teacher_baseline`, or before everything else with `correct_teacher`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_finetuned: Option<f64>,
-    /// The teacher the slim model was distilled from and is compared with (KL, agreement):
-    /// `teacher` as loaded, or `teacher_finetuned` under `finetune.correct_teacher`.
+    /// The teacher the slim model was distilled from and is compared with (KL, agreement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub distilled_from: Option<String>,
+    pub distilled_from: Option<DistilledFrom>,
     /// Mean KL(teacher ‖ slim) per prediction on the test split, nats; the teacher of
     /// `distilled_from`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,6 +48,16 @@ pub struct Quality {
     pub slim_patch_cosine_to_teacher: Option<PatchCosine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub photos: Option<PhotoQuality>,
+}
+
+/// `quality.distilled_from`, named after the quality key of that teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistilledFrom {
+    /// The teacher as loaded.
+    Teacher,
+    /// The whole teacher fine-tuned on the data first (`finetune.correct_teacher`).
+    TeacherFinetuned,
 }
 
 /// Agreement with the teacher on the recipe's photo folder (`data.photos`): the cls cosine for a
@@ -159,7 +168,7 @@ impl Quality {
     /// What `teacher_finetuned` is, in a table row: the baseline fine-tuned beside the slim
     /// model, or the corrected teacher the slim model learnt from.
     pub fn teacher_finetuned_label(&self) -> &'static str {
-        if self.distilled_from.as_deref() == Some("teacher_finetuned") {
+        if self.distilled_from == Some(DistilledFrom::TeacherFinetuned) {
             "teacher corrected first"
         } else {
             "teacher fine-tuned the same way"
