@@ -78,6 +78,7 @@ fn workload_name(workload: Workload) -> String {
     match workload {
         Workload::Forward { tokens, .. } if tokens > 1 => format!("forward {tokens} tok"),
         Workload::Forward { .. } => "forward".into(),
+        Workload::Prefill { tokens, .. } => format!("prefill {tokens} tok"),
         Workload::Decode { context, .. } => format!("decode @{context}"),
         Workload::Generate {
             prompt, new_tokens, ..

@@ -203,8 +203,12 @@ pub enum SiteOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Workload {
-    /// One forward over `batch` inputs: images, or sequences of `tokens` tokens (prefill).
+    /// One forward over `batch` inputs: images, or sequences of `tokens` tokens with the logits
+    /// of every position (as a training or scoring pass needs them).
     Forward { batch: i64, tokens: i64 },
+    /// A generation's prefill alone (time to first token): `batch` prompts of `tokens` tokens
+    /// written into a KV cache, logits of the last position only.
+    Prefill { batch: i64, tokens: i64 },
     /// One decoding step: a new token for each of `batch` sequences after `context` cached ones.
     Decode { batch: i64, context: i64 },
     /// A whole generation request: a prefill of `prompt` tokens (last-token logits only) into a
@@ -221,6 +225,7 @@ impl Workload {
     pub fn batch(&self) -> i64 {
         match *self {
             Workload::Forward { batch, .. }
+            | Workload::Prefill { batch, .. }
             | Workload::Decode { batch, .. }
             | Workload::Generate { batch, .. } => batch,
         }
@@ -255,7 +260,7 @@ pub trait Family: Send {
     }
     /// Cost sites for the latency proxy, for the shapes of `workload`.
     fn cost_sites(&self, workload: Workload) -> Vec<CostSite>;
-    /// A `Decode` or `Generate` workload with a KV cache, ready to time: buffers allocated once
+    /// A `Prefill`, `Decode` or `Generate` workload with a KV cache, ready to time: buffers allocated once
     /// and every position fixed, so that a CUDA graph can replay it (a decoding step writes the
     /// same cache slot each call, after a random cache). Families that do not decode say so.
     fn cached_workload(&self, workload: Workload) -> Result<Box<dyn FnMut() -> Tensor + '_>> {

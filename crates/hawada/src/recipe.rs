@@ -132,6 +132,9 @@ pub struct DataSection {
 pub enum WorkloadKind {
     /// A forward over `batch` inputs (for language models: a prefill of `tokens` tokens).
     Forward,
+    /// A generation's prefill alone: `tokens` tokens per sequence into a KV cache, last-token
+    /// logits only (time to first token).
+    Prefill,
     /// One decoding step per sequence with a KV cache of `context` tokens.
     Decode,
     /// A generation request: prefill of `tokens` tokens, then `new_tokens` decoding steps.
@@ -143,7 +146,7 @@ pub enum WorkloadKind {
 pub struct LatencySection {
     /// Batch size the target latency applies to.
     pub batch: i64,
-    /// `forward` (default) or `decode`.
+    /// `forward` (default), `prefill`, `decode` or `generate`.
     #[serde(default = "default_workload")]
     pub workload: WorkloadKind,
     /// Tokens per sequence of a timed forward (language models).
@@ -189,6 +192,10 @@ impl LatencySection {
     pub fn workload(&self) -> Workload {
         match self.workload {
             WorkloadKind::Forward => Workload::Forward {
+                batch: self.batch,
+                tokens: self.tokens,
+            },
+            WorkloadKind::Prefill => Workload::Prefill {
                 batch: self.batch,
                 tokens: self.tokens,
             },

@@ -452,7 +452,8 @@ fn check_lengths(model: &dyn Family, recipe: &Recipe, recipe_file: &Path) -> Res
     };
     let latency = &recipe.latency;
     let timed = match latency.workload() {
-        crate::model::Workload::Forward { tokens, .. } => ("latency.tokens", tokens),
+        crate::model::Workload::Forward { tokens, .. }
+        | crate::model::Workload::Prefill { tokens, .. } => ("latency.tokens", tokens),
         crate::model::Workload::Decode { context, .. } => ("latency.context", context + 1),
         crate::model::Workload::Generate {
             prompt, new_tokens, ..

@@ -332,6 +332,29 @@ fn a_generation_workload_runs_prefill_then_steps_and_its_sites_count_every_step(
 }
 
 #[test]
+fn a_prefill_workload_returns_last_token_logits_and_costs_what_a_forward_of_its_tokens_does() {
+    let model = model(4);
+    let prefill = Workload::Prefill {
+        batch: 2,
+        tokens: 6,
+    };
+    let mut run = model.cached_workload(prefill).unwrap();
+    let logits = tch::no_grad(&mut run);
+    assert_eq!(logits.size(), vec![2, 1, 64]);
+    assert!(logits.std(false).double_value(&[]) > 0.0);
+    let names =
+        |w: Workload| -> Vec<String> { model.cost_sites(w).into_iter().map(|s| s.name).collect() };
+    // Neither workload has an lm_head site (it is never pruned; the fit's constant holds it).
+    assert_eq!(
+        names(prefill),
+        names(Workload::Forward {
+            batch: 2,
+            tokens: 6
+        })
+    );
+}
+
+#[test]
 fn a_sharded_checkpoint_loads_like_a_single_file() {
     let model = model(6);
     let dir = tempfile::tempdir().unwrap();

@@ -925,6 +925,7 @@ impl Family for Llama {
 
     fn cached_workload(&self, workload: Workload) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
         let (batch, prompt, steps, prefill) = match workload {
+            Workload::Prefill { batch, tokens } => (batch, tokens, 0, true),
             Workload::Decode { batch, context } => (batch, context, 1, false),
             Workload::Generate {
                 batch,
@@ -951,12 +952,12 @@ impl Family for Llama {
         let step_ids = Tensor::randint(vocab, [batch, 1], (Kind::Int64, device));
         let masks = Masks::none(self.groups.len());
         Ok(Box::new(move || {
+            let mut logits = Tensor::new();
             if prefill {
                 // A generation prefill needs the last position's logits only.
                 let h = self.hidden_states(&prompt_ids, &masks, Some((&cache, 0)));
-                let _ = self.logits(&h.narrow(1, prompt - 1, 1));
+                logits = self.logits(&h.narrow(1, prompt - 1, 1));
             }
-            let mut logits = Tensor::new();
             for step in 0..steps {
                 logits = self.forward_cached(&step_ids, &masks, Some((&cache, prompt + step)));
             }
@@ -966,7 +967,9 @@ impl Family for Llama {
 
     fn cost_sites(&self, workload: Workload) -> Vec<CostSite> {
         match workload {
-            Workload::Forward { tokens, .. } => self.sites_of_pass("", tokens, tokens, 1.0),
+            Workload::Forward { tokens, .. } | Workload::Prefill { tokens, .. } => {
+                self.sites_of_pass("", tokens, tokens, 1.0)
+            }
             Workload::Decode { context, .. } => self.sites_of_pass("", 1, context + 1, 1.0),
             Workload::Generate {
                 prompt, new_tokens, ..

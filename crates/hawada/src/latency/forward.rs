@@ -46,7 +46,8 @@ pub fn inference_copy(
     })
 }
 
-/// The untimed call of `workload` on `model`: a forward of a random input, or a decoding step.
+/// The untimed call of `workload` on `model`: a forward of a random input, or the model's own
+/// cached call (prefill, decoding step, generation).
 pub fn workload_call<'a>(
     model: &'a dyn Family,
     workload: Workload,
@@ -57,7 +58,9 @@ pub fn workload_call<'a>(
             let masks = Masks::none(model.groups().len());
             Ok(Box::new(move || model.forward(&x, &masks, Phase::Eval)))
         }
-        Workload::Decode { .. } | Workload::Generate { .. } => model.cached_workload(workload),
+        Workload::Prefill { .. } | Workload::Decode { .. } | Workload::Generate { .. } => {
+            model.cached_workload(workload)
+        }
     }
 }
 
