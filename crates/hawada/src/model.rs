@@ -315,6 +315,22 @@ pub trait Family: Send {
         None
     }
 
+    /// `prompts` `[batch, prompt]` (i64 token ids) each continued by `new_tokens` tokens sampled
+    /// from the model at `temperature`: `[batch, prompt + new_tokens]`, prompts included. Only
+    /// language models generate.
+    fn sample_continuations(
+        &self,
+        prompts: &Tensor,
+        new_tokens: i64,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        let _ = (prompts, new_tokens, temperature);
+        Err(crate::error::Error::Invalid(format!(
+            "the {} family does not generate text",
+            self.family()
+        )))
+    }
+
     /// Number of parameters (excluding buffers such as batch-norm running statistics).
     fn num_params(&self) -> i64 {
         self.var_store()

@@ -304,6 +304,38 @@ pub struct FinetuneSection {
     /// labels can over-fit it. Applies to the teacher baseline too.
     #[serde(default)]
     pub keep_best: bool,
+    /// Text sampled from the (original) teacher added to the fine-tune's training data, for
+    /// the slim model and the teacher baseline alike (the gates and every score keep to the
+    /// real data). A small corpus runs out before a slim model has relearned what it lost; the
+    /// teacher's own continuations of it are more text from the distribution being distilled.
+    #[serde(default)]
+    pub teacher_samples: Option<TeacherSamples>,
+}
+
+/// `[finetune.teacher_samples]`: `sequences` sequences of `data.seq_len + 1` tokens, each the
+/// first `prompt_tokens` tokens of a random training sequence continued by the teacher at
+/// `temperature`, `batch` sequences at a time. Sampled once and kept in the run directory
+/// (`teacher-samples.safetensors`), so a resumed run trains on the same text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSamples {
+    pub sequences: i64,
+    #[serde(default = "default_prompt_tokens")]
+    pub prompt_tokens: i64,
+    #[serde(default = "default_sample_temperature")]
+    pub temperature: f64,
+    #[serde(default = "default_sample_batch")]
+    pub batch: i64,
+}
+
+fn default_prompt_tokens() -> i64 {
+    32
+}
+fn default_sample_temperature() -> f64 {
+    1.0
+}
+fn default_sample_batch() -> i64 {
+    256
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -476,6 +508,11 @@ impl Recipe {
         data.holdout = data.holdout.min(2);
         data.test_limit = Some(data.test_limit.unwrap_or(4).min(4));
         data.seq_len = data.seq_len.min(16);
+        if let Some(samples) = &mut finetune.teacher_samples {
+            samples.sequences = samples.sequences.min(4);
+            samples.batch = samples.batch.min(2);
+            samples.prompt_tokens = samples.prompt_tokens.min(data.seq_len / 2);
+        }
         recipe.eval.batch = recipe.eval.batch.min(4);
         if let Some(teacher) = &mut recipe.teacher_training {
             teacher.epochs = 1e-9; // one step
@@ -570,6 +607,9 @@ impl Recipe {
                 format!("corrects the teacher on the data's labels; it needs finetune.label_weight > 0 and finetune.steps > 0 (found {w} and {})", self.finetune.steps),
             ));
         }
+        if let Some(samples) = &self.finetune.teacher_samples {
+            self.check_teacher_samples(samples, file)?;
+        }
         if !matches!(self.latency.cost.as_str(), "table" | "flops") {
             return Err(Error::config(
                 file,
@@ -590,6 +630,53 @@ impl Recipe {
         )?;
         self.kind(file)?;
         self.device(file)?;
+        Ok(())
+    }
+
+    fn check_teacher_samples(&self, samples: &TeacherSamples, file: &Path) -> Result<()> {
+        let field = |name: &str| format!("finetune.teacher_samples.{name}");
+        if self.data.format != DataFormat::Text {
+            return Err(Error::config(
+                file,
+                &field("sequences"),
+                "a teacher samples text: it needs text data (data.format = \"text\")",
+            ));
+        }
+        if self.finetune.steps == 0 {
+            return Err(Error::config(
+                file,
+                &field("sequences"),
+                "extends the fine-tune's data; it needs finetune.steps > 0",
+            ));
+        }
+        for (name, value) in [("sequences", samples.sequences), ("batch", samples.batch)] {
+            if value < 1 {
+                return Err(Error::config(
+                    file,
+                    &field(name),
+                    format!("must be ≥ 1, found {value}"),
+                ));
+            }
+        }
+        let seq_len = self.data.seq_len;
+        if !(1..=seq_len).contains(&samples.prompt_tokens) {
+            return Err(Error::config(
+                file,
+                &field("prompt_tokens"),
+                format!(
+                    "must be in [1, data.seq_len = {seq_len}] (the teacher continues each prompt to a whole sequence), found {}",
+                    samples.prompt_tokens
+                ),
+            ));
+        }
+        let t = samples.temperature;
+        if !(t > 0.0 && t.is_finite()) {
+            return Err(Error::config(
+                file,
+                &field("temperature"),
+                format!("must be a positive number, found {t}"),
+            ));
+        }
         Ok(())
     }
 
@@ -686,5 +773,31 @@ mod tests {
         );
         let with_labels = text.replace("[finetune]", "[finetune]\nlabel_weight = 0.5");
         assert!(Recipe::parse(&with_labels, Path::new("r.toml")).is_ok());
+    }
+
+    #[test]
+    fn teacher_samples_need_text_data_and_a_prompt_shorter_than_a_sequence() {
+        let samples = |data: &str, prompt_tokens: i64| {
+            let text = format!(
+                "{}\n[finetune.teacher_samples]\nsequences = 8\nprompt_tokens = {prompt_tokens}\n",
+                DEFAULT_RECIPE.replace("format = \"idx\"", data)
+            );
+            Recipe::parse(&text, Path::new("r.toml"))
+        };
+        let err = samples("format = \"idx\"", 4).unwrap_err().to_string();
+        assert!(
+            err.contains("finetune.teacher_samples.sequences") && err.contains("text data"),
+            "{err}"
+        );
+        let text = "format = \"text\"\nseq_len = 16";
+        let err = samples(text, 17).unwrap_err().to_string();
+        assert!(
+            err.contains("finetune.teacher_samples.prompt_tokens") && err.contains("16"),
+            "{err}"
+        );
+        let recipe = samples(text, 16).unwrap();
+        let parsed = recipe.finetune.teacher_samples.unwrap();
+        assert_eq!((parsed.sequences, parsed.batch), (8, 256));
+        assert_eq!(parsed.temperature, 1.0);
     }
 }

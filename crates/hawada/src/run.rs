@@ -20,12 +20,13 @@ use crate::latency::tables::{
 };
 use crate::model::{Family, KeepSet, Masks, Output, UnitKind};
 use crate::progress::Observer;
-use crate::recipe::{DataFormat, Recipe};
+use crate::recipe::{DataFormat, Recipe, TeacherSamples};
 use crate::report::{
     DistilledFrom, LatencyPair, Params, PatchCosine, PhotoQuality, ProxySummary, Quality, Summary,
 };
 use crate::train::{adapt, AdaptContext, MetricsLog, Models};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -353,6 +354,9 @@ struct Splits {
     test: Box<dyn Examples>,
     /// Text models: the tokenizer the data was cut with, saved beside every export.
     tokenizer: Option<tokenizers::Tokenizer>,
+    /// Text data: the training split's sequences (the same storage as `train`), which
+    /// `finetune.teacher_samples` takes its prompts from and extends.
+    text_train: Option<TextDataset>,
 }
 
 fn load_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
@@ -384,6 +388,7 @@ fn load_text_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
         calibration: Box::new(full_train.slice(train_len, holdout)),
         test: Box::new(test),
         tokenizer: Some(vocabulary.tokenizer),
+        text_train: Some(full_train.slice(0, train_len)),
     })
 }
 
@@ -410,6 +415,7 @@ fn load_image_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
         calibration: Box::new(full_train.slice(full_train.len() - holdout, holdout)),
         test: Box::new(test),
         tokenizer: None,
+        text_train: None,
     })
 }
 
@@ -518,6 +524,7 @@ pub fn run(
         calibration,
         test,
         tokenizer,
+        text_train,
     } = load_splits(recipe, device)?;
     let loaded = teacher(recipe, recipe_file, Some(train.as_ref()), &env)?;
     check_lengths(loaded.as_ref(), recipe, recipe_file)?;
@@ -559,8 +566,22 @@ pub fn run(
             ))
         })
     })?;
+    // Sampled from the original teacher, before any correction, so that the corrected
+    // teacher and the slim model learn from the same text.
+    let finetune_train = match (&recipe.finetune.teacher_samples, &text_train) {
+        (Some(samples), Some(text)) => Some(with_teacher_samples(
+            loaded.as_ref(),
+            text,
+            samples,
+            recipe,
+            &env,
+        )?),
+        _ => None,
+    };
     let weight_data = WeightData {
-        train: train.as_ref(),
+        train: finetune_train
+            .as_ref()
+            .map_or(train.as_ref(), |t| t as &dyn Examples),
         calibration: calibration.as_ref(),
         test: test.as_ref(),
         metric,
@@ -913,6 +934,11 @@ pub fn run(
                     } else {
                         DistilledFrom::Teacher
                     }),
+                    finetune_teacher_samples: recipe
+                        .finetune
+                        .teacher_samples
+                        .as_ref()
+                        .map(|samples| samples.sequences),
                     slim_before_finetune: slim_before,
                     slim: slim_quality,
                     slim_kl_to_teacher: slim_kl,
@@ -965,6 +991,75 @@ pub fn run(
     })?;
     workers.finish()?;
     Ok(summary)
+}
+
+/// The training split followed by `samples.sequences` sequences the teacher wrote, each
+/// continuing the first `samples.prompt_tokens` tokens of a random training sequence
+/// (`finetune.teacher_samples`). Rank 0 samples once into `teacher-samples.safetensors`; every
+/// rank, and every resumed run, reads that file.
+fn with_teacher_samples(
+    teacher: &dyn Family,
+    train: &TextDataset,
+    samples: &TeacherSamples,
+    recipe: &Recipe,
+    env: &RunEnv<'_>,
+) -> Result<TextDataset> {
+    let path = env.run_dir.join("teacher-samples.safetensors");
+    let width = recipe.data.seq_len + 1;
+    env.workers.from_leader("teacher-samples", || {
+        if path.exists() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        env.observer
+            .begin("teacher samples", samples.sequences as u64);
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < samples.sequences {
+            let n = samples.batch.min(samples.sequences - done);
+            let prompts = train
+                .random_batch(n, env.kind)
+                .0
+                .narrow(1, 0, samples.prompt_tokens);
+            let batch = (
+                "teacher sampling",
+                "finetune.teacher_samples.batch",
+                samples.batch,
+            );
+            pieces.push(out_of_memory_as_error(env.device, batch, || {
+                teacher.sample_continuations(
+                    &prompts,
+                    width - samples.prompt_tokens,
+                    samples.temperature,
+                )
+            })?);
+            done += n;
+            env.observer.advance(done as u64, "");
+        }
+        env.observer.end();
+        let ids = Tensor::cat(&pieces, 0);
+        crate::io::safetensors::write(&path, &BTreeMap::from([("ids".to_string(), ids)]))?;
+        tracing::info!(
+            sequences = samples.sequences,
+            tokens = samples.sequences * width,
+            seconds = started.elapsed().as_secs_f64(),
+            "teacher samples written"
+        );
+        Ok(())
+    })?;
+    let ids = crate::io::safetensors::read(&path)?
+        .remove("ids")
+        .filter(|ids| ids.size() == [samples.sequences, width])
+        .ok_or_else(|| Error::Data {
+            file: path.clone(),
+            reason: format!(
+                "expected a tensor `ids` of [{}, {width}] token ids (finetune.teacher_samples.sequences, data.seq_len + 1); delete the file to sample again",
+                samples.sequences
+            ),
+        })?;
+    Ok(train.concat(&TextDataset {
+        sequences: ids.to_device(env.device),
+    }))
 }
 
 /// The data weight training reads: batches from `train`, the calibration split that

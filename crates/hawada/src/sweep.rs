@@ -79,9 +79,15 @@ pub fn sweep(
 }
 
 /// What the first target's run leaves that every later target reuses (as a resumed run would):
-/// the profile, the corrected teacher, and the teacher baseline's quality, in that order: the
-/// corrected teacher is copied before the record that says it is complete.
-const SHARED: [&str; 3] = ["profile.json", "teacher-corrected", "teacher-baseline.json"];
+/// the profile, the teacher's samples, the corrected teacher, and the teacher baseline's
+/// quality, in that order: the corrected teacher is copied before the record that says it is
+/// complete.
+const SHARED: [&str; 4] = [
+    "profile.json",
+    "teacher-samples.safetensors",
+    "teacher-corrected",
+    "teacher-baseline.json",
+];
 
 /// Copies the file or flat directory `from` to `to` unless `to` exists or `from` does not.
 fn copy_missing(from: &Path, to: &Path) -> Result<()> {

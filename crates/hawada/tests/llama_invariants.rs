@@ -355,6 +355,44 @@ fn a_prefill_workload_returns_last_token_logits_and_costs_what_a_forward_of_its_
 }
 
 #[test]
+fn greedy_continuation_through_the_cache_equals_argmax_of_full_forwards() {
+    let model = model(7);
+    let prompts = model.random_input(3, 5);
+    let ids = model.continue_tokens(&prompts, 4, 0.0, None);
+    assert_eq!(ids.size(), vec![3, 9]);
+    assert_eq!(max_abs(&ids.narrow(1, 0, 5), &prompts), 0.0);
+    // Each new token is the argmax of a whole forward over everything before it.
+    let masks = Masks::none(model.groups().len());
+    for t in 5..9 {
+        let logits = forward(&model, &ids.narrow(1, 0, t), &masks);
+        let expected = logits.select(1, t - 1).argmax(-1, false);
+        assert_eq!(max_abs(&ids.select(1, t), &expected), 0.0, "token {t}");
+    }
+}
+
+#[test]
+fn sampled_continuations_keep_their_prompts_follow_the_seed_and_sharpen_to_greedy() {
+    let model = model(8);
+    let prompts = model.random_input(4, 3);
+    let sample = |seed: i64, temperature: f64| {
+        tch::manual_seed(seed);
+        model
+            .sample_continuations(&prompts, 6, temperature)
+            .unwrap()
+    };
+    let a = sample(1, 1.0);
+    assert_eq!(a.size(), vec![4, 9]);
+    assert_eq!(max_abs(&a.narrow(1, 0, 3), &prompts), 0.0);
+    assert!(a.min().int64_value(&[]) >= 0 && a.max().int64_value(&[]) < 64);
+    assert_eq!(max_abs(&a, &sample(1, 1.0)), 0.0, "same seed, same text");
+    // Sampling at temperature 1 over 64 ids draws other tokens than the argmax; at a
+    // temperature near 0 it is the argmax.
+    let greedy = model.continue_tokens(&prompts, 6, 0.0, None);
+    assert!(max_abs(&a, &greedy) > 0.0);
+    assert_eq!(max_abs(&sample(2, 1e-4), &greedy), 0.0);
+}
+
+#[test]
 fn a_sharded_checkpoint_loads_like_a_single_file() {
     let model = model(6);
     let dir = tempfile::tempdir().unwrap();

@@ -223,6 +223,13 @@ impl TextDataset {
         }
     }
 
+    /// These sequences followed by `other`'s (same length; a copy).
+    pub fn concat(&self, other: &TextDataset) -> TextDataset {
+        TextDataset {
+            sequences: Tensor::cat(&[&self.sequences, &other.sequences], 0),
+        }
+    }
+
     fn split_targets(rows: Tensor) -> (Tensor, Tensor) {
         let width = rows.size()[1];
         (rows.narrow(1, 0, width - 1), rows.narrow(1, 1, width - 1))

@@ -885,28 +885,66 @@ impl Llama {
 
     /// Greedy continuation of `prompt` by up to `new_tokens` tokens (stops after `eos`).
     pub fn generate(&self, prompt: &[i64], new_tokens: usize, eos: Option<i64>) -> Vec<i64> {
-        let _guard = tch::no_grad_guard();
         let device = self.vs.device();
+        let prompt_ids = Tensor::from_slice(prompt).view([1, -1]).to_device(device);
+        let ids = self.continue_tokens(&prompt_ids, new_tokens as i64, 0.0, eos);
+        let new: Vec<i64> = Vec::try_from(ids.select(0, 0).narrow(
+            0,
+            prompt.len() as i64,
+            ids.size()[1] - prompt.len() as i64,
+        ))
+        .expect("token ids are i64 on the host");
+        // Stop after the first end of text, as a chat would.
+        match new.iter().position(|&t| Some(t) == eos) {
+            Some(at) => new[..=at].to_vec(),
+            None => new,
+        }
+    }
+
+    /// `prompts` `[batch, prompt]` (i64) continued by up to `new_tokens` tokens each through the
+    /// KV cache: greedy at `temperature` 0, else sampled from `softmax(logits / temperature)`
+    /// by the global (seeded) generator. Stops early once every row has produced `eos`.
+    /// Returns `[batch, prompt + generated]`, prompts included.
+    pub fn continue_tokens(
+        &self,
+        prompts: &Tensor,
+        new_tokens: i64,
+        temperature: f64,
+        eos: Option<i64>,
+    ) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let (batch, prompt) = prompts.size2().expect("prompts are [batch, prompt]");
         let masks = Masks::none(self.groups.len());
-        let cache = self.new_cache(1, (prompt.len() + new_tokens) as i64);
-        let mut ids = Tensor::from_slice(prompt).view([1, -1]).to_device(device);
+        let cache = self.new_cache(batch, prompt + new_tokens);
+        let mut ids = prompts.shallow_clone();
+        let mut pieces = vec![prompts.shallow_clone()];
+        let mut ended = Tensor::zeros([batch], (Kind::Bool, prompts.device()));
         let mut position = 0;
-        let mut out = Vec::new();
         for _ in 0..new_tokens {
             let h = self.hidden_states(&ids, &masks, Some((&cache, position)));
             position += ids.size()[1];
-            let next = self
+            let last = self
                 .logits(&h.narrow(1, h.size()[1] - 1, 1))
                 .select(1, 0)
-                .argmax(-1, false);
-            let token = next.int64_value(&[0]);
-            out.push(token);
-            if Some(token) == eos {
-                break;
+                .to_kind(Kind::Float);
+            let next = if temperature > 0.0 {
+                (last / temperature)
+                    .softmax(-1, Kind::Float)
+                    .multinomial(1, true)
+            } else {
+                last.argmax(-1, true)
+            };
+            pieces.push(next.shallow_clone());
+            ids = next;
+            if let Some(eos) = eos {
+                ended = ended.logical_or(&ids.select(1, 0).eq(eos));
+                // A host read per token: only where a caller asked to stop at the end of text.
+                if ended.all().int64_value(&[]) == 1 {
+                    break;
+                }
             }
-            ids = next.view([1, 1]);
         }
-        out
+        Tensor::cat(&pieces, 1)
     }
 }
 
@@ -1108,6 +1146,15 @@ impl Family for Llama {
 
     fn vocab_size(&self) -> Option<i64> {
         Some(self.cfg.vocab_size)
+    }
+
+    fn sample_continuations(
+        &self,
+        prompts: &Tensor,
+        new_tokens: i64,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        Ok(self.continue_tokens(prompts, new_tokens, temperature, None))
     }
 
     fn random_input(&self, batch: i64, tokens: i64) -> Tensor {

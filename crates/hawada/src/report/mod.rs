@@ -38,6 +38,10 @@ pub struct Quality {
     /// The teacher the slim model was distilled from and is compared with (KL, agreement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distilled_from: Option<DistilledFrom>,
+    /// Sequences the teacher sampled into the fine-tune's training data, beside the real ones
+    /// (`finetune.teacher_samples`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune_teacher_samples: Option<i64>,
     /// Mean KL(teacher ‖ slim) per prediction on the test split, nats; the teacher of
     /// `distilled_from`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
