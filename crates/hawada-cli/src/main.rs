@@ -47,8 +47,8 @@ enum Command {
         gpus: Option<usize>,
     },
     /// Run a recipe at several latency targets, each in `<run dir>/t<fraction>` (resumed like
-    /// `run`), sharing the first target's profile and its teacher baseline or corrected
-    /// teacher; writes `sweep.json`, `sweep.html` and charts of speed-up against agreement and
+    /// `run`), sharing the first target's profile, teacher samples, and teacher baseline or
+    /// corrected teacher; writes `sweep.json`, `sweep.html` and charts of speed-up against agreement and
     /// quality (`plots/sweep-*.png`).
     Sweep {
         recipe: PathBuf,
