@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod tiny_text;
+
 use hawada::families::{
     self,
     resnet::{Resnet, ResnetConfig},
@@ -13,6 +15,7 @@ use hawada::recipe::{Recipe, DEFAULT_RECIPE};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
+use tiny_text::{tiny_text, TinyText};
 
 fn saved_tiny(dir: &Path) -> Resnet {
     let model = Resnet::new(ResnetConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
@@ -509,29 +512,13 @@ fn a_truncated_onnx_is_named_as_unreadable() {
 
 #[test]
 fn a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_naming_the_field() {
-    // SmolLM2's tokenizer (49152 ids, from the GGUF the tests fetch) for a tiny random LLaMA.
+    // SmolLM2's tokenizer (49152 ids) for a tiny random LLaMA that embeds 64.
     let dir = tempfile::tempdir().unwrap();
-    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let gguf = hawada::io::gguf::Gguf::open(&gguf).unwrap();
-    let tokenizer_file = dir.path().join("tokenizer.json");
-    hawada::data::tokenizer_from_gguf(&gguf)
-        .unwrap()
-        .save(&tokenizer_file, false)
-        .unwrap();
-    let model_dir = dir.path().join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    let config = serde_json::to_value(hawada::families::llama::LlamaConfig::tiny()).unwrap();
-    std::fs::write(model_dir.join("config.json"), config.to_string()).unwrap();
-    let texts = dir.path().join("texts");
-    std::fs::create_dir_all(&texts).unwrap();
-    for i in 0..3 {
-        std::fs::write(
-            texts.join(format!("{i}.txt")),
-            "The Congress shall assemble. ".repeat(40),
-        )
-        .unwrap();
-    }
+    let TinyText {
+        model_dir,
+        texts,
+        tokenizer_file,
+    } = tiny_text(dir.path(), None);
     let text = format!(
         r#"name = "vocab"
 device = "cpu"

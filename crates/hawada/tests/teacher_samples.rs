@@ -5,39 +5,22 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod tiny_text;
+
 use hawada::data::TextDataset;
 use hawada::recipe::Recipe;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
+use tiny_text::{tiny_text, TinyText};
 
-/// A tiny LLaMA that embeds SmolLM2's 49152 ids, three short documents, and a recipe over them
-/// with 6 teacher-sampled sequences; returns the recipe file.
+/// The tiny LLaMA embedding SmolLM2's 49152 ids and a recipe over the three documents with 6
+/// teacher-sampled sequences; returns the recipe file.
 fn tiny_text_run(dir: &Path) -> PathBuf {
-    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../.cache/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let gguf = hawada::io::gguf::Gguf::open(&gguf).unwrap();
-    let tokenizer_file = dir.join("tokenizer.json");
-    hawada::data::tokenizer_from_gguf(&gguf)
-        .unwrap()
-        .save(&tokenizer_file, false)
-        .unwrap();
-    let model_dir = dir.join("model");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    let mut config = serde_json::to_value(hawada::families::llama::LlamaConfig::tiny()).unwrap();
-    config["vocab_size"] = 49152.into();
-    std::fs::write(model_dir.join("config.json"), config.to_string()).unwrap();
-    let texts = dir.join("texts");
-    std::fs::create_dir_all(&texts).unwrap();
-    for (i, text) in [
-        "The Congress shall assemble at least once in every year. ",
-        "We hold these truths to be self-evident, that all men are created equal. ",
-        "Four score and seven years ago our fathers brought forth on this continent. ",
-    ]
-    .iter()
-    .enumerate()
-    {
-        std::fs::write(texts.join(format!("{i}.txt")), text.repeat(12)).unwrap();
-    }
+    let TinyText {
+        model_dir,
+        texts,
+        tokenizer_file,
+    } = tiny_text(dir, Some(49152));
     let recipe = format!(
         r#"name = "samples"
 device = "cpu"
