@@ -19,6 +19,7 @@ use crate::latency::tables::{
     cache_key, load_cached, measure_tables, store_cached, SiteTables, TableCost, TableOptions,
 };
 use crate::model::{Family, KeepSet, Masks, Output, UnitKind};
+use crate::optim::seed_step;
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe, TeacherSamples};
 use crate::report::{
@@ -1016,6 +1017,9 @@ fn with_teacher_samples(
         let mut pieces = Vec::new();
         let mut done = 0;
         while done < samples.sequences {
+            // Each batch's prompts and tokens come from the run's seed alone, as every
+            // training step's do.
+            seed_step(recipe.seed, "teacher-samples", pieces.len() as i64);
             let n = samples.batch.min(samples.sequences - done);
             let prompts = train
                 .random_batch(n, env.kind)
