@@ -48,8 +48,8 @@ enum Command {
     },
     /// Run a recipe at several latency targets, each in `<run dir>/t<fraction>` (resumed like
     /// `run`), sharing the first target's profile, teacher samples, and teacher baseline or
-    /// corrected teacher; writes `sweep.json`, `sweep.html` and charts of speed-up against agreement and
-    /// quality (`plots/sweep-*.png`).
+    /// corrected teacher; writes `sweep.json`, `sweep.html` and charts of speed-up against
+    /// agreement and quality (`plots/sweep-*.png`).
     Sweep {
         recipe: PathBuf,
         /// Target fractions of keep-all latency, each in (0, 1].

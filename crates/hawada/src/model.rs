@@ -260,9 +260,10 @@ pub trait Family: Send {
     }
     /// Cost sites for the latency proxy, for the shapes of `workload`.
     fn cost_sites(&self, workload: Workload) -> Vec<CostSite>;
-    /// A `Prefill`, `Decode` or `Generate` workload with a KV cache, ready to time: buffers allocated once
-    /// and every position fixed, so that a CUDA graph can replay it (a decoding step writes the
-    /// same cache slot each call, after a random cache). Families that do not decode say so.
+    /// A `Prefill`, `Decode` or `Generate` workload with a KV cache, ready to time: buffers
+    /// allocated once and every position fixed, so that a CUDA graph can replay it (a decoding
+    /// step writes the same cache slot each call, after a random cache). Families that do not
+    /// decode say so.
     fn cached_workload(&self, workload: Workload) -> Result<Box<dyn FnMut() -> Tensor + '_>> {
         let _ = workload;
         Err(crate::error::Error::Invalid(format!(

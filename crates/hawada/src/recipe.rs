@@ -130,7 +130,8 @@ pub struct DataSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkloadKind {
-    /// A forward over `batch` inputs (for language models: a prefill of `tokens` tokens).
+    /// A forward over `batch` inputs (for language models: `tokens` tokens, every position's
+    /// logits).
     Forward,
     /// A generation's prefill alone: `tokens` tokens per sequence into a KV cache, last-token
     /// logits only (time to first token).
@@ -608,6 +609,12 @@ impl Recipe {
             ));
         }
         if let Some(samples) = &self.finetune.teacher_samples {
+            positive(
+                "finetune.teacher_samples.sequences",
+                samples.sequences as f64,
+            )?;
+            positive("finetune.teacher_samples.batch", samples.batch as f64)?;
+            positive("finetune.teacher_samples.temperature", samples.temperature)?;
             self.check_teacher_samples(samples, file)?;
         }
         if !matches!(self.latency.cost.as_str(), "table" | "flops") {
@@ -633,6 +640,8 @@ impl Recipe {
         Ok(())
     }
 
+    /// What `finetune.teacher_samples` needs of the rest of the recipe (its numbers are
+    /// checked positive beside the others).
     fn check_teacher_samples(&self, samples: &TeacherSamples, file: &Path) -> Result<()> {
         let field = |name: &str| format!("finetune.teacher_samples.{name}");
         if self.data.format != DataFormat::Text {
@@ -649,15 +658,6 @@ impl Recipe {
                 "extends the fine-tune's data; it needs finetune.steps > 0",
             ));
         }
-        for (name, value) in [("sequences", samples.sequences), ("batch", samples.batch)] {
-            if value < 1 {
-                return Err(Error::config(
-                    file,
-                    &field(name),
-                    format!("must be ≥ 1, found {value}"),
-                ));
-            }
-        }
         let seq_len = self.data.seq_len;
         if !(1..=seq_len).contains(&samples.prompt_tokens) {
             return Err(Error::config(
@@ -667,14 +667,6 @@ impl Recipe {
                     "must be in [1, data.seq_len = {seq_len}] (the teacher continues each prompt to a whole sequence), found {}",
                     samples.prompt_tokens
                 ),
-            ));
-        }
-        let t = samples.temperature;
-        if !(t > 0.0 && t.is_finite()) {
-            return Err(Error::config(
-                file,
-                &field("temperature"),
-                format!("must be a positive number, found {t}"),
             ));
         }
         Ok(())

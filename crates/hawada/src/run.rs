@@ -1014,6 +1014,11 @@ fn with_teacher_samples(
         let started = Instant::now();
         env.observer
             .begin("teacher samples", samples.sequences as u64);
+        let batch = (
+            "teacher sampling",
+            "finetune.teacher_samples.batch",
+            samples.batch,
+        );
         let mut pieces = Vec::new();
         let mut done = 0;
         while done < samples.sequences {
@@ -1025,11 +1030,6 @@ fn with_teacher_samples(
                 .random_batch(n, env.kind)
                 .0
                 .narrow(1, 0, samples.prompt_tokens);
-            let batch = (
-                "teacher sampling",
-                "finetune.teacher_samples.batch",
-                samples.batch,
-            );
             pieces.push(out_of_memory_as_error(env.device, batch, || {
                 teacher.sample_continuations(
                     &prompts,

@@ -887,18 +887,11 @@ impl Llama {
     pub fn generate(&self, prompt: &[i64], new_tokens: usize, eos: Option<i64>) -> Vec<i64> {
         let device = self.vs.device();
         let prompt_ids = Tensor::from_slice(prompt).view([1, -1]).to_device(device);
+        // One row stops right after its end of text, as a chat would.
         let ids = self.continue_tokens(&prompt_ids, new_tokens as i64, 0.0, eos);
-        let new: Vec<i64> = Vec::try_from(ids.select(0, 0).narrow(
-            0,
-            prompt.len() as i64,
-            ids.size()[1] - prompt.len() as i64,
-        ))
-        .expect("token ids are i64 on the host");
-        // Stop after the first end of text, as a chat would.
-        match new.iter().position(|&t| Some(t) == eos) {
-            Some(at) => new[..=at].to_vec(),
-            None => new,
-        }
+        let generated = ids.size()[1] - prompt.len() as i64;
+        Vec::try_from(ids.select(0, 0).narrow(0, prompt.len() as i64, generated))
+            .expect("token ids are i64 on the host")
     }
 
     /// `prompts` `[batch, prompt]` (i64) continued by up to `new_tokens` tokens each through the
