@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
+mod tiny_llama;
 
 use common::max_abs;
 use hawada::families::{
@@ -18,21 +19,9 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
+use tiny_llama::model;
 
 const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
-
-fn model(seed: i64) -> Llama {
-    tch::manual_seed(seed);
-    let model = Llama::new(LlamaConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
-    // Larger weights than the 0.02 init and non-trivial norms, so masking shows everywhere.
-    tch::no_grad(|| {
-        for (name, mut t) in model.var_store().variables() {
-            let noise = Tensor::randn_like(&t) * if name.contains("norm") { 0.3 } else { 0.2 };
-            let _ = t.g_add_(&noise);
-        }
-    });
-    model
-}
 
 fn forward(model: &dyn Family, x: &Tensor, masks: &Masks) -> Tensor {
     tch::no_grad(|| model.forward(x, masks, Phase::Eval))
@@ -368,28 +357,6 @@ fn greedy_continuation_through_the_cache_equals_argmax_of_full_forwards() {
         let expected = logits.select(1, t - 1).argmax(-1, false);
         assert_eq!(max_abs(&ids.select(1, t), &expected), 0.0, "token {t}");
     }
-}
-
-#[test]
-fn sampled_continuations_keep_their_prompts_follow_the_seed_and_sharpen_to_greedy() {
-    let model = model(8);
-    let prompts = model.random_input(4, 3);
-    let sample = |seed: i64, temperature: f64| {
-        tch::manual_seed(seed);
-        model
-            .sample_continuations(&prompts, 6, temperature)
-            .unwrap()
-    };
-    let a = sample(1, 1.0);
-    assert_eq!(a.size(), vec![4, 9]);
-    assert_eq!(max_abs(&a.narrow(1, 0, 3), &prompts), 0.0);
-    assert!(a.min().int64_value(&[]) >= 0 && a.max().int64_value(&[]) < 64);
-    assert_eq!(max_abs(&a, &sample(1, 1.0)), 0.0, "same seed, same text");
-    // Sampling at temperature 1 over 64 ids draws other tokens than the argmax; at a
-    // temperature near 0 it is the argmax.
-    let greedy = model.continue_tokens(&prompts, 6, 0.0, None);
-    assert!(max_abs(&a, &greedy) > 0.0);
-    assert_eq!(max_abs(&sample(2, 1e-4), &greedy), 0.0);
 }
 
 #[test]
