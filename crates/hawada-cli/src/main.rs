@@ -6,7 +6,7 @@ mod progress;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hawada::recipe::{Recipe, DEFAULT_RECIPE};
-use hawada::report::Summary;
+use hawada::run_dir::{RunDir, Summary, SweepDir};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     // Running out of device memory is reported as an error naming the batch to lower
-    // (hawada::run::out_of_memory_as_error); libtorch's panic text would only bury it.
+    // (hawada::pipeline::out_of_memory_as_error); libtorch's panic text would only bury it.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let message = info
@@ -230,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let workers = gpus.unwrap_or(recipe.gpus);
             if workers > 1 && std::env::var_os("WORLD_SIZE").is_none() {
                 recipe.check_batches_split(&file, workers)?;
-                let device = recipe.device(&file)?;
+                let device = recipe.device.resolve()?;
                 let visible = tch::Cuda::device_count() as usize;
                 if device.is_cuda() && workers > visible {
                     anyhow::bail!("--gpus {workers}: this machine shows {visible} CUDA device(s)");
@@ -246,7 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 &hawada::progress::Silent
             };
-            let summary = hawada::run::run(&recipe, &file, &run_dir, observer)
+            let summary = hawada::pipeline::run(&recipe, &file, &RunDir::new(&run_dir), observer)
                 .with_context(|| format!("run `{}` in {}", recipe.name, run_dir.display()))?;
             if leader {
                 print_table(&summary, &run_dir);
@@ -272,7 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             ensure_data(&recipe)?;
             let bars = progress::Bars::default();
-            let sweep = hawada::sweep::sweep(&recipe, &file, &dir, &targets, &bars)
+            let sweep = hawada::pipeline::sweep(&recipe, &file, &SweepDir::new(&dir), &targets, &bars)
                 .with_context(|| format!("sweep of `{}` in {}", recipe.name, dir.display()))?;
             print_sweep(&sweep, &dir);
         }
@@ -280,16 +280,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let file = recipe;
             let recipe = Recipe::from_file(&file)
                 .with_context(|| format!("reading recipe {}", file.display()))?;
-            if hawada::run::needs_teacher_training(&recipe) {
+            if hawada::pipeline::needs_teacher_training(&recipe) {
                 ensure_data(&recipe)?;
             }
-            let run_dir = run_dir.unwrap_or_else(|| hawada::run::default_run_dir(&recipe));
+            let run_dir = run_dir.unwrap_or_else(|| hawada::pipeline::default_run_dir(&recipe));
             let observer = progress::Bars::default();
-            let p = hawada::run::profile(&recipe, &file, &run_dir, &observer)
+            let p = hawada::pipeline::profile(&recipe, &file, &RunDir::new(&run_dir), &observer)
                 .with_context(|| format!("profiling `{}` in {}", recipe.name, run_dir.display()))?;
             println!(
                 "profile of `{}` on {} [{}]: keep-all {:.3} ms (p95 {:.3}), target {:.3} ms",
-                recipe.name, p.device, recipe.dtype, p.keep_all.mean, p.keep_all.p95, p.target_ms
+                recipe.name, p.device, recipe.dtype.name(), p.keep_all.mean, p.keep_all.p95, p.target_ms
             );
             println!(
                 "site tables: {} measurements ({})",
@@ -315,15 +315,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out_dir,
             dtype,
         } => convert(&model, &out_dir, &dtype)?,
-        Command::Report { run_dir } if run_dir.join("sweep.json").exists() => {
-            hawada::sweep::write_report(&run_dir)
+        Command::Report { run_dir } if SweepDir::holds_sweep(&run_dir) => {
+            let dir = SweepDir::new(&run_dir);
+            hawada::pipeline::write_sweep_report(&dir)
                 .with_context(|| format!("writing the sweep report of {}", run_dir.display()))?;
-            println!("{}", run_dir.join("sweep.html").display());
+            println!("{}", dir.report().display());
         }
         Command::Report { run_dir } => {
-            hawada::report::write_html(&run_dir)
+            let dir = RunDir::new(&run_dir);
+            hawada::report::write_html(&dir)
                 .with_context(|| format!("writing the report of {}", run_dir.display()))?;
-            println!("{}", run_dir.join("report.html").display());
+            println!("{}", dir.report().display());
         }
         Command::Generate {
             model,
@@ -345,7 +347,7 @@ fn resolve_recipe(
     suffix: &str,
 ) -> anyhow::Result<(Recipe, PathBuf, PathBuf)> {
     let default_dir = |recipe: &Recipe| {
-        let dir = hawada::run::default_run_dir(recipe);
+        let dir = hawada::pipeline::default_run_dir(recipe);
         PathBuf::from(format!("{}{suffix}", dir.display()))
     };
     Ok(match (recipe, smoke) {
@@ -354,7 +356,7 @@ fn resolve_recipe(
                 let stem = path.file_stem().unwrap_or_default().to_string_lossy();
                 PathBuf::from("runs").join(format!("{stem}-smoke{suffix}"))
             });
-            let recipe = Recipe::smoke_from_file(path, &run_dir)
+            let recipe = Recipe::smoke_from_file(path, &RunDir::new(&run_dir))
                 .with_context(|| format!("reading recipe {} for a smoke run", path.display()))?;
             (recipe, path.to_path_buf(), run_dir)
         }
@@ -404,8 +406,9 @@ fn ensure_data(recipe: &Recipe) -> anyhow::Result<()> {
 }
 
 fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> {
-    let kind = hawada::recipe::parse_dtype(dtype)
-        .with_context(|| format!("--dtype `{dtype}`: expected f32, bf16 or f16"))?;
+    let kind = hawada::recipe::Dtype::parse(dtype)
+        .with_context(|| format!("--dtype `{dtype}`: expected f32, bf16 or f16"))?
+        .kind();
     let loaded = hawada::families::load(model, tch::Device::Cpu, kind, false)
         .with_context(|| format!("loading {}", model.display()))?;
     let tokenizer = loaded
@@ -413,7 +416,7 @@ fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> {
         .map(|_| hawada::data::load_vocabulary(model).map(|v| v.tokenizer))
         .transpose()
         .with_context(|| format!("reading the tokenizer of {}", model.display()))?;
-    hawada::run::save_model(loaded.as_ref(), tokenizer.as_ref(), out_dir)
+    hawada::pipeline::save_model(loaded.as_ref(), tokenizer.as_ref(), out_dir)
         .with_context(|| format!("writing {}", out_dir.display()))?;
     println!(
         "{} ({}, {} parameters, {dtype}) → {}",
@@ -425,7 +428,7 @@ fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_sweep(sweep: &hawada::sweep::Sweep, dir: &Path) {
+fn print_sweep(sweep: &hawada::run_dir::Sweep, dir: &Path) {
     println!();
     println!("HawAda sweep: {}", sweep.recipe);
     let metric = sweep.points.first().map(|p| &p.summary.quality);
@@ -613,8 +616,8 @@ fn generate(model_path: &Path, prompt: &str, tokens: usize, device: &str) -> any
 fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
     let recipe = Recipe::from_file(recipe_path)
         .with_context(|| format!("reading recipe {}", recipe_path.display()))?;
-    let device = recipe.device(recipe_path)?;
-    let kind = recipe.kind(recipe_path)?;
+    let device = recipe.device.resolve()?;
+    let kind = recipe.dtype.kind();
     tch::manual_seed(recipe.seed as i64);
     if device.is_cuda() {
         hawada::cuda::tune_cudnn_for_fixed_shapes();
@@ -646,13 +649,13 @@ fn bench(recipe_path: &Path, out: &Path) -> anyhow::Result<()> {
         tch::Device::Cuda(i) => hawada::cuda::device_info(i)?.name,
         other => hawada::latency::measure::device_name(other),
     };
-    let report = serde_json::json!({ "device": device_name, "dtype": recipe.dtype, "recipe": recipe.name, "rows": rows, "fused_vs_reference_rel_diff": bench.fused_vs_reference_rel_diff });
+    let report = serde_json::json!({ "device": device_name, "dtype": recipe.dtype.name(), "recipe": recipe.name, "rows": rows, "fused_vs_reference_rel_diff": bench.fused_vs_reference_rel_diff });
     std::fs::write(
         out.join("bench.json"),
         serde_json::to_string_pretty(&report)?,
     )
     .with_context(|| format!("writing {}", out.join("bench.json").display()))?;
-    println!("HawAda bench on {device_name} [{}]", recipe.dtype);
+    println!("HawAda bench on {device_name} [{}]", recipe.dtype.name());
     println!(
         "{:<34} {:>6} {:>10} {:>10} {:>10}",
         "", "batch", "mean ms", "p50 ms", "p95 ms"

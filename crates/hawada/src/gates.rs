@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::{Group, KeepSet, Masks, UnitKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{nn, nn::VarStore, Device, Kind, Tensor};
 
 /// How training masks are drawn.
@@ -93,6 +93,16 @@ pub struct Gates {
     unit_widths: Tensor,
     groups: Vec<Group>,
     options: GateOptions,
+}
+
+/// The gate logits saved in `dir`, one tensor per group.
+pub fn weights_path(dir: &Path) -> PathBuf {
+    dir.join("gates.safetensors")
+}
+
+/// The description of the gates saved in `dir` (options, groups: sites, kinds, lengths).
+pub fn description_path(dir: &Path) -> PathBuf {
+    dir.join("gates.json")
 }
 
 impl Gates {
@@ -226,17 +236,17 @@ impl Gates {
             .zip(&self.logits)
             .map(|(g, l)| (g.name.clone(), l.detach()))
             .collect();
-        crate::io::safetensors::write(&dir.join("gates.safetensors"), &tensors)?;
+        crate::io::safetensors::write(&weights_path(dir), &tensors)?;
         let desc = GatesDescription {
             options: self.options.clone(),
             groups: self.groups.clone(),
         };
-        crate::io::hf_config::write(&dir.join("gates.json"), &desc)
+        crate::io::hf_config::write(&description_path(dir), &desc)
     }
 
     /// Loads logits saved by [`Gates::save`]; the groups must match the model's exactly.
     pub fn load(&mut self, dir: &Path) -> Result<()> {
-        let json = dir.join("gates.json");
+        let json = description_path(dir);
         let desc: GatesDescription =
             crate::io::hf_config::parse(&json, crate::io::hf_config::read_value(&json)?)?;
         if desc.groups != self.groups {
@@ -246,7 +256,7 @@ impl Gates {
                 "saved gate groups do not match this model's groups (different model or config?)",
             ));
         }
-        let file = dir.join("gates.safetensors");
+        let file = weights_path(dir);
         let tensors = crate::io::safetensors::read(&file)?;
         let _guard = tch::no_grad_guard();
         for (g, l) in self.groups.iter().zip(&self.logits) {

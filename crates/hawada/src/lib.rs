@@ -17,11 +17,11 @@ pub mod io;
 pub mod latency;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod progress;
 pub mod recipe;
 pub mod report;
-pub mod run;
-pub mod sweep;
+pub mod run_dir;
 pub mod train;
 
 pub use error::{Error, Result};

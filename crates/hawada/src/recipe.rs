@@ -4,7 +4,9 @@
 use crate::error::{Error, Result};
 use crate::gates::GateOptions;
 use crate::latency::measure::TimingProtocol;
+use crate::latency::proxy::ProxyCost;
 use crate::model::Workload;
+use crate::run_dir::RunDir;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -17,11 +19,11 @@ pub struct Recipe {
     #[serde(default)]
     pub seed: u64,
     /// `auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceChoice,
     /// `f32`, `bf16` or `f16`.
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: Dtype,
     /// Worker processes training together, one per GPU of this host (NCCL; on the CPU, processes
     /// joined by gloo). Each takes `batch / gpus` rows of every batch; rank 0 alone measures
     /// latency. `hawada run --gpus N` overrides it.
@@ -32,7 +34,7 @@ pub struct Recipe {
     pub teacher_training: Option<TeacherTraining>,
     pub data: DataSection,
     pub latency: LatencySection,
-    pub target: TargetSection,
+    pub target: Target,
     #[serde(default)]
     pub gates: GateOptions,
     pub adapt: AdaptSection,
@@ -175,7 +177,7 @@ pub struct LatencySection {
     pub cuda_graphs: bool,
     /// Which proxy trains the gates: `table` (measured per-site tables) or `flops`.
     #[serde(default = "default_cost")]
-    pub cost: String,
+    pub cost: ProxyCost,
     /// Site tables: grid spacing in channels/units, and the (lighter) per-site timing protocol.
     #[serde(default = "default_grid_step")]
     pub table_grid_step: i64,
@@ -228,14 +230,162 @@ impl LatencySection {
     }
 }
 
-/// Target latency: absolute or relative to keep-all; exactly one.
+/// The latency target (`[target]`): absolute, or a fraction of keep-all; exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "TargetSection", into = "TargetSection")]
+pub enum Target {
+    /// Milliseconds on the device, for the recipe's workload.
+    Ms(f64),
+    /// A fraction in (0, 1] of the keep-all latency measured by the profile.
+    Fraction(f64),
+}
+
+impl Target {
+    /// The target in ms, given the keep-all latency.
+    pub fn ms(self, keep_all_ms: f64) -> f64 {
+        match self {
+            Target::Ms(ms) => ms,
+            Target::Fraction(fraction) => fraction * keep_all_ms,
+        }
+    }
+
+    /// Whether `slim_ms` meets the target: against its ms, or for a relative target its ratio
+    /// to keep-all measured alongside against the fraction.
+    pub fn is_met(self, slim_ms: f64, keep_all_ms: f64) -> bool {
+        slim_ms <= self.ms(keep_all_ms)
+    }
+}
+
+/// `[target]` as written: `ms = …` or `fraction = …`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TargetSection {
-    #[serde(default)]
-    pub ms: Option<f64>,
-    #[serde(default)]
-    pub fraction: Option<f64>,
+struct TargetSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fraction: Option<f64>,
+}
+
+impl TryFrom<TargetSection> for Target {
+    type Error = String;
+    fn try_from(section: TargetSection) -> std::result::Result<Self, String> {
+        match (section.ms, section.fraction) {
+            (Some(ms), None) if ms > 0.0 && ms.is_finite() => Ok(Target::Ms(ms)),
+            (Some(ms), None) => Err(format!("target.ms must be a positive number, found {ms}")),
+            (None, Some(f)) if f > 0.0 && f <= 1.0 => Ok(Target::Fraction(f)),
+            (None, Some(f)) => Err(format!(
+                "target.fraction must be in (0, 1] of keep-all latency, found {f}"
+            )),
+            _ => Err("give exactly one of `target.ms` or `target.fraction`".into()),
+        }
+    }
+}
+
+impl From<Target> for TargetSection {
+    fn from(target: Target) -> Self {
+        match target {
+            Target::Ms(ms) => TargetSection {
+                ms: Some(ms),
+                fraction: None,
+            },
+            Target::Fraction(f) => TargetSection {
+                ms: None,
+                fraction: Some(f),
+            },
+        }
+    }
+}
+
+/// The weights' dtype (`dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            Dtype::F32 => Kind::Float,
+            Dtype::Bf16 => Kind::BFloat16,
+            Dtype::F16 => Kind::Half,
+        }
+    }
+    /// The name recipes and summaries spell it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+    /// A dtype name (`f32`, `bf16`, `f16`), as the CLI's `--dtype` gives it.
+    pub fn parse(name: &str) -> Option<Dtype> {
+        [Dtype::F32, Dtype::Bf16, Dtype::F16]
+            .into_iter()
+            .find(|d| d.name() == name)
+    }
+}
+
+/// The device a recipe asks for (`device`); [`DeviceChoice::resolve`] checks it exists here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceChoice {
+    /// CUDA device 0 when libtorch sees one, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        match name.as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device `{other}`; expected auto, cpu, cuda or cuda:N")
+                }),
+        }
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(choice: DeviceChoice) -> String {
+        match choice {
+            DeviceChoice::Auto => "auto".into(),
+            DeviceChoice::Cpu => "cpu".into(),
+            DeviceChoice::Cuda(i) => format!("cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The device, resolved: `auto` picks CUDA when present. Asking for CUDA without one is an
+    /// error.
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda(index) => {
+                let visible = tch::Cuda::device_count();
+                if tch::Cuda::is_available() && (index as i64) < visible {
+                    Ok(Device::Cuda(index))
+                } else {
+                    Err(Error::Device { device: String::from(self), reason: format!("CUDA device {index} requested but libtorch sees {visible} CUDA device(s); use device = \"cpu\" or run on the GPU machine") })
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -354,14 +504,8 @@ impl Default for EvalSection {
     }
 }
 
-fn default_device() -> String {
-    "auto".into()
-}
 fn default_gpus() -> usize {
     1
-}
-fn default_dtype() -> String {
-    "f32".into()
 }
 fn default_holdout() -> i64 {
     2000
@@ -390,8 +534,8 @@ fn default_warmup_runs() -> usize {
 fn default_timed_runs() -> usize {
     TimingProtocol::default().timed_runs
 }
-fn default_cost() -> String {
-    "table".into()
+fn default_cost() -> ProxyCost {
+    ProxyCost::Table
 }
 fn default_grid_step() -> i64 {
     8
@@ -436,28 +580,30 @@ fn default_eval_batch() -> i64 {
 /// The embedded default: a self-trained ResNet on Fashion-MNIST, adapted to 0.6× keep-all latency.
 pub const DEFAULT_RECIPE: &str = include_str!("../../../recipes/cpu/fmnist-resnet18-small.toml");
 
-/// A dtype name (`f32`, `bf16`, `f16`) as a tch kind.
-pub fn parse_dtype(name: &str) -> Option<Kind> {
-    match name {
-        "f32" => Some(Kind::Float),
-        "bf16" => Some(Kind::BFloat16),
-        "f16" => Some(Kind::Half),
-        _ => None,
-    }
-}
-
 impl Recipe {
     /// Parses and validates recipe text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self> {
-        let recipe: Recipe = toml::from_str(text).map_err(|e| {
-            let field = e
-                .span()
-                .map(|s| text[s].trim().to_string())
-                .unwrap_or_else(|| "<recipe>".into());
-            Error::config(file, &field, e.message().to_string())
-        })?;
+        let recipe = Self::deserialize(text, file)?;
         recipe.validate(file)?;
         Ok(recipe)
+    }
+
+    /// The TOML as a recipe, unvalidated; an error names the field by its dotted path
+    /// (`latency.cost`), or by the text at fault when the path is the whole recipe.
+    fn deserialize(text: &str, file: &Path) -> Result<Self> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let field = if path.is_empty() || path == "." {
+                inner
+                    .span()
+                    .map(|s| text[s].trim().to_string())
+                    .unwrap_or_else(|| "<recipe>".into())
+            } else {
+                path
+            };
+            Error::config(file, &field, inner.message().to_string())
+        })
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -474,12 +620,11 @@ impl Recipe {
     /// (`finetune.teacher_baseline`, also behind `correct_teacher`) is left out: it repeats the
     /// fine-tune on a whole copy, and for a real language model its checkpoints would add
     /// gigabytes to CI's disk; tiny models test it.
-    pub fn smoke_from_file(path: &Path, run_dir: &Path) -> Result<Self> {
+    pub fn smoke_from_file(path: &Path, run_dir: &RunDir) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut recipe: Recipe = toml::from_str(&text)
-            .map_err(|e| Error::config(path, "<recipe>", e.message().to_string()))?;
-        recipe.device = "cpu".into();
-        recipe.dtype = "f32".into();
+        let mut recipe = Self::deserialize(&text, path)?;
+        recipe.device = DeviceChoice::Cpu;
+        recipe.dtype = Dtype::F32;
         let latency = &mut recipe.latency;
         latency.batch = latency.batch.min(2);
         latency.tokens = latency.tokens.min(16);
@@ -493,7 +638,7 @@ impl Recipe {
         latency.table_grid_step = i64::MAX / 2;
         latency.table_warmup_runs = 1;
         latency.table_timed_runs = 1;
-        latency.cache_dir = run_dir.join("latency-cache");
+        latency.cache_dir = run_dir.smoke_latency_cache();
         let adapt = &mut recipe.adapt;
         adapt.steps = adapt.steps.min(2);
         adapt.batch = adapt.batch.min(2);
@@ -519,7 +664,7 @@ impl Recipe {
             teacher.epochs = 1e-9; // one step
             teacher.batch = teacher.batch.min(2);
             if !crate::families::has_weights(&recipe.model.dir) {
-                recipe.model.dir = run_dir.join("teacher");
+                recipe.model.dir = run_dir.smoke_teacher();
             }
         }
         recipe.validate(path)?;
@@ -531,10 +676,11 @@ impl Recipe {
     pub fn at_fraction(&self, fraction: f64, file: &Path) -> Result<Recipe> {
         let mut recipe = self.clone();
         recipe.name = format!("{}-t{fraction}", self.name);
-        recipe.target = TargetSection {
+        recipe.target = Target::try_from(TargetSection {
             ms: None,
             fraction: Some(fraction),
-        };
+        })
+        .map_err(|reason| Error::config(file, "target.fraction", reason))?;
         recipe.validate(file)?;
         Ok(recipe)
     }
@@ -551,25 +697,6 @@ impl Recipe {
                 ))
             }
         };
-        match (self.target.ms, self.target.fraction) {
-            (Some(ms), None) => positive("target.ms", ms)?,
-            (None, Some(f)) => {
-                if !(f > 0.0 && f <= 1.0) {
-                    return Err(Error::config(
-                        file,
-                        "target.fraction",
-                        format!("must be in (0, 1] of keep-all latency, found {f}"),
-                    ));
-                }
-            }
-            _ => {
-                return Err(Error::config(
-                    file,
-                    "target",
-                    "give exactly one of `ms` or `fraction`",
-                ))
-            }
-        }
         positive("latency.batch", self.latency.batch as f64)?;
         positive("latency.tokens", self.latency.tokens as f64)?;
         positive("latency.context", self.latency.context as f64)?;
@@ -617,16 +744,6 @@ impl Recipe {
             positive("finetune.teacher_samples.temperature", samples.temperature)?;
             self.check_teacher_samples(samples, file)?;
         }
-        if !matches!(self.latency.cost.as_str(), "table" | "flops") {
-            return Err(Error::config(
-                file,
-                "latency.cost",
-                format!(
-                    "unknown proxy `{}`; expected table or flops",
-                    self.latency.cost
-                ),
-            ));
-        }
         positive(
             "latency.table_grid_step",
             self.latency.table_grid_step as f64,
@@ -635,8 +752,7 @@ impl Recipe {
             "latency.table_timed_runs",
             self.latency.table_timed_runs as f64,
         )?;
-        self.kind(file)?;
-        self.device(file)?;
+        self.device.resolve()?;
         Ok(())
     }
 
@@ -688,41 +804,6 @@ impl Recipe {
         }
         Ok(())
     }
-
-    /// The dtype as a tch kind.
-    pub fn kind(&self, file: &Path) -> Result<Kind> {
-        parse_dtype(&self.dtype).ok_or_else(|| {
-            Error::config(
-                file,
-                "dtype",
-                format!("unknown dtype `{}`; expected f32, bf16 or f16", self.dtype),
-            )
-        })
-    }
-
-    /// The device, resolved: `auto` picks CUDA when present. Asking for CUDA without one is an error.
-    pub fn device(&self, file: &Path) -> Result<Device> {
-        let cuda = |index: usize| {
-            if tch::Cuda::is_available() && index < tch::Cuda::device_count() as usize {
-                Ok(Device::Cuda(index))
-            } else {
-                Err(Error::Device { device: self.device.clone(), reason: format!("CUDA device {index} requested but libtorch sees {} CUDA device(s); use device = \"cpu\" or run on the GPU machine", tch::Cuda::device_count()) })
-            }
-        };
-        match self.device.as_str() {
-            "auto" => Ok(Device::cuda_if_available()),
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => cuda(0),
-            other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-                Some(i) => cuda(i),
-                None => Err(Error::config(
-                    file,
-                    "device",
-                    format!("unknown device `{other}`; expected auto, cpu, cuda or cuda:N"),
-                )),
-            },
-        }
-    }
 }
 
 #[cfg(test)]
@@ -732,7 +813,7 @@ mod tests {
     #[test]
     fn default_recipe_parses() {
         let r = Recipe::parse(DEFAULT_RECIPE, Path::new("default")).unwrap();
-        assert_eq!(r.target.fraction, Some(0.6));
+        assert_eq!(r.target, Target::Fraction(0.6));
     }
 
     #[test]

@@ -411,10 +411,10 @@ lr = 0.001
     );
     let recipe_file = dir.path().join("long.toml");
     let recipe = Recipe::parse(&text, &recipe_file).unwrap();
-    let err = hawada::run::profile(
+    let err = hawada::pipeline::profile(
         &recipe,
         &recipe_file,
-        &dir.path().join("run"),
+        &hawada::run_dir::RunDir::new(dir.path().join("run")),
         &hawada::progress::Silent,
     )
     .err()
@@ -562,8 +562,8 @@ lr = 0.001
 /// in `run/` beside it.
 fn run_error(recipe_file: &Path, text: &str) -> String {
     let recipe = Recipe::parse(text, recipe_file).unwrap();
-    let run_dir = recipe_file.parent().unwrap().join("run");
-    hawada::run::run(&recipe, recipe_file, &run_dir, &hawada::progress::Silent)
+    let run_dir = hawada::run_dir::RunDir::new(recipe_file.parent().unwrap().join("run"));
+    hawada::pipeline::run(&recipe, recipe_file, &run_dir, &hawada::progress::Silent)
         .err()
         .unwrap()
         .to_string()

@@ -72,10 +72,10 @@ batch = 4
     file
 }
 
-fn run(recipe_file: &Path) -> hawada::error::Result<hawada::report::Summary> {
+fn run(recipe_file: &Path) -> hawada::error::Result<hawada::run_dir::Summary> {
     let recipe = Recipe::from_file(recipe_file).unwrap();
-    let run_dir = recipe_file.parent().unwrap().join("run");
-    hawada::run::run(&recipe, recipe_file, &run_dir, &hawada::progress::Silent)
+    let run_dir = hawada::run_dir::RunDir::new(recipe_file.parent().unwrap().join("run"));
+    hawada::pipeline::run(&recipe, recipe_file, &run_dir, &hawada::progress::Silent)
 }
 
 fn sample_ids(run_dir: &Path) -> Tensor {

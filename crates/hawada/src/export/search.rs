@@ -9,7 +9,6 @@ use crate::gates::{enforce_follows, floor_units, keep_from_logits, top_units};
 use crate::latency::measure::LatencyStats;
 use crate::model::{Group, KeepSet, UnitKind};
 use crate::progress::Observer;
-use crate::report::Candidate;
 
 /// Rounding multiples per unit kind: channels in elements, heads and KV groups in units.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -213,6 +212,23 @@ pub fn candidates(
         }
     }
     out
+}
+
+/// One measured candidate architecture of the export.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Candidate {
+    pub name: String,
+    pub latency_ms: LatencyStats,
+    pub params: i64,
+    /// Agreement with the teacher on the calibration batch, percent.
+    pub agreement: f64,
+    pub widths: Vec<i64>,
+    /// Measured mean latency at or under the target.
+    pub meets_target: bool,
+    /// On the Pareto front of (latency, agreement).
+    pub pareto: bool,
+    /// The exported architecture.
+    pub picked: bool,
 }
 
 /// A measured candidate before scoring.

@@ -24,6 +24,11 @@ pub fn parse<T: DeserializeOwned>(path: &Path, value: serde_json::Value) -> Resu
     })
 }
 
+/// Reads and parses a typed JSON file (a config or a run record); errors name the file.
+pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    parse(path, read_value(path)?)
+}
+
 /// Writes a config as pretty JSON, atomically.
 pub fn write<T: Serialize>(path: &Path, config: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(config)

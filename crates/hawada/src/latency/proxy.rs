@@ -17,6 +17,24 @@ pub trait SiteCost: Send {
     fn name(&self) -> &'static str;
 }
 
+/// Which site cost the proxy sums (`latency.cost`): tables measured on the device (default), or
+/// a FLOP count (which misses the staircase of tile quantisation, DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyCost {
+    Table,
+    Flops,
+}
+
+impl std::fmt::Display for ProxyCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProxyCost::Table => "table",
+            ProxyCost::Flops => "flops",
+        })
+    }
+}
+
 /// FLOPs in GFLOP: `2·macs·w_in·w_out` plus a few FLOPs per output element (norm + activation).
 pub struct FlopCost {
     /// `[n_sites]`: 2·macs_per_in_out, and ELEMENTWISE_FLOPS·elems_per_out.

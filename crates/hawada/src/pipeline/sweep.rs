@@ -1,41 +1,22 @@
 //! A sweep: one recipe run at several latency targets (fractions of keep-all), each in its own
 //! run directory, all sharing the first run's profile (keep-all latency, proxy fit; the site
 //! tables are cached anyway), so the targets are judged against the same keep-all measurement,
-//! and its teacher baseline or corrected teacher, which no target changes.
-//! `sweep.json`, `sweep.html` and `plots/sweep-*.png` show the trade-off they trace.
+//! and its teacher samples, teacher baseline or corrected teacher, which no target changes
+//! (`run_dir::SHARED_ACROSS_TARGETS`). `sweep.json`, `sweep.html` and `plots/sweep-*.png` show
+//! the trade-off they trace.
 
 use crate::error::{Error, Result};
 use crate::progress::Observer;
 use crate::recipe::Recipe;
-use crate::report::Summary;
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
-
-/// One target of a sweep and what its run measured.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SweepPoint {
-    pub target_fraction: f64,
-    /// Relative to the sweep directory.
-    pub run_dir: String,
-    pub summary: Summary,
-}
-
-/// `sweep.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Sweep {
-    pub recipe: String,
-    /// The teacher has random weights: its quality columns mean nothing, only speed and the
-    /// agreement with the teacher do.
-    pub random_init: bool,
-    pub points: Vec<SweepPoint>,
-}
+use crate::run_dir::{Sweep, SweepDir, SweepPoint, SHARED_ACROSS_TARGETS};
+use std::path::Path;
 
 /// Runs `recipe` at each of `fractions` (in order) in `dir/t<fraction>`, resuming any run
 /// already there, then writes `dir/sweep.json` and the sweep charts.
 pub fn sweep(
     recipe: &Recipe,
     recipe_file: &Path,
-    dir: &Path,
+    dir: &SweepDir,
     fractions: &[f64],
     observer: &dyn Observer,
 ) -> Result<Sweep> {
@@ -49,22 +30,21 @@ pub fn sweep(
         .map(|&f| recipe.at_fraction(f, recipe_file))
         .collect::<Result<Vec<_>>>()?;
     let mut points = Vec::new();
-    let mut first_run: Option<PathBuf> = None;
+    let first_run = dir.target(fractions[0]);
     for (&fraction, recipe) in fractions.iter().zip(&recipes) {
-        let name = format!("t{fraction}");
-        let run_dir = dir.join(&name);
-        if let Some(first) = &first_run {
-            std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-            for shared in SHARED {
-                copy_missing(&first.join(shared), &run_dir.join(shared))?;
+        let run_dir = dir.target(fraction);
+        if run_dir != first_run {
+            let root = run_dir.root();
+            std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+            for shared in SHARED_ACROSS_TARGETS {
+                copy_missing(&shared(&first_run), &shared(&run_dir))?;
             }
         }
-        tracing::info!(fraction, run_dir = %run_dir.display(), "sweep: next target");
-        let summary = crate::run::run(recipe, recipe_file, &run_dir, observer)?;
-        first_run.get_or_insert(run_dir);
+        tracing::info!(fraction, run_dir = %run_dir.root().display(), "sweep: next target");
+        let summary = super::run(recipe, recipe_file, &run_dir, observer)?;
         points.push(SweepPoint {
             target_fraction: fraction,
-            run_dir: name,
+            run_dir: SweepDir::target_name(fraction),
             summary,
         });
     }
@@ -73,21 +53,10 @@ pub fn sweep(
         random_init: recipe.model.random_init,
         points,
     };
-    crate::io::hf_config::write(&dir.join("sweep.json"), &sweep)?;
+    crate::io::hf_config::write(&dir.sweep(), &sweep)?;
     crate::report::write_sweep_report(dir, &sweep)?;
     Ok(sweep)
 }
-
-/// What the first target's run leaves that every later target reuses (as a resumed run would):
-/// the profile, the teacher's samples, the corrected teacher, and the teacher baseline's
-/// quality, in that order: the corrected teacher is copied before the record that says it is
-/// complete.
-const SHARED: [&str; 4] = [
-    "profile.json",
-    "teacher-samples.safetensors",
-    "teacher-corrected",
-    "teacher-baseline.json",
-];
 
 /// Copies the file or flat directory `from` to `to` unless `to` exists or `from` does not.
 fn copy_missing(from: &Path, to: &Path) -> Result<()> {
@@ -109,9 +78,7 @@ fn copy_missing(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Rewrites `sweep.html` and the charts of a finished sweep from its `sweep.json`.
-pub fn write_report(dir: &Path) -> Result<()> {
-    let path = dir.join("sweep.json");
-    let sweep: Sweep =
-        crate::io::hf_config::parse(&path, crate::io::hf_config::read_value(&path)?)?;
+pub fn write_report(dir: &SweepDir) -> Result<()> {
+    let sweep: Sweep = crate::io::hf_config::read(&dir.sweep())?;
     crate::report::write_sweep_report(dir, &sweep)
 }

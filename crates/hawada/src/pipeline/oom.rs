@@ -1,0 +1,87 @@
+//! The out-of-memory guard: a device running out of memory during a stage becomes an error that
+//! names the stage's batch field and a smaller value, instead of libtorch's panic.
+
+use crate::error::{Error, Result};
+use crate::latency::measure::device_name;
+use tch::Device;
+
+/// Runs one stage, turning the device running out of memory into an error that names the
+/// stage's batch field and suggests half of it. libtorch reports it as an error, which tch's
+/// plain tensor methods raise as a panic: that panic is caught here, any other one goes on.
+/// `(stage, field, batch)` describe the stage.
+pub fn out_of_memory_as_error<T>(
+    device: Device,
+    (stage, field, batch): (&str, &str, i64),
+    run: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let is_oom = |message: &str| message.contains("out of memory");
+    // libtorch's own sentence says how much was asked for and what the allocator held.
+    let error = |message: &str| {
+        Error::Device {
+        device: device_name(device),
+        reason: format!(
+            "out of memory during {stage} at {field} = {batch}; try a smaller {field} (e.g. {}) ({})",
+            (batch / 2).max(1),
+            message
+                .lines()
+                .find(|line| line.contains("out of memory"))
+                .unwrap_or(message)
+                .trim()
+                .trim_start_matches("Torch(\"")
+        ),
+    }
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Err(e)) if is_oom(&e.to_string()) => Err(error(&e.to_string())),
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if is_oom(message) {
+                Err(error(message))
+            } else {
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_device_memory_names_the_batch_field_and_a_smaller_value() {
+        let stage = ("gate training", "adapt.batch", 64);
+        let err = out_of_memory_as_error(Device::Cpu, stage, || -> Result<()> {
+            panic!("Torch(\"CUDA out of memory. Tried to allocate 1002.00 MiB\")")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("gate training") && err.contains("adapt.batch = 64") && err.contains("32"),
+            "{err}"
+        );
+        // The same from a fallible op's error.
+        let err = out_of_memory_as_error(Device::Cpu, stage, || -> Result<()> {
+            Err(Error::Invalid("CUDA out of memory".into()))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("adapt.batch"), "{err}");
+        // Other panics are not swallowed.
+        let other = std::panic::catch_unwind(|| {
+            out_of_memory_as_error(Device::Cpu, stage, || -> Result<()> {
+                panic!("index out of range")
+            })
+        });
+        assert!(other.is_err());
+        assert_eq!(
+            out_of_memory_as_error(Device::Cpu, stage, || Ok(7)).unwrap(),
+            7
+        );
+    }
+}
