@@ -246,8 +246,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 &hawada::progress::Silent
             };
-            let summary = hawada::pipeline::run(&recipe, &file, &RunDir::new(&run_dir), observer)
-                .with_context(|| format!("run `{}` in {}", recipe.name, run_dir.display()))?;
+            let summary =
+                hawada::pipeline::run(&recipe, &file, &RunDir::new(&run_dir), observer)
+                    .with_context(|| format!("run `{}` in {}", recipe.name, run_dir.display()))?;
             if leader {
                 print_table(&summary, &run_dir);
                 if smoke {
@@ -272,8 +273,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             ensure_data(&recipe)?;
             let bars = progress::Bars::default();
-            let sweep = hawada::pipeline::sweep(&recipe, &file, &SweepDir::new(&dir), &targets, &bars)
-                .with_context(|| format!("sweep of `{}` in {}", recipe.name, dir.display()))?;
+            let sweep =
+                hawada::pipeline::sweep(&recipe, &file, &SweepDir::new(&dir), &targets, &bars)
+                    .with_context(|| format!("sweep of `{}` in {}", recipe.name, dir.display()))?;
             print_sweep(&sweep, &dir);
         }
         Command::Profile { recipe, run_dir } => {
@@ -289,7 +291,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("profiling `{}` in {}", recipe.name, run_dir.display()))?;
             println!(
                 "profile of `{}` on {} [{}]: keep-all {:.3} ms (p95 {:.3}), target {:.3} ms",
-                recipe.name, p.device, recipe.dtype.name(), p.keep_all.mean, p.keep_all.p95, p.target_ms
+                recipe.name,
+                p.device,
+                recipe.dtype.name(),
+                p.keep_all.mean,
+                p.keep_all.p95,
+                p.target_ms
             );
             println!(
                 "site tables: {} measurements ({})",

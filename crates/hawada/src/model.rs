@@ -57,6 +57,13 @@ pub fn unit_width(width: i64, per_gate: i64) -> i64 {
     a
 }
 
+/// Element indices along a member axis for kept units: unit `i` keeps `[i·block, (i+1)·block)`.
+pub fn element_indices(kept: &[i64], block: i64) -> Vec<i64> {
+    kept.iter()
+        .flat_map(|&i| (i * block)..((i + 1) * block))
+        .collect()
+}
+
 /// Kept unit indices per group, ascending; same order as `Family::groups`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeepSet(pub Vec<Vec<i64>>);
@@ -112,7 +119,7 @@ impl Masks {
                 .map(|(g, kept)| {
                     let mut m = Tensor::zeros([g.len * g.unit_width], options);
                     if !kept.is_empty() {
-                        let elements = crate::export::slice::element_indices(kept, g.unit_width);
+                        let elements = element_indices(kept, g.unit_width);
                         let idx = Tensor::from_slice(&elements).to_device(options.1);
                         let _ = m.index_fill_(0, &idx, 1.0);
                     }

@@ -2,16 +2,9 @@
 //! Never decides how many units to keep.
 
 use crate::error::{Error, Result};
-use crate::model::{Group, KeepSet};
+use crate::model::{element_indices, Group, KeepSet};
 use std::collections::BTreeMap;
 use tch::Tensor;
-
-/// Element indices along a member axis for kept units: unit `i` keeps `[i·block, (i+1)·block)`.
-pub fn element_indices(kept: &[i64], block: i64) -> Vec<i64> {
-    kept.iter()
-        .flat_map(|&i| (i * block)..((i + 1) * block))
-        .collect()
-}
 
 /// Returns `tensors` with every group member sliced to its kept units. Tensors that no group
 /// touches are shared (shallow) with the input.

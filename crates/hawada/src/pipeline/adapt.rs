@@ -2,8 +2,8 @@
 //! budget, resumable from `checkpoints/adapt`; the trained gates are saved in the run directory.
 
 use super::env::RunEnv;
+use super::finetune::trainable_copy;
 use super::oom::out_of_memory_as_error;
-use super::teacher::trainable_copy;
 use super::timing::Timing;
 use crate::cuda::DeviceMemory;
 use crate::data::Examples;

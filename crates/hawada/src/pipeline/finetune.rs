@@ -2,17 +2,18 @@
 //! labels at `finetune.label_weight`), resumable from its checkpoints; the teacher baseline and
 //! the corrected teacher train the same way, on the same batches.
 
+use super::env::save_model;
 use super::env::RunEnv;
 use super::oom::out_of_memory_as_error;
 use super::splits::Splits;
-use super::teacher::{teacher_baseline, Teacher};
 use crate::data::{Examples, Metric};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::eval;
 use crate::finetune::{train_weights, Objective, Validation, WeightTraining};
-use crate::model::Family;
+use crate::model::{Family, KeepSet};
 use crate::recipe::Recipe;
-use crate::run_dir::StageMemory;
+use crate::run_dir::{StageMemory, TeacherBaseline};
+use std::path::Path;
 
 /// The data weight training reads: batches from `train`, the calibration split that
 /// `finetune.keep_best` scores checkpoints on, and the test split for quality.
@@ -96,7 +97,7 @@ impl<'a> WeightData<'a> {
 /// (the corrected teacher's, or the baseline's).
 pub fn stage(
     slim: &mut dyn Family,
-    teacher: &Teacher,
+    (teacher, corrected_quality): (&dyn Family, Option<f64>),
     recipe: &Recipe,
     data: &WeightData<'_>,
     memory: &mut StageMemory,
@@ -105,20 +106,70 @@ pub fn stage(
     let finetune = &recipe.finetune;
     if finetune.steps > 0 {
         crate::cuda::reset_peak_memory(env.device);
-        finetune_weights("finetune", slim, teacher.model.as_ref(), recipe, data, env)?;
+        finetune_weights("finetune", slim, teacher, recipe, data, env)?;
         memory.finetune = crate::cuda::device_memory(env.device);
     }
-    if teacher.corrected_quality.is_some() {
-        return Ok(teacher.corrected_quality);
+    if corrected_quality.is_some() {
+        return Ok(corrected_quality);
     }
     if finetune.teacher_baseline && finetune.steps > 0 {
-        return Ok(Some(teacher_baseline(
-            teacher.model.as_ref(),
-            recipe,
-            data,
-            None,
-            env,
-        )?));
+        return Ok(Some(teacher_baseline(teacher, recipe, data, None, env)?));
     }
     Ok(None)
+}
+
+/// The teacher baseline (`finetune.teacher_baseline`): a whole copy of `teacher` fine-tuned
+/// like the slim model (stage `teacher-baseline`); returns its quality on the test split. That
+/// quality is its only result unless `save_to` names a directory for the model (with the
+/// tokenizer): `teacher-baseline.json` keeps it, a resumed run reads it back, and the
+/// checkpoints (a whole model and its Adam moments) go once it is written.
+pub fn teacher_baseline(
+    teacher: &dyn Family,
+    recipe: &Recipe,
+    data: &WeightData<'_>,
+    save_to: Option<(&Path, Option<&tokenizers::Tokenizer>)>,
+    env: &RunEnv<'_>,
+) -> Result<f64> {
+    let baseline_path = env.run_dir.teacher_baseline();
+    if baseline_path.exists() {
+        return Ok(crate::io::hf_config::read::<TeacherBaseline>(&baseline_path)?.quality);
+    }
+    let mut copy = trainable_copy(teacher)?;
+    finetune_weights(
+        "teacher-baseline",
+        copy.as_mut(),
+        teacher,
+        recipe,
+        data,
+        env,
+    )?;
+    let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
+    env.workers.from_leader("teacher-baseline-quality", || {
+        if let Some((dir, tokenizer)) = save_to {
+            save_model(copy.as_ref(), tokenizer, dir)?;
+        }
+        let quality = out_of_memory_as_error(env.device, eval_batch, || {
+            Ok(eval::quality(
+                copy.as_ref(),
+                teacher,
+                data.test,
+                data.metric,
+                recipe.eval.batch,
+                env.kind,
+            ))
+        })?;
+        crate::io::hf_config::write(&baseline_path, &TeacherBaseline { quality })?;
+        let checkpoints = env.run_dir.checkpoints("teacher-baseline");
+        std::fs::remove_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
+        Ok(quality)
+    })
+}
+
+/// A copy of the whole `model` whose weights train: the student when `adapt.train_weights` is
+/// set, and the teacher baseline of `finetune.teacher_baseline`.
+pub fn trainable_copy(model: &dyn Family) -> Result<Box<dyn Family>> {
+    let mut copy = model.slim(&KeepSet::all(model.groups()))?;
+    copy.var_store_mut().unfreeze();
+    copy.to_device_layout();
+    Ok(copy)
 }

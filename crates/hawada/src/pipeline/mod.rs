@@ -84,7 +84,7 @@ pub fn run(
         finetune::WeightData::new(&splits, finetune_data.train(&splits), teacher.metric);
     let teacher_finetuned = finetune::stage(
         slim.as_mut(),
-        &teacher,
+        (model, teacher.corrected_quality),
         recipe,
         &weight_data,
         &mut memory,

@@ -3,8 +3,8 @@
 //! `finetune.correct_teacher` replace it by the corrected teacher. Also the teacher baseline:
 //! the whole teacher fine-tuned like the slim model.
 
-use super::env::{check_lengths, save_model, RunEnv};
-use super::finetune::{finetune_weights, WeightData};
+use super::env::{check_lengths, RunEnv};
+use super::finetune::{teacher_baseline, WeightData};
 use super::oom::out_of_memory_as_error;
 use super::splits::Splits;
 use crate::data::{Examples, Metric, TextDataset};
@@ -13,10 +13,9 @@ use crate::error::{Error, Result};
 use crate::eval;
 use crate::families;
 use crate::finetune::{train_weights, Objective, WeightTraining};
-use crate::model::{Family, KeepSet, Output};
+use crate::model::{Family, Output};
 use crate::optim::seed_step;
 use crate::recipe::{Recipe, TeacherSamples};
-use crate::run_dir::TeacherBaseline;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -272,53 +271,6 @@ fn with_teacher_samples(
     }))
 }
 
-/// The teacher baseline (`finetune.teacher_baseline`): a whole copy of `teacher` fine-tuned
-/// like the slim model (stage `teacher-baseline`); returns its quality on the test split. That
-/// quality is its only result unless `save_to` names a directory for the model (with the
-/// tokenizer): `teacher-baseline.json` keeps it, a resumed run reads it back, and the
-/// checkpoints (a whole model and its Adam moments) go once it is written.
-pub fn teacher_baseline(
-    teacher: &dyn Family,
-    recipe: &Recipe,
-    data: &WeightData<'_>,
-    save_to: Option<(&Path, Option<&tokenizers::Tokenizer>)>,
-    env: &RunEnv<'_>,
-) -> Result<f64> {
-    let baseline_path = env.run_dir.teacher_baseline();
-    if baseline_path.exists() {
-        return Ok(crate::io::hf_config::read::<TeacherBaseline>(&baseline_path)?.quality);
-    }
-    let mut copy = trainable_copy(teacher)?;
-    finetune_weights(
-        "teacher-baseline",
-        copy.as_mut(),
-        teacher,
-        recipe,
-        data,
-        env,
-    )?;
-    let eval_batch = ("evaluation", "eval.batch", recipe.eval.batch);
-    env.workers.from_leader("teacher-baseline-quality", || {
-        if let Some((dir, tokenizer)) = save_to {
-            save_model(copy.as_ref(), tokenizer, dir)?;
-        }
-        let quality = out_of_memory_as_error(env.device, eval_batch, || {
-            Ok(eval::quality(
-                copy.as_ref(),
-                teacher,
-                data.test,
-                data.metric,
-                recipe.eval.batch,
-                env.kind,
-            ))
-        })?;
-        crate::io::hf_config::write(&baseline_path, &TeacherBaseline { quality })?;
-        let checkpoints = env.run_dir.checkpoints("teacher-baseline");
-        std::fs::remove_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
-        Ok(quality)
-    })
-}
-
 /// Minitron's teacher correction (`finetune.correct_teacher`): the teacher baseline, saved in
 /// `teacher-corrected/` and loaded back frozen, replaces `teacher` for every later stage.
 /// Returns it and its quality on the test split.
@@ -337,13 +289,4 @@ fn correct_teacher(
     corrected.to_device_layout();
     tracing::info!(quality, dir = %dir.display(), "teacher corrected: the fine-tuned whole teacher teaches from here on");
     Ok((corrected, quality))
-}
-
-/// A copy of the whole `model` whose weights train: the student when `adapt.train_weights` is
-/// set, and the teacher baseline of `finetune.teacher_baseline`.
-pub fn trainable_copy(model: &dyn Family) -> Result<Box<dyn Family>> {
-    let mut copy = model.slim(&KeepSet::all(model.groups()))?;
-    copy.var_store_mut().unfreeze();
-    copy.to_device_layout();
-    Ok(copy)
 }

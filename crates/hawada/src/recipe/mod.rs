@@ -6,10 +6,14 @@ use crate::gates::GateOptions;
 use crate::latency::measure::TimingProtocol;
 use crate::latency::proxy::ProxyCost;
 use crate::model::Workload;
-use crate::run_dir::RunDir;
 use serde::{Deserialize, Serialize};
+mod check;
+mod choices;
+mod smoke;
+
+pub use choices::{DeviceChoice, Dtype, Target};
+
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,164 +234,6 @@ impl LatencySection {
     }
 }
 
-/// The latency target (`[target]`): absolute, or a fraction of keep-all; exactly one.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "TargetSection", into = "TargetSection")]
-pub enum Target {
-    /// Milliseconds on the device, for the recipe's workload.
-    Ms(f64),
-    /// A fraction in (0, 1] of the keep-all latency measured by the profile.
-    Fraction(f64),
-}
-
-impl Target {
-    /// The target in ms, given the keep-all latency.
-    pub fn ms(self, keep_all_ms: f64) -> f64 {
-        match self {
-            Target::Ms(ms) => ms,
-            Target::Fraction(fraction) => fraction * keep_all_ms,
-        }
-    }
-
-    /// Whether `slim_ms` meets the target: against its ms, or for a relative target its ratio
-    /// to keep-all measured alongside against the fraction.
-    pub fn is_met(self, slim_ms: f64, keep_all_ms: f64) -> bool {
-        slim_ms <= self.ms(keep_all_ms)
-    }
-}
-
-/// `[target]` as written: `ms = …` or `fraction = …`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TargetSection {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    fraction: Option<f64>,
-}
-
-impl TryFrom<TargetSection> for Target {
-    type Error = String;
-    fn try_from(section: TargetSection) -> std::result::Result<Self, String> {
-        match (section.ms, section.fraction) {
-            (Some(ms), None) if ms > 0.0 && ms.is_finite() => Ok(Target::Ms(ms)),
-            (Some(ms), None) => Err(format!("target.ms must be a positive number, found {ms}")),
-            (None, Some(f)) if f > 0.0 && f <= 1.0 => Ok(Target::Fraction(f)),
-            (None, Some(f)) => Err(format!(
-                "target.fraction must be in (0, 1] of keep-all latency, found {f}"
-            )),
-            _ => Err("give exactly one of `target.ms` or `target.fraction`".into()),
-        }
-    }
-}
-
-impl From<Target> for TargetSection {
-    fn from(target: Target) -> Self {
-        match target {
-            Target::Ms(ms) => TargetSection {
-                ms: Some(ms),
-                fraction: None,
-            },
-            Target::Fraction(f) => TargetSection {
-                ms: None,
-                fraction: Some(f),
-            },
-        }
-    }
-}
-
-/// The weights' dtype (`dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Dtype {
-    pub fn kind(self) -> Kind {
-        match self {
-            Dtype::F32 => Kind::Float,
-            Dtype::Bf16 => Kind::BFloat16,
-            Dtype::F16 => Kind::Half,
-        }
-    }
-    /// The name recipes and summaries spell it with.
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
-        }
-    }
-    /// A dtype name (`f32`, `bf16`, `f16`), as the CLI's `--dtype` gives it.
-    pub fn parse(name: &str) -> Option<Dtype> {
-        [Dtype::F32, Dtype::Bf16, Dtype::F16]
-            .into_iter()
-            .find(|d| d.name() == name)
-    }
-}
-
-/// The device a recipe asks for (`device`); [`DeviceChoice::resolve`] checks it exists here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum DeviceChoice {
-    /// CUDA device 0 when libtorch sees one, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl TryFrom<String> for DeviceChoice {
-    type Error = String;
-    fn try_from(name: String) -> std::result::Result<Self, String> {
-        match name.as_str() {
-            "auto" => Ok(DeviceChoice::Auto),
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" => Ok(DeviceChoice::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|i| i.parse().ok())
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| {
-                    format!("unknown device `{other}`; expected auto, cpu, cuda or cuda:N")
-                }),
-        }
-    }
-}
-
-impl From<DeviceChoice> for String {
-    fn from(choice: DeviceChoice) -> String {
-        match choice {
-            DeviceChoice::Auto => "auto".into(),
-            DeviceChoice::Cpu => "cpu".into(),
-            DeviceChoice::Cuda(i) => format!("cuda:{i}"),
-        }
-    }
-}
-
-impl DeviceChoice {
-    /// The device, resolved: `auto` picks CUDA when present. Asking for CUDA without one is an
-    /// error.
-    pub fn resolve(self) -> Result<Device> {
-        match self {
-            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda(index) => {
-                let visible = tch::Cuda::device_count();
-                if tch::Cuda::is_available() && (index as i64) < visible {
-                    Ok(Device::Cuda(index))
-                } else {
-                    Err(Error::Device { device: String::from(self), reason: format!("CUDA device {index} requested but libtorch sees {visible} CUDA device(s); use device = \"cpu\" or run on the GPU machine") })
-                }
-            }
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptSection {
@@ -578,7 +424,7 @@ fn default_eval_batch() -> i64 {
 }
 
 /// The embedded default: a self-trained ResNet on Fashion-MNIST, adapted to 0.6× keep-all latency.
-pub const DEFAULT_RECIPE: &str = include_str!("../../../recipes/cpu/fmnist-resnet18-small.toml");
+pub const DEFAULT_RECIPE: &str = include_str!("../../../../recipes/cpu/fmnist-resnet18-small.toml");
 
 impl Recipe {
     /// Parses and validates recipe text; `file` names it in errors.
@@ -611,198 +457,15 @@ impl Recipe {
         Self::parse(&text, path)
     }
 
-    /// The recipe at `path` shrunk to a smoke run: every stage, the same model, data, workload
-    /// kind and options, on the CPU in f32 with one- or two-example batches, 16-token sequences,
-    /// two gate and two fine-tune steps, two timed runs per measurement and site tables at the
-    /// full widths only. What it measures is no measurement; it shows the recipe still runs
-    /// (CI runs the shipped ones this way). A teacher the recipe would train is trained for one
-    /// step into `run_dir/teacher`, never into the recipe's cache. The teacher baseline
-    /// (`finetune.teacher_baseline`, also behind `correct_teacher`) is left out: it repeats the
-    /// fine-tune on a whole copy, and for a real language model its checkpoints would add
-    /// gigabytes to CI's disk; tiny models test it.
-    pub fn smoke_from_file(path: &Path, run_dir: &RunDir) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut recipe = Self::deserialize(&text, path)?;
-        recipe.device = DeviceChoice::Cpu;
-        recipe.dtype = Dtype::F32;
-        let latency = &mut recipe.latency;
-        latency.batch = latency.batch.min(2);
-        latency.tokens = latency.tokens.min(16);
-        latency.context = latency.context.min(16);
-        latency.new_tokens = latency.new_tokens.min(2);
-        latency.warmup_runs = 1;
-        latency.timed_runs = 2;
-        latency.fit_archs = 1;
-        latency.holdout_archs = 2;
-        latency.cuda_graphs = false;
-        latency.table_grid_step = i64::MAX / 2;
-        latency.table_warmup_runs = 1;
-        latency.table_timed_runs = 1;
-        latency.cache_dir = run_dir.smoke_latency_cache();
-        let adapt = &mut recipe.adapt;
-        adapt.steps = adapt.steps.min(2);
-        adapt.batch = adapt.batch.min(2);
-        adapt.probe_every = 1;
-        adapt.checkpoint_every = 1;
-        let finetune = &mut recipe.finetune;
-        finetune.steps = finetune.steps.min(2);
-        finetune.batch = finetune.batch.min(2);
-        finetune.checkpoint_every = 1;
-        finetune.teacher_baseline = false;
-        finetune.correct_teacher = false;
-        let data = &mut recipe.data;
-        data.holdout = data.holdout.min(2);
-        data.test_limit = Some(data.test_limit.unwrap_or(4).min(4));
-        data.seq_len = data.seq_len.min(16);
-        if let Some(samples) = &mut finetune.teacher_samples {
-            samples.sequences = samples.sequences.min(4);
-            samples.batch = samples.batch.min(2);
-            samples.prompt_tokens = samples.prompt_tokens.min(data.seq_len / 2);
-        }
-        recipe.eval.batch = recipe.eval.batch.min(4);
-        if let Some(teacher) = &mut recipe.teacher_training {
-            teacher.epochs = 1e-9; // one step
-            teacher.batch = teacher.batch.min(2);
-            if !crate::families::has_weights(&recipe.model.dir) {
-                recipe.model.dir = run_dir.smoke_teacher();
-            }
-        }
-        recipe.validate(path)?;
-        Ok(recipe)
-    }
-
     /// This recipe with the latency target `fraction` of keep-all (replacing its target), named
     /// `<name>-t<fraction>`: one point of a sweep.
     pub fn at_fraction(&self, fraction: f64, file: &Path) -> Result<Recipe> {
         let mut recipe = self.clone();
         recipe.name = format!("{}-t{fraction}", self.name);
-        recipe.target = Target::try_from(TargetSection {
-            ms: None,
-            fraction: Some(fraction),
-        })
-        .map_err(|reason| Error::config(file, "target.fraction", reason))?;
+        recipe.target = Target::fraction(fraction)
+            .map_err(|reason| Error::config(file, "target.fraction", reason))?;
         recipe.validate(file)?;
         Ok(recipe)
-    }
-
-    fn validate(&self, file: &Path) -> Result<()> {
-        let positive = |field: &str, v: f64| {
-            if v > 0.0 && v.is_finite() {
-                Ok(())
-            } else {
-                Err(Error::config(
-                    file,
-                    field,
-                    format!("must be a positive number, found {v}"),
-                ))
-            }
-        };
-        positive("latency.batch", self.latency.batch as f64)?;
-        positive("latency.tokens", self.latency.tokens as f64)?;
-        positive("latency.context", self.latency.context as f64)?;
-        positive("latency.new_tokens", self.latency.new_tokens as f64)?;
-        positive("data.seq_len", self.data.seq_len as f64)?;
-        positive("latency.timed_runs", self.latency.timed_runs as f64)?;
-        positive("adapt.steps", self.adapt.steps as f64)?;
-        positive("adapt.batch", self.adapt.batch as f64)?;
-        positive("adapt.lr", self.adapt.lr)?;
-        positive("adapt.probe_every", self.adapt.probe_every as f64)?;
-        positive("adapt.checkpoint_every", self.adapt.checkpoint_every as f64)?;
-        positive("adapt.kd_temperature", self.adapt.kd_temperature)?;
-        positive("finetune.batch", self.finetune.batch as f64)?;
-        positive(
-            "finetune.checkpoint_every",
-            self.finetune.checkpoint_every as f64,
-        )?;
-        positive("eval.batch", self.eval.batch as f64)?;
-        positive("gpus", self.gpus as f64)?;
-        self.check_batches_split(file, self.gpus)?;
-        if self.finetune.steps < 0 {
-            return Err(Error::config(file, "finetune.steps", "must be ≥ 0"));
-        }
-        let w = self.finetune.label_weight;
-        if !(0.0..=1.0).contains(&w) {
-            return Err(Error::config(
-                file,
-                "finetune.label_weight",
-                format!("must be in [0, 1] (the share of cross-entropy in the loss), found {w}"),
-            ));
-        }
-        if self.finetune.correct_teacher && !(w > 0.0 && self.finetune.steps > 0) {
-            return Err(Error::config(
-                file,
-                "finetune.correct_teacher",
-                format!("corrects the teacher on the data's labels; it needs finetune.label_weight > 0 and finetune.steps > 0 (found {w} and {})", self.finetune.steps),
-            ));
-        }
-        if let Some(samples) = &self.finetune.teacher_samples {
-            positive(
-                "finetune.teacher_samples.sequences",
-                samples.sequences as f64,
-            )?;
-            positive("finetune.teacher_samples.batch", samples.batch as f64)?;
-            positive("finetune.teacher_samples.temperature", samples.temperature)?;
-            self.check_teacher_samples(samples, file)?;
-        }
-        positive(
-            "latency.table_grid_step",
-            self.latency.table_grid_step as f64,
-        )?;
-        positive(
-            "latency.table_timed_runs",
-            self.latency.table_timed_runs as f64,
-        )?;
-        self.device.resolve()?;
-        Ok(())
-    }
-
-    /// What `finetune.teacher_samples` needs of the rest of the recipe (its numbers are
-    /// checked positive beside the others).
-    fn check_teacher_samples(&self, samples: &TeacherSamples, file: &Path) -> Result<()> {
-        let field = |name: &str| format!("finetune.teacher_samples.{name}");
-        if self.data.format != DataFormat::Text {
-            return Err(Error::config(
-                file,
-                &field("sequences"),
-                "a teacher samples text: it needs text data (data.format = \"text\")",
-            ));
-        }
-        if self.finetune.steps == 0 {
-            return Err(Error::config(
-                file,
-                &field("sequences"),
-                "extends the fine-tune's data; it needs finetune.steps > 0",
-            ));
-        }
-        let seq_len = self.data.seq_len;
-        if !(1..=seq_len).contains(&samples.prompt_tokens) {
-            return Err(Error::config(
-                file,
-                &field("prompt_tokens"),
-                format!(
-                    "must be in [1, data.seq_len = {seq_len}] (the teacher continues each prompt to a whole sequence), found {}",
-                    samples.prompt_tokens
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Every training batch must split evenly over `workers` processes.
-    pub fn check_batches_split(&self, file: &Path, workers: usize) -> Result<()> {
-        for (field, batch) in [
-            ("adapt.batch", self.adapt.batch),
-            ("finetune.batch", self.finetune.batch),
-        ] {
-            if batch % workers as i64 != 0 {
-                return Err(Error::config(
-                    file,
-                    field,
-                    format!("{batch} does not split evenly over {workers} workers (gpus); give a multiple of {workers}"),
-                ));
-            }
-        }
-        Ok(())
     }
 }
 

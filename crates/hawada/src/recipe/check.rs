@@ -1,0 +1,139 @@
+//! Validation of a parsed recipe: every number in its range, every combination of options
+//! meaningful, each error naming the file, the field, the value and what is allowed.
+
+use super::{DataFormat, Recipe, TeacherSamples};
+use crate::error::{Error, Result};
+use std::path::Path;
+
+impl Recipe {
+    pub(super) fn validate(&self, file: &Path) -> Result<()> {
+        self.check_positive(file)?;
+        self.check_batches_split(file, self.gpus)?;
+        self.check_finetune(file)?;
+        if let Some(samples) = &self.finetune.teacher_samples {
+            self.check_teacher_samples(samples, file)?;
+        }
+        self.device.resolve()?;
+        Ok(())
+    }
+
+    /// Every count, size and rate that must be a positive number.
+    fn check_positive(&self, file: &Path) -> Result<()> {
+        let (latency, adapt, finetune) = (&self.latency, &self.adapt, &self.finetune);
+        let fields = [
+            ("latency.batch", latency.batch as f64),
+            ("latency.tokens", latency.tokens as f64),
+            ("latency.context", latency.context as f64),
+            ("latency.new_tokens", latency.new_tokens as f64),
+            ("data.seq_len", self.data.seq_len as f64),
+            ("latency.timed_runs", latency.timed_runs as f64),
+            ("adapt.steps", adapt.steps as f64),
+            ("adapt.batch", adapt.batch as f64),
+            ("adapt.lr", adapt.lr),
+            ("adapt.probe_every", adapt.probe_every as f64),
+            ("adapt.checkpoint_every", adapt.checkpoint_every as f64),
+            ("adapt.kd_temperature", adapt.kd_temperature),
+            ("finetune.batch", finetune.batch as f64),
+            (
+                "finetune.checkpoint_every",
+                finetune.checkpoint_every as f64,
+            ),
+            ("eval.batch", self.eval.batch as f64),
+            ("gpus", self.gpus as f64),
+            ("latency.table_grid_step", latency.table_grid_step as f64),
+            ("latency.table_timed_runs", latency.table_timed_runs as f64),
+        ];
+        let samples = finetune.teacher_samples.iter().flat_map(|samples| {
+            [
+                (
+                    "finetune.teacher_samples.sequences",
+                    samples.sequences as f64,
+                ),
+                ("finetune.teacher_samples.batch", samples.batch as f64),
+                ("finetune.teacher_samples.temperature", samples.temperature),
+            ]
+        });
+        for (field, value) in fields.into_iter().chain(samples) {
+            if !(value > 0.0 && value.is_finite()) {
+                return Err(Error::config(
+                    file,
+                    field,
+                    format!("must be a positive number, found {value}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fine-tune's steps, label weight, and what teacher correction needs of them.
+    fn check_finetune(&self, file: &Path) -> Result<()> {
+        if self.finetune.steps < 0 {
+            return Err(Error::config(file, "finetune.steps", "must be ≥ 0"));
+        }
+        let w = self.finetune.label_weight;
+        if !(0.0..=1.0).contains(&w) {
+            return Err(Error::config(
+                file,
+                "finetune.label_weight",
+                format!("must be in [0, 1] (the share of cross-entropy in the loss), found {w}"),
+            ));
+        }
+        if self.finetune.correct_teacher && !(w > 0.0 && self.finetune.steps > 0) {
+            return Err(Error::config(
+                file,
+                "finetune.correct_teacher",
+                format!("corrects the teacher on the data's labels; it needs finetune.label_weight > 0 and finetune.steps > 0 (found {w} and {})", self.finetune.steps),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What `finetune.teacher_samples` needs of the rest of the recipe (its numbers are
+    /// checked positive beside the others).
+    fn check_teacher_samples(&self, samples: &TeacherSamples, file: &Path) -> Result<()> {
+        let field = |name: &str| format!("finetune.teacher_samples.{name}");
+        if self.data.format != DataFormat::Text {
+            return Err(Error::config(
+                file,
+                &field("sequences"),
+                "a teacher samples text: it needs text data (data.format = \"text\")",
+            ));
+        }
+        if self.finetune.steps == 0 {
+            return Err(Error::config(
+                file,
+                &field("sequences"),
+                "extends the fine-tune's data; it needs finetune.steps > 0",
+            ));
+        }
+        let seq_len = self.data.seq_len;
+        if !(1..=seq_len).contains(&samples.prompt_tokens) {
+            return Err(Error::config(
+                file,
+                &field("prompt_tokens"),
+                format!(
+                    "must be in [1, data.seq_len = {seq_len}] (the teacher continues each prompt to a whole sequence), found {}",
+                    samples.prompt_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every training batch must split evenly over `workers` processes.
+    pub fn check_batches_split(&self, file: &Path, workers: usize) -> Result<()> {
+        for (field, batch) in [
+            ("adapt.batch", self.adapt.batch),
+            ("finetune.batch", self.finetune.batch),
+        ] {
+            if batch % workers as i64 != 0 {
+                return Err(Error::config(
+                    file,
+                    field,
+                    format!("{batch} does not split evenly over {workers} workers (gpus); give a multiple of {workers}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
