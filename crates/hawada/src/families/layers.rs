@@ -1,10 +1,12 @@
 //! What several families share: layers as plain structs whose fields are checkpoint names
 //! (`weight`, `bias`), built from an `nn::Path` like candle's `with_tracing.rs` layers; and the
 //! mechanics of whole-sublayer gates (the group, the gated output, dropping a sublayer's weights
-//! from a slim export).
+//! from a slim export); and the gate groups every transformer layer declares alike (its MLP
+//! units, its optional sublayers).
 
+use super::slim_widths::SlimWidths;
 use crate::error::{Error, Result};
-use crate::model::{Group, KeepSet, Masks, UnitKind};
+use crate::model::{unit_width, Group, KeepSet, Masks, Member, UnitKind};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{nn, Tensor};
@@ -90,45 +92,84 @@ pub fn drop_modules(tensors: &mut BTreeMap<String, Tensor>, prefixes: &[String])
     tensors.retain(|name, _| !prefixes.iter().any(|p| name.starts_with(&format!("{p}."))));
 }
 
-/// Checks the per-layer width lists of a slim config (`hawada_heads`, …): one positive entry per
-/// layer each, naming the first bad field of `file`.
-pub fn check_layer_widths(
-    file: &Path,
-    layers: usize,
-    lists: &[(&str, &Option<Vec<i64>>)],
-) -> Result<()> {
-    for (field, list) in lists {
-        if list
-            .as_ref()
-            .is_some_and(|l| l.len() != layers || l.iter().any(|&w| w <= 0))
-        {
-            return Err(Error::config(
-                file,
-                field,
-                format!("expected {layers} positive entries, one per layer"),
-            ));
-        }
+/// A group member: `tensor` sliced along `axis` in blocks of `block` elements.
+pub fn member(tensor: String, axis: i64, block: i64) -> Member {
+    Member {
+        tensor,
+        axis,
+        block,
     }
-    Ok(())
 }
 
-/// Checks the per-layer sublayer lists of a slim config (`hawada_attention_layers`, …): one
-/// entry per layer each.
-pub fn check_layer_flags(
-    file: &Path,
+/// Gate groups of one transformer layer's MLP: its units and the whole-sublayer gate.
+#[derive(Debug, Clone, Copy)]
+pub struct MlpGroups {
+    pub group: usize,
+    pub gate: Option<usize>,
+}
+
+/// A transformer layer's groups, `A` those of its attention; `None` for a sublayer a slim
+/// export dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerGroups<A> {
+    pub attention: Option<A>,
+    pub mlp: Option<MlpGroups>,
+}
+
+/// Every gate group of `layers` transformer layers, in layer order (per layer: `attention`'s,
+/// then `mlp`'s, for the sublayers `slim` keeps), and where each layer's groups sit in that list.
+pub fn declare_layer_groups<A>(
     layers: usize,
-    lists: &[(&str, &Option<Vec<bool>>)],
-) -> Result<()> {
-    for (field, list) in lists {
-        if list.as_ref().is_some_and(|l| l.len() != layers) {
-            return Err(Error::config(
-                file,
-                field,
-                format!("expected {layers} entries, one per layer"),
-            ));
-        }
+    slim: &SlimWidths,
+    attention: impl Fn(&mut Vec<Group>, usize) -> A,
+    mlp: impl Fn(&mut Vec<Group>, usize) -> MlpGroups,
+) -> (Vec<Group>, Vec<LayerGroups<A>>) {
+    let mut groups = Vec::new();
+    let layers = (0..layers)
+        .map(|i| {
+            let (has_attention, has_mlp) = slim.sublayers(i);
+            LayerGroups {
+                attention: has_attention.then(|| attention(&mut groups, i)),
+                mlp: has_mlp.then(|| mlp(&mut groups, i)),
+            }
+        })
+        .collect();
+    (groups, layers)
+}
+
+/// Appends the unit group `{name}.mlp` of an MLP `width` wide (units of `per_gate`, or what
+/// tiles the width; `members(unit)` its tensors), then its sublayer gate when `sublayer_gates`.
+pub fn mlp_groups(
+    groups: &mut Vec<Group>,
+    name: &str,
+    (width, per_gate): (i64, i64),
+    sublayer_gates: bool,
+    members: impl FnOnce(i64) -> Vec<Member>,
+) -> MlpGroups {
+    let unit = unit_width(width, per_gate);
+    let group = groups.len();
+    groups.push(Group {
+        name: format!("{name}.mlp"),
+        kind: UnitKind::Channels,
+        len: width / unit,
+        unit_width: unit,
+        members: members(unit),
+        follows: None,
+    });
+    let gate = sublayer_gate(groups, &format!("{name}.mlp"), sublayer_gates);
+    MlpGroups { group, gate }
+}
+
+/// Checks every `(field, value)` of a config `file` is positive, naming the first that is not.
+pub fn check_positive(file: &Path, fields: &[(&str, i64)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v <= 0) {
+        Some((field, v)) => Err(Error::config(
+            file,
+            field,
+            format!("must be positive, found {v}"),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! The family registry: the only place that maps a `config.json` (or a GGUF file) to a model
-//! family. `layers` holds the building blocks families share.
+//! family. `layers` holds the building blocks families share, `slim_widths` the per-layer widths
+//! a slim transformer records in its config.
 
 mod layers;
 pub mod llama;
 pub mod resnet;
+pub mod slim_widths;
 pub mod vit;
 
 use crate::error::{Error, Result};

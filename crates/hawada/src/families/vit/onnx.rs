@@ -57,119 +57,23 @@ fn consumer<'g>(graph: &'g OnnxGraph, name: &str, op_type: &str) -> Option<&'g N
 
 /// HF `Dinov2Config` and tensors (HF names, PyTorch layouts) of the backbone in `graph`.
 fn dinov2_from_graph(graph: &OnnxGraph) -> Result<(serde_json::Value, BTreeMap<String, Tensor>)> {
-    let cls_name = graph
-        .initializers
-        .keys()
-        .find(|n| n.ends_with("embeddings.cls_token"))
-        .ok_or_else(|| {
-            not_dinov2(
-                graph,
-                "no initializer named `…embeddings.cls_token` (the backbone's weights are missing)"
-                    .into(),
-            )
-        })?;
-    let prefix = cls_name
-        .trim_end_matches("embeddings.cls_token")
-        .to_string();
-    // Checkpoint name of a graph value, for the backbone's named initializers.
-    let hf = |name: &str| {
-        let short = name.strip_prefix(&prefix)?;
-        let short = MODULE_RENAMES
-            .iter()
-            .fold(short.to_string(), |s, (from, to)| s.replace(from, to));
-        (short.starts_with("embeddings.")
-            || short.starts_with("encoder.")
-            || short.starts_with("layernorm."))
-        .then_some(short)
-    };
-    let mut tensors = BTreeMap::new();
-    // Checkpoint name → graph name, for the walks below.
-    let mut graph_names = BTreeMap::new();
-    for name in graph.initializers.keys() {
-        if let Some(short) = hf(name) {
-            tensors.insert(short.clone(), graph.tensor(name)?);
-            graph_names.insert(short, name.clone());
-        }
-    }
-    // Projection weights: the bias added to a MatMul's output names its weight.
-    for node in graph.nodes.iter().filter(|n| n.op_type == "MatMul") {
-        let Some(weight) = node
-            .inputs
-            .get(1)
-            .filter(|w| graph.initializers.contains_key(*w))
-        else {
-            continue;
-        };
-        let Some(add) = node.outputs.first().and_then(|o| consumer(graph, o, "Add")) else {
-            continue;
-        };
-        let Some(module) = add
-            .inputs
-            .iter()
-            .filter_map(|i| hf(i)?.strip_suffix(".bias").map(str::to_string))
-            .next()
-        else {
-            continue;
-        };
-        tensors.insert(
-            format!("{module}.weight"),
-            graph
-                .tensor(weight)?
-                .f_transpose(0, 1)
-                .map_err(|e| Error::torch("transpose", weight, e))?
-                .contiguous(),
-        );
-    }
+    let names = BackboneNames::find(graph)?;
+    let (mut tensors, graph_names) = names.initializers(graph)?;
+    names.projection_weights(graph, &mut tensors)?;
     if !tensors.contains_key("embeddings.position_embeddings") {
         tensors.insert(
             "embeddings.position_embeddings".into(),
             folded_position_embeddings(graph)?,
         );
     }
+    let prefix = &names.prefix;
     if !tensors.contains_key("encoder.layer.0.layer_scale1.lambda1") {
         return Err(not_dinov2(
             graph,
             format!("no `{prefix}encoder.layer.0.layer_scale1.lambda1` (LayerScale)"),
         ));
     }
-    // The shape of a tensor the config is read from, which must have `rank` axes.
-    let shape = |name: &str, rank: usize| -> Result<Vec<i64>> {
-        let size = tensors
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor {
-                file: graph.file.clone(),
-                name: format!("{prefix}{name}"),
-            })?
-            .size();
-        if size.len() != rank {
-            return Err(not_dinov2(
-                graph,
-                format!("`{prefix}{name}` has shape {size:?}, expected {rank} axes"),
-            ));
-        }
-        Ok(size)
-    };
-    let hidden = shape("embeddings.cls_token", 3)?[2];
-    let projection = shape("embeddings.patch_embeddings.projection.weight", 4)?;
-    let (channels, patch) = (projection[1], projection[2]);
-    let positions = shape("embeddings.position_embeddings", 3)?[1] - 1;
-    let side = (positions as f64).sqrt().round() as i64;
-    if side * side != positions {
-        return Err(not_dinov2(
-            graph,
-            format!("{positions} position embeddings do not form a square grid"),
-        ));
-    }
-    let mlp = shape("encoder.layer.0.mlp.fc1.bias", 1)?[0];
-    if hidden <= 0 || mlp % hidden != 0 {
-        return Err(not_dinov2(
-            graph,
-            format!("MLP width {mlp} is not a whole multiple of the width {hidden} (mlp_ratio)"),
-        ));
-    }
-    let layers = (0..)
-        .take_while(|i| tensors.contains_key(&format!("encoder.layer.{i}.norm1.weight")))
-        .count();
+    let dims = BackboneDims::read(graph, prefix, &tensors)?;
     let graph_name = |short: &str| -> Result<&String> {
         graph_names.get(short).ok_or_else(|| Error::MissingTensor {
             file: graph.file.clone(),
@@ -179,7 +83,7 @@ fn dinov2_from_graph(graph: &OnnxGraph) -> Result<(serde_json::Value, BTreeMap<S
     let heads = query_heads(
         graph,
         graph_name("encoder.layer.0.attention.attention.query.bias")?,
-        hidden,
+        dims.hidden,
     )?;
     // Stored as f32: written as its shortest f32 decimal (1e-6, not 9.99999997e-7).
     let eps: f64 = (layer_norm_eps(graph, graph_name("encoder.layer.0.norm1.weight")?)? as f32)
@@ -190,25 +94,25 @@ fn dinov2_from_graph(graph: &OnnxGraph) -> Result<(serde_json::Value, BTreeMap<S
         .inputs
         .first()
         .and_then(|i| i.dims.get(2).copied().flatten())
-        .unwrap_or(side * patch);
+        .unwrap_or(dims.side * dims.patch);
     if !tensors.contains_key("embeddings.mask_token") {
         tensors.insert(
             "embeddings.mask_token".into(),
-            Tensor::zeros([1, hidden], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([1, dims.hidden], (Kind::Float, Device::Cpu)),
         );
     }
     let config = serde_json::json!({
         "architectures": ["Dinov2Model"],
         "model_type": "dinov2",
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
+        "hidden_size": dims.hidden,
+        "num_hidden_layers": dims.layers,
         "num_attention_heads": heads,
-        "mlp_ratio": mlp / hidden,
+        "mlp_ratio": dims.mlp / dims.hidden,
         "hidden_act": "gelu",
         "layer_norm_eps": eps,
-        "image_size": side * patch,
-        "patch_size": patch,
-        "num_channels": channels,
+        "image_size": dims.side * dims.patch,
+        "patch_size": dims.patch,
+        "num_channels": dims.channels,
         "qkv_bias": tensors.contains_key("encoder.layer.0.attention.attention.query.bias"),
         "layerscale_value": 1.0,
         "use_swiglu_ffn": false,
@@ -216,6 +120,168 @@ fn dinov2_from_graph(graph: &OnnxGraph) -> Result<(serde_json::Value, BTreeMap<S
         "channels_per_gate": 64,
     });
     Ok((config, tensors))
+}
+
+/// How the backbone's graph names map to checkpoint names: everything after the prefix its
+/// `…embeddings.cls_token` has (a wrapper module's `backbone.`), renamed back from
+/// transformers 5's module tree.
+struct BackboneNames {
+    prefix: String,
+}
+
+impl BackboneNames {
+    fn find(graph: &OnnxGraph) -> Result<BackboneNames> {
+        let cls_name = graph
+            .initializers
+            .keys()
+            .find(|n| n.ends_with("embeddings.cls_token"))
+            .ok_or_else(|| {
+                not_dinov2(
+                    graph,
+                    "no initializer named `…embeddings.cls_token` (the backbone's weights are \
+                     missing)"
+                        .into(),
+                )
+            })?;
+        Ok(BackboneNames {
+            prefix: cls_name
+                .trim_end_matches("embeddings.cls_token")
+                .to_string(),
+        })
+    }
+
+    /// Checkpoint name of a graph value, for the backbone's named initializers.
+    fn hf(&self, name: &str) -> Option<String> {
+        let short = name.strip_prefix(&self.prefix)?;
+        let short = MODULE_RENAMES
+            .iter()
+            .fold(short.to_string(), |s, (from, to)| s.replace(from, to));
+        (short.starts_with("embeddings.")
+            || short.starts_with("encoder.")
+            || short.starts_with("layernorm."))
+        .then_some(short)
+    }
+
+    /// The backbone's named initializers by checkpoint name, and checkpoint name → graph name
+    /// (for the walks that read the config).
+    fn initializers(
+        &self,
+        graph: &OnnxGraph,
+    ) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>)> {
+        let mut tensors = BTreeMap::new();
+        let mut graph_names = BTreeMap::new();
+        for name in graph.initializers.keys() {
+            if let Some(short) = self.hf(name) {
+                tensors.insert(short.clone(), graph.tensor(name)?);
+                graph_names.insert(short, name.clone());
+            }
+        }
+        Ok((tensors, graph_names))
+    }
+
+    /// Projection weights, `[out, in]`: the bias added to a MatMul's output names its weight.
+    fn projection_weights(
+        &self,
+        graph: &OnnxGraph,
+        tensors: &mut BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        for node in graph.nodes.iter().filter(|n| n.op_type == "MatMul") {
+            let Some(weight) = node
+                .inputs
+                .get(1)
+                .filter(|w| graph.initializers.contains_key(*w))
+            else {
+                continue;
+            };
+            let Some(add) = node.outputs.first().and_then(|o| consumer(graph, o, "Add")) else {
+                continue;
+            };
+            let Some(module) = add
+                .inputs
+                .iter()
+                .filter_map(|i| self.hf(i)?.strip_suffix(".bias").map(str::to_string))
+                .next()
+            else {
+                continue;
+            };
+            tensors.insert(
+                format!("{module}.weight"),
+                graph
+                    .tensor(weight)?
+                    .f_transpose(0, 1)
+                    .map_err(|e| Error::torch("transpose", weight, e))?
+                    .contiguous(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The backbone's sizes, read from its tensors' shapes.
+struct BackboneDims {
+    hidden: i64,
+    channels: i64,
+    patch: i64,
+    /// Side of the grid of learned position embeddings.
+    side: i64,
+    mlp: i64,
+    layers: usize,
+}
+
+impl BackboneDims {
+    fn read(
+        graph: &OnnxGraph,
+        prefix: &str,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<BackboneDims> {
+        // The shape of a tensor the config is read from, which must have `rank` axes.
+        let shape = |name: &str, rank: usize| -> Result<Vec<i64>> {
+            let size = tensors
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    file: graph.file.clone(),
+                    name: format!("{prefix}{name}"),
+                })?
+                .size();
+            if size.len() != rank {
+                return Err(not_dinov2(
+                    graph,
+                    format!("`{prefix}{name}` has shape {size:?}, expected {rank} axes"),
+                ));
+            }
+            Ok(size)
+        };
+        let hidden = shape("embeddings.cls_token", 3)?[2];
+        let projection = shape("embeddings.patch_embeddings.projection.weight", 4)?;
+        let positions = shape("embeddings.position_embeddings", 3)?[1] - 1;
+        let side = (positions as f64).sqrt().round() as i64;
+        if side * side != positions {
+            return Err(not_dinov2(
+                graph,
+                format!("{positions} position embeddings do not form a square grid"),
+            ));
+        }
+        let mlp = shape("encoder.layer.0.mlp.fc1.bias", 1)?[0];
+        if hidden <= 0 || mlp % hidden != 0 {
+            return Err(not_dinov2(
+                graph,
+                format!(
+                    "MLP width {mlp} is not a whole multiple of the width {hidden} (mlp_ratio)"
+                ),
+            ));
+        }
+        let layers = (0..)
+            .take_while(|i| tensors.contains_key(&format!("encoder.layer.{i}.norm1.weight")))
+            .count();
+        Ok(BackboneDims {
+            hidden,
+            channels: projection[1],
+            patch: projection[2],
+            side,
+            mlp,
+            layers,
+        })
+    }
 }
 
 /// `[1, 1 + grid², hidden]` rebuilt from the two slices torch.onnx folded them into.
