@@ -1,4 +1,4 @@
-//! The adaptation loop (DESIGN §5): gate logits learn against the frozen teacher under
+//! The gate trainer (DESIGN §5): gate logits learn against the frozen teacher under
 //! `loss = KD + λ·v + (ρ/2)·v²`, `v = (L̂ − T)/T`. `v` takes the latency of the current hard
 //! architecture (the proxy's prediction for its keep-set, or a real measurement at a probe) with
 //! the gradient of the proxy at the expected widths. λ ascends on `v` while the architecture is
@@ -7,11 +7,14 @@
 //! `v` and refits the proxy. Checkpoints (atomic) every `checkpoint_every` steps; a rerun
 //! resumes from the last one and continues `metrics.jsonl`. With several workers (`dist`) each
 //! trains on its rows of the batch, gradients and losses are averaged, rank 0 probes and writes.
-//! Contains no family code and no slicing.
 
-use crate::dist::{averaged_scalars, Workers};
+use super::{
+    checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights, MetricsLog,
+    StepMetrics,
+};
+use crate::dist::Workers;
 use crate::distill;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gates::{GateMode, Gates};
 use crate::latency::measure::LatencyStats;
 use crate::latency::proxy::{LatencyProxy, Sample};
@@ -20,35 +23,13 @@ use crate::optim::{remove_saved_moments, seed_step, Adam};
 use crate::progress::Observer;
 use crate::recipe::AdaptSection;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepMetrics {
-    pub stage: String,
-    pub step: i64,
-    pub loss: f64,
-    pub kd: f64,
-    pub v: f64,
-    pub lambda: f64,
-    /// The proxy at the expected widths (what the gates' gradient follows).
-    pub proxy_ms: f64,
-    /// The proxy at the current hard architecture (the keep-set export would take now); `v`
-    /// takes this value on steps without a probe.
-    #[serde(default)]
-    pub kept_proxy_ms: Option<f64>,
-    /// Measured at this step (a probe), if any.
-    pub real_ms: Option<f64>,
-    pub last_real_ms: Option<f64>,
-    /// Kept units per group under hard masks (probe steps only: reading them syncs the device).
-    pub kept: Option<Vec<usize>>,
-    /// Wall seconds of the training step, the probe left out (batch, forwards, backward,
-    /// gradient averaging, update, reading the losses).
-    #[serde(default)]
-    pub step_s: Option<f64>,
-}
+/// The stage name in `metrics.jsonl` and in the step seeds.
+const STAGE: &str = "adapt";
+/// The student's weights, when they train, under the checkpoint directory.
+const STUDENT_WEIGHTS: &str = "student.safetensors";
 
 /// What survives a crash: everything the loop needs to continue where it was.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +51,24 @@ fn over_target_at_start() -> bool {
     true
 }
 
+impl AdaptState {
+    fn fresh() -> Self {
+        AdaptState {
+            step: 0,
+            lambda: 0.0,
+            last_real_ms: None,
+            kd_at_last_probe: None,
+            probe_samples: Vec::new(),
+            finished: false,
+            over_target: over_target_at_start(),
+        }
+    }
+
+    fn has_steps_left(&self, steps: i64) -> bool {
+        self.step < steps && !self.finished
+    }
+}
+
 /// Result of adaptation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdaptOutcome {
@@ -86,60 +85,6 @@ pub struct Probe {
     pub step: i64,
     pub measured: LatencyStats,
     pub proxy_ms: f64,
-}
-
-/// Appends metric lines to `metrics.jsonl`, one JSON object per line.
-pub struct MetricsLog {
-    path: PathBuf,
-}
-
-impl MetricsLog {
-    pub fn new(path: PathBuf) -> Self {
-        MetricsLog { path }
-    }
-
-    /// Drops lines of `stage` at or after `step` (written after the checkpoint a resume starts
-    /// from), so the resumed run continues the file without duplicates.
-    pub fn truncate_from(&self, stage: &str, step: i64) -> Result<()> {
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
-            return Ok(());
-        };
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(
-                |line| match serde_json::from_str::<serde_json::Value>(line) {
-                    Ok(v) => {
-                        !(v["stage"] == stage && v["step"].as_i64().is_some_and(|s| s >= step))
-                    }
-                    Err(_) => false, // a line cut by a crash
-                },
-            )
-            .collect();
-        let mut body = kept.join("\n");
-        if !body.is_empty() {
-            body.push('\n');
-        }
-        crate::io::write_atomic(&self.path, body.as_bytes())
-    }
-
-    pub fn append<T: Serialize>(&self, line: &T) -> Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| Error::io(&self.path, e))?;
-        let text = serde_json::to_string(line).map_err(|e| Error::Invalid(e.to_string()))?;
-        writeln!(file, "{text}").map_err(|e| Error::io(&self.path, e))
-    }
-
-    /// Every line of the file, parsed (a line cut by a crash is skipped).
-    pub fn read(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
 }
 
 /// What the loop needs from its caller besides the model and gates.
@@ -248,114 +193,265 @@ pub fn adapt(
     target_ms: f64,
     ctx: AdaptContext<'_>,
 ) -> Result<AdaptOutcome> {
-    let Models {
-        teacher: model,
-        student,
-    } = models;
-    std::fs::create_dir_all(ctx.checkpoint_dir).map_err(|e| Error::io(ctx.checkpoint_dir, e))?;
-    let mut state = AdaptState {
-        step: 0,
-        lambda: 0.0,
-        last_real_ms: None,
-        kd_at_last_probe: None,
-        probe_samples: Vec::new(),
-        finished: false,
-        over_target: true,
-    };
-    let saved_state = state_path(ctx.checkpoint_dir);
-    if saved_state.exists() {
-        state = crate::io::hf_config::parse(
-            &saved_state,
-            crate::io::hf_config::read_value(&saved_state)?,
-        )?;
-        gates.load(ctx.checkpoint_dir)?;
-        let weights = ctx.checkpoint_dir.join("student.safetensors");
-        if cfg.train_weights && weights.exists() {
-            crate::io::safetensors::load_file_into(student.var_store(), &weights)?;
-        }
-        // The optimisers' moments are restored below, once the optimisers exist.
-        for &sample in &state.probe_samples {
-            proxy.add_sample(sample);
-        }
-        tracing::info!(
-            step = state.step,
-            lambda = state.lambda,
-            "resuming adaptation from checkpoint"
-        );
+    let dir = ctx.checkpoint_dir;
+    create_checkpoint_dir(dir)?;
+    let saved = resume(models.student, gates, proxy, cfg.train_weights, dir)?;
+    let resumed = saved.is_some();
+    let state = saved.unwrap_or_else(AdaptState::fresh);
+    if ctx.workers.is_leader() {
+        ctx.metrics.truncate_from(STAGE, state.step)?;
     }
-    let leader = ctx.workers.is_leader();
-    if leader {
-        ctx.metrics.truncate_from("adapt", state.step)?;
-    }
-    let mut probes = Vec::new();
-    let gates_adam_file = ctx.checkpoint_dir.join("gates_adam.safetensors");
-    let weights_adam_file = ctx.checkpoint_dir.join("student_adam.safetensors");
-    let mut opt = Adam::new(gates.var_store(), cfg.lr);
-    let mut weight_opt = cfg
-        .train_weights
-        .then(|| Adam::new(student.var_store(), cfg.weight_lr));
+    let mut optimizers = GateOptimizers::new(gates, models.student, cfg, dir);
     // A complete stage has no moments left (`remove_saved_moments`) and needs none.
-    let stage_left = state.step < cfg.steps && !state.finished;
-    if saved_state.exists() && stage_left && gates_adam_file.exists() {
-        opt.load(&gates_adam_file)?;
-        if let Some(weight_opt) = weight_opt.as_mut() {
-            weight_opt.load(&weights_adam_file)?;
+    if resumed && state.has_steps_left(cfg.steps) {
+        optimizers.restore()?;
+    }
+    GateTrainer {
+        models,
+        gates,
+        proxy,
+        cfg,
+        target_ms,
+        ctx,
+        optimizers,
+        state,
+        probes: Vec::new(),
+        kd_ema: None,
+    }
+    .run()
+}
+
+/// The state of the last checkpoint under `dir`, with the gates, the student's weights (when
+/// they train) and the proxy's samples restored to it; `None` where no checkpoint was written.
+fn resume(
+    student: &dyn Family,
+    gates: &mut Gates,
+    proxy: &mut LatencyProxy,
+    train_weights: bool,
+    dir: &Path,
+) -> Result<Option<AdaptState>> {
+    let saved_state = state_path(dir);
+    if !saved_state.exists() {
+        return Ok(None);
+    }
+    let state: AdaptState = read_state(&saved_state)?;
+    gates.load(dir)?;
+    let weights = dir.join(STUDENT_WEIGHTS);
+    if train_weights && weights.exists() {
+        crate::io::safetensors::load_file_into(student.var_store(), &weights)?;
+    }
+    // The optimisers' moments are restored later, once the optimisers exist.
+    for &sample in &state.probe_samples {
+        proxy.add_sample(sample);
+    }
+    tracing::info!(
+        step = state.step,
+        lambda = state.lambda,
+        "resuming adaptation from checkpoint"
+    );
+    Ok(Some(state))
+}
+
+/// The gate logits' Adam and, when the student's weights train too, theirs, with the files
+/// their moments are saved in.
+struct GateOptimizers {
+    gates: Adam,
+    weights: Option<Adam>,
+    gates_file: PathBuf,
+    weights_file: PathBuf,
+}
+
+impl GateOptimizers {
+    fn new(gates: &Gates, student: &dyn Family, cfg: &AdaptSection, dir: &Path) -> Self {
+        GateOptimizers {
+            gates: Adam::new(gates.var_store(), cfg.lr),
+            weights: cfg
+                .train_weights
+                .then(|| Adam::new(student.var_store(), cfg.weight_lr)),
+            gates_file: dir.join("gates_adam.safetensors"),
+            weights_file: dir.join("student_adam.safetensors"),
         }
     }
-    ctx.observer.begin("adapt", cfg.steps as u64);
-    let mut kd_ema: Option<f64> = None;
-    while state.step < cfg.steps && !state.finished {
-        let step = state.step;
+
+    /// Loads the saved moments, if the gates' were saved.
+    fn restore(&mut self) -> Result<()> {
+        if self.gates_file.exists() {
+            self.gates.load(&self.gates_file)?;
+            if let Some(weights) = self.weights.as_mut() {
+                weights.load(&self.weights_file)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn all(&mut self) -> Vec<&mut Adam> {
+        std::iter::once(&mut self.gates)
+            .chain(self.weights.as_mut())
+            .collect()
+    }
+
+    fn remove_saved(&self) -> Result<()> {
+        remove_saved_moments(&self.gates_file)?;
+        remove_saved_moments(&self.weights_file)
+    }
+}
+
+/// One adaptation run in progress: what its steps read and update.
+struct GateTrainer<'a, 'c> {
+    models: Models<'a>,
+    gates: &'a mut Gates,
+    proxy: &'a mut LatencyProxy,
+    cfg: &'a AdaptSection,
+    target_ms: f64,
+    ctx: AdaptContext<'c>,
+    optimizers: GateOptimizers,
+    state: AdaptState,
+    probes: Vec<Probe>,
+    /// KD smoothed over steps, for the stop rule.
+    kd_ema: Option<f64>,
+}
+
+/// A step's scalars, averaged over the workers.
+struct StepValues {
+    loss: f64,
+    kd: f64,
+    v: f64,
+    proxy_ms: f64,
+    step_s: f64,
+}
+
+impl GateTrainer<'_, '_> {
+    fn run(mut self) -> Result<AdaptOutcome> {
+        self.ctx.observer.begin(STAGE, self.cfg.steps as u64);
+        while self.state.has_steps_left(self.cfg.steps) {
+            self.step()?;
+        }
+        self.ctx.observer.end();
+        if self.ctx.workers.is_leader() {
+            self.optimizers.remove_saved()?;
+        }
+        Ok(AdaptOutcome {
+            steps: self.state.step,
+            final_lambda: self.state.lambda,
+            last_real_ms: self.state.last_real_ms,
+            keep: self.gates.keep_set(),
+            probes: self.probes,
+        })
+    }
+
+    /// One step: a probe if one is due, a gradient step, λ, the metrics line, the stop rule
+    /// and, at an interval's end, a checkpoint.
+    fn step(&mut self) -> Result<()> {
+        let step = self.state.step;
         // The hard architecture, not the expected widths, is what export keeps: `v` follows it,
         // else the gates can meet the target in expectation while every hard mask is unchanged
         // (measured: a 0.8× Llama prefill ran all 200 steps with the proxy under target and
         // every probe at keep-all).
-        let keep = gates.keep_set();
-        let kept_proxy_ms = proxy.predict_keep_ms(&keep);
+        let keep = self.gates.keep_set();
+        let kept_proxy_ms = self.proxy.predict_keep_ms(&keep);
+        let real_ms = if self.probe_due(step, kept_proxy_ms) {
+            Some(self.probe(step, &keep, kept_proxy_ms)?)
+        } else {
+            None
+        };
+        let values = self.train_step(step, real_ms.unwrap_or(kept_proxy_ms))?;
+        self.update_lambda(values.v);
+        self.kd_ema = Some(self.kd_ema.map_or(values.kd, |e| 0.9 * e + 0.1 * values.kd));
+        let leader = self.ctx.workers.is_leader();
+        if leader {
+            self.ctx.metrics.append(&StepMetrics {
+                stage: STAGE.into(),
+                step,
+                loss: values.loss,
+                kd: values.kd,
+                v: values.v,
+                lambda: self.state.lambda,
+                proxy_ms: values.proxy_ms,
+                kept_proxy_ms: Some(kept_proxy_ms),
+                real_ms,
+                last_real_ms: self.state.last_real_ms,
+                kept: real_ms.map(|_| keep.0.iter().map(Vec::len).collect()),
+                step_s: Some(values.step_s),
+            })?;
+        }
+        if let Some(real) = real_ms {
+            self.apply_stop_rule(step, real, values.kd);
+        }
+        self.state.step += 1;
+        self.ctx.observer.advance(
+            self.state.step as u64,
+            &format!(
+                "kd {:.4} λ {:.3} proxy {:.2}ms real {}",
+                values.kd,
+                self.state.lambda,
+                values.proxy_ms,
+                self.state
+                    .last_real_ms
+                    .map_or("-".into(), |m| format!("{m:.2}ms"))
+            ),
+        );
+        let done = self.state.step;
+        if leader
+            && (checkpoint_due(done, self.cfg.checkpoint_every, self.cfg.steps)
+                || self.state.finished)
+        {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Whether `step` probes, its hard architecture predicted at `kept_proxy_ms`; records
+    /// whether that architecture is over the target.
+    fn probe_due(&mut self, step: i64, kept_proxy_ms: f64) -> bool {
         // Besides every `probe_every` steps, the step the architecture first meets the target
         // is probed, so the stop rule sees it there and not after more cutting.
-        let first_under_target = state.over_target && kept_proxy_ms <= target_ms;
-        state.over_target = kept_proxy_ms > target_ms;
-        let probe_now = (step + 1) % cfg.probe_every == 0 || first_under_target;
-        let mut real_ms = None;
-        let mut kept = None;
-        if probe_now {
-            let measured = ctx
-                .workers
-                .from_leader(&format!("probe-{step}"), || (ctx.measure_keep)(&keep))?;
-            probes.push(Probe {
-                step,
-                measured,
-                proxy_ms: kept_proxy_ms,
-            });
-            let sample = Sample {
-                cost: proxy.cost_of_keep(&keep),
-                ms: measured.mean,
-            };
-            proxy.add_sample(sample);
-            state.probe_samples.push(sample);
-            state.last_real_ms = Some(measured.mean);
-            real_ms = Some(measured.mean);
-            kept = Some(keep.0.iter().map(Vec::len).collect());
-            tracing::info!(
-                step,
-                real_ms = measured.mean,
-                proxy_ms = kept_proxy_ms,
-                target_ms,
-                "probe"
-            );
-        }
+        let first_under_target = self.state.over_target && kept_proxy_ms <= self.target_ms;
+        self.state.over_target = kept_proxy_ms > self.target_ms;
+        (step + 1) % self.cfg.probe_every == 0 || first_under_target
+    }
+
+    /// Measures the hard architecture `keep` (rank 0 times it), refits the proxy with it and
+    /// returns the measured mean ms.
+    fn probe(&mut self, step: i64, keep: &KeepSet, kept_proxy_ms: f64) -> Result<f64> {
+        let measured = self
+            .ctx
+            .workers
+            .from_leader(&format!("probe-{step}"), || (self.ctx.measure_keep)(keep))?;
+        self.probes.push(Probe {
+            step,
+            measured,
+            proxy_ms: kept_proxy_ms,
+        });
+        let sample = Sample {
+            cost: self.proxy.cost_of_keep(keep),
+            ms: measured.mean,
+        };
+        self.proxy.add_sample(sample);
+        self.state.probe_samples.push(sample);
+        self.state.last_real_ms = Some(measured.mean);
+        tracing::info!(
+            step,
+            real_ms = measured.mean,
+            proxy_ms = kept_proxy_ms,
+            target_ms = self.target_ms,
+            "probe"
+        );
+        Ok(measured.mean)
+    }
+
+    /// The forward, backward and update of one step, with `v` at `architecture_ms`.
+    fn train_step(&mut self, step: i64, architecture_ms: f64) -> Result<StepValues> {
         // Seeded after the probe, whose timing inputs only rank 0 draws: every rank then draws
         // the same batch and gate noise.
-        seed_step(ctx.seed, "adapt", step);
+        seed_step(self.ctx.seed, STAGE, step);
         let started = std::time::Instant::now();
-        let x = (ctx.next_batch)();
+        let x = (self.ctx.next_batch)();
         let terms = Lagrangian {
-            target_ms,
-            lambda: state.lambda,
-            rho: cfg.rho,
-            kd_temperature: cfg.kd_temperature,
-            mse_weight: cfg.mse_weight,
+            target_ms: self.target_ms,
+            lambda: self.state.lambda,
+            rho: self.cfg.rho,
+            kd_temperature: self.cfg.kd_temperature,
+            mse_weight: self.cfg.mse_weight,
         };
         let StepLosses {
             loss,
@@ -363,132 +459,78 @@ pub fn adapt(
             proxy_ms,
             v,
         } = step_losses(
-            Models {
-                teacher: model,
-                student,
-            },
-            gates,
-            proxy,
+            self.models,
+            self.gates,
+            self.proxy,
             &x,
             &terms,
-            Some(real_ms.unwrap_or(kept_proxy_ms)),
+            Some(architecture_ms),
         );
-        opt.zero_grad();
-        if let Some(weight_opt) = weight_opt.as_mut() {
-            weight_opt.zero_grad();
+        let mut stores = vec![self.gates.var_store()];
+        if self.cfg.train_weights {
+            stores.push(self.models.student.var_store());
         }
-        loss.backward();
-        let mut grads = gradients(gates.var_store());
-        if cfg.train_weights {
-            grads.extend(gradients(student.var_store()));
-        }
-        ctx.workers.average(&grads)?;
-        opt.step();
-        if let Some(weight_opt) = weight_opt.as_mut() {
-            weight_opt.step();
-        }
-        let [kd_value, v_value, loss_value] = averaged_scalars(ctx.workers, [&kd, &v, &loss])?;
+        let [kd, v, loss] = descend(
+            &loss,
+            &mut self.optimizers.all(),
+            &stores,
+            self.ctx.workers,
+            [&kd, &v, &loss],
+        )?;
         let step_s = started.elapsed().as_secs_f64();
-        if !loss_value.is_finite() {
-            return Err(Error::Training { step, reason: format!("loss is {loss_value} (KD {kd_value}, v {v_value}); the last good checkpoint is in {}", ctx.checkpoint_dir.display()) });
+        if !loss.is_finite() {
+            let what = format!("loss is {loss} (KD {kd}, v {v})");
+            return Err(diverged(step, what, self.ctx.checkpoint_dir));
         }
+        Ok(StepValues {
+            loss,
+            kd,
+            v,
+            proxy_ms: proxy_ms.double_value(&[]),
+            step_s,
+        })
+    }
+
+    fn update_lambda(&mut self, v: f64) {
         // λ accumulates only while the architecture is over the target. Once it meets it, what λ
         // built up on the way would go on cutting far past it (measured: a 0.4× target got
         // 9.8× with λ decaying 0.08 a step from 5.5), so it restarts from zero and (ρ/2)·v²
         // alone holds the latency at the target.
-        state.lambda = if v_value <= 0.0 {
+        self.state.lambda = if v <= 0.0 {
             0.0
         } else {
-            (state.lambda + cfg.lambda_lr * v_value).min(cfg.lambda_max)
+            (self.state.lambda + self.cfg.lambda_lr * v).min(self.cfg.lambda_max)
         };
-        kd_ema = Some(kd_ema.map_or(kd_value, |e| 0.9 * e + 0.1 * kd_value));
-        if leader {
-            ctx.metrics.append(&StepMetrics {
-                stage: "adapt".into(),
-                step,
-                loss: loss_value,
-                kd: kd_value,
-                v: v_value,
-                lambda: state.lambda,
-                proxy_ms: proxy_ms.double_value(&[]),
-                kept_proxy_ms: Some(kept_proxy_ms),
-                real_ms,
-                last_real_ms: state.last_real_ms,
-                kept,
-                step_s: Some(step_s),
-            })?;
-        }
-        if let Some(real) = real_ms {
-            let kd_now = kd_ema.unwrap_or(kd_value);
-            // KD has settled when it no longer rises by more than 10% between probes: per-step KD
-            // is noisy, and a falling KD (weights adapting) is no reason to keep pruning past the
-            // target, which only costs quality.
-            let plateau = state
-                .kd_at_last_probe
-                .is_some_and(|prev| kd_now <= 1.1 * prev.abs().max(1e-6));
-            if real <= target_ms && plateau {
-                tracing::info!(
-                    step,
-                    real_ms = real,
-                    "target met and KD plateaued: stopping"
-                );
-                state.finished = true;
-            }
-            state.kd_at_last_probe = Some(kd_now);
-        }
-        state.step += 1;
-        ctx.observer.advance(
-            state.step as u64,
-            &format!(
-                "kd {kd_value:.4} λ {:.3} proxy {:.2}ms real {}",
-                state.lambda,
-                proxy_ms.double_value(&[]),
-                state
-                    .last_real_ms
-                    .map_or("-".into(), |m| format!("{m:.2}ms"))
-            ),
-        );
-        let checkpoint =
-            state.step % cfg.checkpoint_every == 0 || state.finished || state.step == cfg.steps;
-        if leader && checkpoint {
-            if let Some(weight_opt) = &weight_opt {
-                crate::io::safetensors::write(
-                    &ctx.checkpoint_dir.join("student.safetensors"),
-                    &crate::io::safetensors::named_tensors(student.var_store()),
-                )?;
-                weight_opt.save(&weights_adam_file)?;
-            }
-            opt.save(&gates_adam_file)?;
-            // Last: the state names the step the files above belong to.
-            save_checkpoint(gates, &state, ctx.checkpoint_dir)?;
-        }
     }
-    ctx.observer.end();
-    if leader {
-        remove_saved_moments(&gates_adam_file)?;
-        remove_saved_moments(&weights_adam_file)?;
+
+    /// At a probe measuring `real_ms`: stops once the target is met and KD has plateaued.
+    fn apply_stop_rule(&mut self, step: i64, real_ms: f64, kd: f64) {
+        let kd_now = self.kd_ema.unwrap_or(kd);
+        // KD has settled when it no longer rises by more than 10% between probes: per-step KD
+        // is noisy, and a falling KD (weights adapting) is no reason to keep pruning past the
+        // target, which only costs quality.
+        let plateau = self
+            .state
+            .kd_at_last_probe
+            .is_some_and(|prev| kd_now <= 1.1 * prev.abs().max(1e-6));
+        if real_ms <= self.target_ms && plateau {
+            tracing::info!(step, real_ms, "target met and KD plateaued: stopping");
+            self.state.finished = true;
+        }
+        self.state.kd_at_last_probe = Some(kd_now);
     }
-    Ok(AdaptOutcome {
-        steps: state.step,
-        final_lambda: state.lambda,
-        last_real_ms: state.last_real_ms,
-        keep: gates.keep_set(),
-        probes,
-    })
-}
 
-/// The gradients of a store's trainable variables (undefined before the first backward).
-pub fn gradients(store: &tch::nn::VarStore) -> Vec<Tensor> {
-    store
-        .trainable_variables()
-        .iter()
-        .map(Tensor::grad)
-        .collect()
-}
-
-fn save_checkpoint(gates: &Gates, state: &AdaptState, dir: &Path) -> Result<()> {
-    // Gates first, then the state that points at them: a crash between the two resumes from the
-    // older state with newer gates, which loses at most one interval.
-    gates.save(dir)?;
-    crate::io::hf_config::write(&state_path(dir), state)
+    fn checkpoint(&self) -> Result<()> {
+        let dir = self.ctx.checkpoint_dir;
+        if let Some(weights) = &self.optimizers.weights {
+            save_weights(self.models.student.var_store(), &dir.join(STUDENT_WEIGHTS))?;
+            weights.save(&self.optimizers.weights_file)?;
+        }
+        self.optimizers.gates.save(&self.optimizers.gates_file)?;
+        // Last the gates, then the state: it names the step the files above belong to. A crash
+        // between the two resumes from the older state with newer gates, which loses at most one
+        // interval.
+        self.gates.save(dir)?;
+        crate::io::hf_config::write(&state_path(dir), &self.state)
+    }
 }

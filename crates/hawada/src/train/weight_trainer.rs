@@ -1,18 +1,21 @@
-//! Weight training of a (slim or fresh) model: KD fine-tuning from the frozen teacher (DESIGN §1.5)
-//! and, for self-trained teachers, plain supervised training on labels. Knows no gates.
-//! Checkpoints the weights atomically every `checkpoint_every` steps and resumes from them. With
-//! several workers, gradients and the loss are averaged over ranks and rank 0 writes.
+//! The weight trainer: a (slim or fresh) model's weights trained by KD fine-tuning from the
+//! frozen teacher (DESIGN §1.5) or, for self-trained teachers, plain supervised training on
+//! labels. Knows no gates. Checkpoints the weights atomically every `checkpoint_every` steps and
+//! resumes from them. With several workers, gradients and the loss are averaged over ranks and
+//! rank 0 writes.
 
-use crate::dist::{averaged_scalars, Workers};
+use super::{
+    checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights, MetricsLog,
+};
+use crate::dist::Workers;
 use crate::distill;
 use crate::error::{Error, Result};
-use crate::io::safetensors::{load_file_into, named_tensors};
+use crate::io::safetensors::load_file_into;
 use crate::model::{Family, Masks, Phase};
 use crate::optim::{remove_saved_moments, seed_step, Adam};
 use crate::progress::Observer;
-use crate::train::{gradients, MetricsLog};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// What a weight-training loop needs: the batches and how to score them.
@@ -93,6 +96,25 @@ struct ValidationMetrics<'a> {
     validation: f64,
 }
 
+/// The files of a weight-training checkpoint.
+struct CheckpointFiles {
+    state: PathBuf,
+    weights: PathBuf,
+    adam: PathBuf,
+    best: PathBuf,
+}
+
+impl CheckpointFiles {
+    fn in_dir(dir: &Path) -> Self {
+        CheckpointFiles {
+            state: dir.join("state.json"),
+            weights: dir.join("model.safetensors"),
+            adam: dir.join("adam.safetensors"),
+            best: dir.join("best.safetensors"),
+        }
+    }
+}
+
 /// Trains every weight of `model` for `opts.steps` Adam steps with a cosine learning-rate decay.
 /// `next_batch` yields `(inputs, labels)` on the model's device.
 pub fn train_weights(
@@ -103,47 +125,120 @@ pub fn train_weights(
     metrics: &MetricsLog,
     observer: &dyn Observer,
 ) -> Result<()> {
-    std::fs::create_dir_all(opts.checkpoint_dir).map_err(|e| Error::io(opts.checkpoint_dir, e))?;
-    let state_file = opts.checkpoint_dir.join("state.json");
-    let weights_file = opts.checkpoint_dir.join("model.safetensors");
-    let adam_file = opts.checkpoint_dir.join("adam.safetensors");
-    let best_file = opts.checkpoint_dir.join("best.safetensors");
-    let mut start = 0;
-    let mut best = None;
-    if state_file.exists() && weights_file.exists() {
-        let state: WeightState = crate::io::hf_config::parse(
-            &state_file,
-            crate::io::hf_config::read_value(&state_file)?,
-        )?;
-        load_file_into(model.var_store(), &weights_file)?;
-        start = state.step;
-        best = state.best;
-        tracing::info!(
-            stage = opts.stage,
-            step = start,
-            "resuming weight training from checkpoint"
-        );
-    }
+    create_checkpoint_dir(opts.checkpoint_dir)?;
+    let files = CheckpointFiles::in_dir(opts.checkpoint_dir);
+    let WeightState { step: start, best } = resume(model, &files, opts.stage)?;
     let leader = opts.workers.is_leader();
     if leader {
         metrics.truncate_from(opts.stage, start)?;
     }
     model.var_store_mut().unfreeze();
     let mut opt = Adam::new(model.var_store(), opts.lr);
-    if start > 0 && adam_file.exists() {
-        opt.load(&adam_file)?;
+    if start > 0 && files.adam.exists() {
+        opt.load(&files.adam)?;
     }
-    let no_masks = Masks::none(model.groups().len());
+    let mut trainer = WeightTrainer {
+        model,
+        objective,
+        opts,
+        metrics,
+        files,
+        opt,
+        best,
+    };
     observer.begin(opts.stage, opts.steps as u64);
     for step in start..opts.steps {
-        let lr =
-            opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / opts.steps as f64).cos());
-        opt.set_lr(lr);
-        seed_step(opts.seed, opts.stage, step);
+        let loss = trainer.train_step(step, next_batch)?;
+        observer.advance(step as u64 + 1, &format!("loss {loss:.4}"));
+        if checkpoint_due(step + 1, opts.checkpoint_every, opts.steps) {
+            trainer.checkpoint(step)?;
+        }
+    }
+    observer.end();
+    trainer.keep_best()?;
+    if leader {
+        remove_saved_moments(&trainer.files.adam)?;
+    }
+    trainer.model.var_store_mut().freeze();
+    Ok(())
+}
+
+/// The step and best checkpoint saved in `files`, with the weights restored to that step;
+/// step 0 where no checkpoint was written.
+fn resume(model: &dyn Family, files: &CheckpointFiles, stage: &str) -> Result<WeightState> {
+    if !(files.state.exists() && files.weights.exists()) {
+        return Ok(WeightState {
+            step: 0,
+            best: None,
+        });
+    }
+    let state: WeightState = read_state(&files.state)?;
+    load_file_into(model.var_store(), &files.weights)?;
+    tracing::info!(
+        stage,
+        step = state.step,
+        "resuming weight training from checkpoint"
+    );
+    Ok(state)
+}
+
+/// The learning rate of `step`: `lr` decayed along a half cosine to zero at `steps`.
+fn cosine_lr(lr: f64, step: i64, steps: i64) -> f64 {
+    lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos())
+}
+
+/// One weight-training run in progress.
+struct WeightTrainer<'a, 'o> {
+    model: &'a mut dyn Family,
+    objective: Objective<'o>,
+    opts: &'a WeightTraining<'a>,
+    metrics: &'a MetricsLog,
+    files: CheckpointFiles,
+    opt: Adam,
+    best: Option<Best>,
+}
+
+impl WeightTrainer<'_, '_> {
+    /// One Adam step on the next batch; returns the loss averaged over the workers.
+    fn train_step(
+        &mut self,
+        step: i64,
+        next_batch: &mut dyn FnMut() -> (Tensor, Tensor),
+    ) -> Result<f64> {
+        let stage = self.opts.stage;
+        let lr = cosine_lr(self.opts.lr, step, self.opts.steps);
+        self.opt.set_lr(lr);
+        seed_step(self.opts.seed, stage, step);
         let (x, y) = next_batch();
+        let loss = self.loss(x, &y);
+        let [loss] = descend(
+            &loss,
+            &mut [&mut self.opt],
+            &[self.model.var_store()],
+            self.opts.workers,
+            [&loss],
+        )?;
+        if !loss.is_finite() {
+            let what = format!("{stage} loss is {loss}");
+            return Err(diverged(step, what, self.opts.checkpoint_dir));
+        }
+        if self.opts.workers.is_leader() {
+            self.metrics.append(&WeightMetrics {
+                stage,
+                step,
+                loss,
+                lr,
+            })?;
+        }
+        Ok(loss)
+    }
+
+    /// The objective's loss on inputs `x` with labels `y`.
+    fn loss(&self, x: Tensor, y: &Tensor) -> Tensor {
+        let model = &*self.model;
         let x = model.prepare_input(x);
-        let logits = model.forward(&x, &no_masks, Phase::Train);
-        let loss = match &objective {
+        let logits = model.forward(&x, &Masks::none(model.groups().len()), Phase::Train);
+        match &self.objective {
             Objective::Distill {
                 teacher,
                 temperature,
@@ -156,93 +251,83 @@ pub fn train_weights(
                     model.output(),
                     &logits,
                     &target,
-                    &y,
+                    y,
                     *temperature,
                     *label_weight,
                 )
             }
-            Objective::Labels => distill::cross_entropy(&logits, &y),
-        };
-        opt.zero_grad();
-        loss.backward();
-        opts.workers.average(&gradients(model.var_store()))?;
-        opt.step();
-        let [loss_value] = averaged_scalars(opts.workers, [&loss])?;
-        if !loss_value.is_finite() {
-            return Err(Error::Training {
-                step,
-                reason: format!(
-                    "{} loss is {loss_value}; the last good checkpoint is in {}",
-                    opts.stage,
-                    opts.checkpoint_dir.display()
-                ),
-            });
-        }
-        if leader {
-            metrics.append(&WeightMetrics {
-                stage: opts.stage,
-                step,
-                loss: loss_value,
-                lr,
-            })?;
-        }
-        observer.advance(step as u64 + 1, &format!("loss {loss_value:.4}"));
-        let done = step + 1;
-        if done % opts.checkpoint_every == 0 || done == opts.steps {
-            if let Some(validation) = &opts.keep_best {
-                let key = format!("{}-validation-{done}", opts.stage);
-                let score = opts.workers.from_leader(&key, || {
-                    let _guard = tch::no_grad_guard();
-                    Ok((validation.score)(&*model))
-                })?;
-                if validation.improves(score, best.as_ref()) {
-                    best = Some(Best { step: done, score });
-                    if leader {
-                        let weights = named_tensors(model.var_store());
-                        crate::io::safetensors::write(&best_file, &weights)?;
-                    }
-                }
-                if leader {
-                    metrics.append(&ValidationMetrics {
-                        stage: opts.stage,
-                        step,
-                        validation: score,
-                    })?;
-                }
-            }
-            if leader {
-                crate::io::safetensors::write(&weights_file, &named_tensors(model.var_store()))?;
-                opt.save(&adam_file)?;
-                crate::io::hf_config::write(&state_file, &WeightState { step: done, best })?;
-            }
+            Objective::Labels => distill::cross_entropy(&logits, y),
         }
     }
-    observer.end();
-    // The stage's weights become the best checkpoint's: `model.safetensors` is replaced by
-    // it, so a resume of the finished stage loads them too.
-    if let Some(best) = best {
-        let replaced = opts
-            .workers
-            .from_leader(&format!("{}-best", opts.stage), || {
-                if !best_file.exists() {
-                    return Ok(false);
-                }
-                std::fs::rename(&best_file, &weights_file).map_err(|e| Error::io(&best_file, e))?;
-                Ok(true)
+
+    /// After `step`: the held-out score (with `keep_best`), then the weights, the moments and
+    /// last the state that names their step.
+    fn checkpoint(&mut self, step: i64) -> Result<()> {
+        self.validate(step)?;
+        if self.opts.workers.is_leader() {
+            save_weights(self.model.var_store(), &self.files.weights)?;
+            self.opt.save(&self.files.adam)?;
+            let state = WeightState {
+                step: step + 1,
+                best: self.best,
+            };
+            crate::io::hf_config::write(&self.files.state, &state)?;
+        }
+        Ok(())
+    }
+
+    /// With `keep_best`: scores the model after `step` (rank 0) and keeps its weights as
+    /// `best.safetensors` if it is the best so far.
+    fn validate(&mut self, step: i64) -> Result<()> {
+        let Some(validation) = &self.opts.keep_best else {
+            return Ok(());
+        };
+        let (stage, workers, done) = (self.opts.stage, self.opts.workers, step + 1);
+        let model = &*self.model;
+        let score = workers.from_leader(&format!("{stage}-validation-{done}"), || {
+            let _guard = tch::no_grad_guard();
+            Ok((validation.score)(model))
+        })?;
+        if validation.improves(score, self.best.as_ref()) {
+            self.best = Some(Best { step: done, score });
+            if workers.is_leader() {
+                save_weights(model.var_store(), &self.files.best)?;
+            }
+        }
+        if workers.is_leader() {
+            self.metrics.append(&ValidationMetrics {
+                stage,
+                step,
+                validation: score,
             })?;
+        }
+        Ok(())
+    }
+
+    /// The stage's weights become the best checkpoint's: `model.safetensors` is replaced by it,
+    /// so a resume of the finished stage loads them too.
+    fn keep_best(&mut self) -> Result<()> {
+        let Some(best) = self.best else {
+            return Ok(());
+        };
+        let files = &self.files;
+        let key = format!("{}-best", self.opts.stage);
+        let replaced = self.opts.workers.from_leader(&key, || {
+            if !files.best.exists() {
+                return Ok(false);
+            }
+            std::fs::rename(&files.best, &files.weights).map_err(|e| Error::io(&files.best, e))?;
+            Ok(true)
+        })?;
         if replaced {
-            load_file_into(model.var_store(), &weights_file)?;
+            load_file_into(self.model.var_store(), &files.weights)?;
             tracing::info!(
-                stage = opts.stage,
+                stage = self.opts.stage,
                 step = best.step,
                 score = best.score,
                 "kept the best-scoring checkpoint"
             );
         }
+        Ok(())
     }
-    if leader {
-        remove_saved_moments(&adam_file)?;
-    }
-    model.var_store_mut().freeze();
-    Ok(())
 }
