@@ -147,44 +147,57 @@ pub struct BenchReport {
 
 /// Runs every benchmark of `plan` on `model` (the frozen teacher, in its final device and dtype).
 pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport> {
-    let device = model.var_store().device();
     let first = *plan
         .workloads
         .first()
         .ok_or_else(|| Error::Invalid("a bench needs at least one workload".into()))?;
     let keep_all = inference_copy(model, &KeepSet::all(model.groups()), first)?;
-    let fused_vs_reference_rel_diff = tch::no_grad(|| {
-        let x = model.random_input(8, plan.step_tokens);
-        let reference = model
-            .forward(
-                &model.prepare_input(x.shallow_clone()),
-                &Masks::none(model.groups().len()),
-                Phase::Eval,
-            )
-            .to_kind(tch::Kind::Float);
-        let fused = keep_all
-            .forward(
-                &keep_all.prepare_input(x),
-                &Masks::none(model.groups().len()),
-                Phase::Eval,
-            )
-            .to_kind(tch::Kind::Float);
-        (fused - &reference).abs().max().double_value(&[])
-            / reference.abs().max().double_value(&[]).max(1e-12)
-    });
+    let fused_vs_reference_rel_diff =
+        fused_vs_reference_rel_diff(model, keep_all.as_ref(), plan.step_tokens);
+    let mut rows = workloads_rows("keep-all", keep_all.as_ref(), plan)?;
+    rows.push(gate_step_row(model, plan, first)?);
+    let slim = inference_copy(model, plan.slim_keep, first)?;
+    rows.extend(workloads_rows("slim", slim.as_ref(), plan)?);
+    Ok(BenchReport {
+        rows,
+        fused_vs_reference_rel_diff,
+    })
+}
+
+/// max |`fused` − `model`| / max |`model`| of the logits of a random batch of 8.
+fn fused_vs_reference_rel_diff(model: &dyn Family, fused: &dyn Family, tokens: i64) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let x = model.random_input(8, tokens);
+    let no_masks = Masks::none(model.groups().len());
+    let reference = model
+        .forward(
+            &model.prepare_input(x.shallow_clone()),
+            &no_masks,
+            Phase::Eval,
+        )
+        .to_kind(tch::Kind::Float);
+    let fused = fused
+        .forward(&fused.prepare_input(x), &no_masks, Phase::Eval)
+        .to_kind(tch::Kind::Float);
+    (fused - &reference).abs().max().double_value(&[])
+        / reference.abs().max().double_value(&[]).max(1e-12)
+}
+
+/// Every workload of `plan` on `model` (see [`workload_rows`]).
+fn workloads_rows(name: &str, model: &dyn Family, plan: &BenchPlan<'_>) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for &workload in &plan.workloads {
-        rows.extend(workload_rows(
-            "keep-all",
-            keep_all.as_ref(),
-            workload,
-            plan.protocol,
-        )?);
+        rows.extend(workload_rows(name, model, workload, plan.protocol)?);
     }
-    // One gate-training step: teacher forward without grad, gated student forward, KD + latency
-    // terms, backward to the gate logits only, Adam step. The student is the frozen teacher.
+    Ok(rows)
+}
+
+/// One gate-training step: teacher forward without grad, gated student forward, KD + latency
+/// terms, backward to the gate logits only, Adam step. The student is the frozen teacher.
+fn gate_step_row(model: &dyn Family, plan: &BenchPlan<'_>, workload: Workload) -> Result<BenchRow> {
+    let device = model.var_store().device();
     let gates = Gates::new(model.groups(), plan.gates.clone(), device)?;
-    let proxy = LatencyProxy::with_flop_cost(&model.cost_sites(first), model.groups(), device);
+    let proxy = LatencyProxy::with_flop_cost(&model.cost_sites(workload), model.groups(), device);
     let mut opt = nn::Adam::default()
         .build(gates.var_store(), 0.1)
         .map_err(|e| Error::torch("adam", "gates", e))?;
@@ -212,24 +225,10 @@ pub fn run_bench(model: &dyn Family, plan: &BenchPlan<'_>) -> Result<BenchReport
         losses.loss.backward();
         opt.step();
     });
-    rows.push(BenchRow {
+    Ok(BenchRow {
         name: "gate-training step".into(),
         batch: plan.step_batch,
         latency_ms: step,
         max_abs_diff_vs_eager: None,
-    });
-
-    let slim = inference_copy(model, plan.slim_keep, first)?;
-    for &workload in &plan.workloads {
-        rows.extend(workload_rows(
-            "slim",
-            slim.as_ref(),
-            workload,
-            plan.protocol,
-        )?);
-    }
-    Ok(BenchReport {
-        rows,
-        fused_vs_reference_rel_diff,
     })
 }

@@ -11,7 +11,6 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod families;
-pub mod finetune;
 pub mod gates;
 pub mod io;
 pub mod latency;

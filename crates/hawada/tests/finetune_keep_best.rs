@@ -5,10 +5,9 @@
 
 use hawada::dist::Workers;
 use hawada::families::llama::{Llama, LlamaConfig};
-use hawada::finetune::{train_weights, Objective, Validation, WeightTraining};
 use hawada::model::Family;
 use hawada::progress::Silent;
-use hawada::train::MetricsLog;
+use hawada::train::{train_weights, MetricsLog, Objective, Validation, WeightTraining};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;

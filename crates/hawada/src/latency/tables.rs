@@ -150,6 +150,70 @@ pub fn site_ms(
     measure(device, protocol, &mut run).mean
 }
 
+/// What is measured of one site: its operator, full widths and the grid of each side. Sites
+/// with equal plans (every layer of a uniform transformer) share one measured table.
+#[derive(Debug, Clone, PartialEq)]
+struct SitePlan {
+    op: SiteOp,
+    full_in: i64,
+    full_out: i64,
+    in_grid: Vec<i64>,
+    out_grid: Vec<i64>,
+}
+
+impl SitePlan {
+    fn new(site: &CostSite, groups: &[Group], grid_step: i64) -> Self {
+        let side_grid = |width: Width, full: i64| {
+            unit_of(width, groups)
+                .map(|unit| grid(full, unit, grid_step))
+                .unwrap_or_else(|| vec![full])
+        };
+        let (full_in, full_out) = (
+            full_width(site.input, groups),
+            full_width(site.output, groups),
+        );
+        SitePlan {
+            op: site.op,
+            full_in,
+            full_out,
+            in_grid: side_grid(site.input, full_in),
+            out_grid: side_grid(site.output, full_out),
+        }
+    }
+
+    /// Timings its table takes: both grids, the full width (on both) once.
+    fn measurements(&self) -> usize {
+        self.in_grid.len() + self.out_grid.len() - 1
+    }
+
+    /// Times `op` at every grid point through `time(w_in, w_out)`: the full width first, then
+    /// each side's other widths at the other side's full width.
+    fn measure(&self, name: &str, mut time: impl FnMut(i64, i64) -> f64) -> SiteTable {
+        let full_ms = time(self.full_in, self.full_out);
+        let in_ms = side_ms(&self.in_grid, self.full_in, full_ms, |w| {
+            time(w, self.full_out)
+        });
+        let out_ms = side_ms(&self.out_grid, self.full_out, full_ms, |w| {
+            time(self.full_in, w)
+        });
+        SiteTable {
+            name: name.to_string(),
+            in_widths: self.in_grid.clone(),
+            in_ms,
+            out_widths: self.out_grid.clone(),
+            out_ms,
+            full_ms,
+        }
+    }
+}
+
+/// One side's table: `full_ms` at its full width, `time_at(w)` at every other width of `grid`.
+fn side_ms(grid: &[i64], full: i64, full_ms: f64, mut time_at: impl FnMut(i64) -> f64) -> Vec<f64> {
+    grid.iter()
+        .map(|&w| if w == full { full_ms } else { time_at(w) })
+        .collect()
+}
+
 /// Measures every site's tables (see the module doc).
 pub fn measure_tables(
     sites: &[CostSite],
@@ -159,89 +223,36 @@ pub fn measure_tables(
     key: String,
     observer: &dyn Observer,
 ) -> SiteTables {
-    let plan: Vec<(i64, i64, Vec<i64>, Vec<i64>)> = sites
+    let plans: Vec<SitePlan> = sites
         .iter()
-        .map(|site| {
-            let (full_in, full_out) = (
-                full_width(site.input, groups),
-                full_width(site.output, groups),
-            );
-            let in_grid = unit_of(site.input, groups)
-                .map(|u| grid(full_in, u, options.grid_step))
-                .unwrap_or_else(|| vec![full_in]);
-            let out_grid = unit_of(site.output, groups)
-                .map(|u| grid(full_out, u, options.grid_step))
-                .unwrap_or_else(|| vec![full_out]);
-            (full_in, full_out, in_grid, out_grid)
-        })
+        .map(|site| SitePlan::new(site, groups, options.grid_step))
         .collect();
-    // Sites with the same operator and grids (every layer of a uniform transformer) share one
-    // measured table.
-    type Shape = (String, i64, i64, Vec<i64>, Vec<i64>);
-    let shape_of = |site: &CostSite, p: &(i64, i64, Vec<i64>, Vec<i64>)| -> Shape {
-        (format!("{:?}", site.op), p.0, p.1, p.2.clone(), p.3.clone())
-    };
-    let mut distinct: Vec<Shape> = Vec::new();
-    for (site, p) in sites.iter().zip(&plan) {
-        let shape = shape_of(site, p);
-        if !distinct.contains(&shape) {
-            distinct.push(shape);
+    let mut distinct: Vec<&SitePlan> = Vec::new();
+    for plan in &plans {
+        if !distinct.contains(&plan) {
+            distinct.push(plan);
         }
     }
-    let total: usize = distinct
-        .iter()
-        .map(|(_, _, _, i, o)| i.len() + o.len() - 1)
-        .sum();
+    let total: usize = distinct.iter().map(|plan| plan.measurements()).sum();
     observer.begin("site tables", total as u64);
     let mut done = 0u64;
-    let mut measured: Vec<(Shape, SiteTable)> = Vec::new();
+    let mut measured: Vec<(&SitePlan, SiteTable)> = Vec::new();
     let mut tables = Vec::with_capacity(sites.len());
-    for (site, p) in sites.iter().zip(&plan) {
-        let shape = shape_of(site, p);
-        if let Some((_, table)) = measured.iter().find(|(s, _)| *s == shape) {
+    for (site, plan) in sites.iter().zip(&plans) {
+        if let Some((_, table)) = measured.iter().find(|(p, _)| *p == plan) {
             tables.push(SiteTable {
                 name: site.name.clone(),
                 ..table.clone()
             });
             continue;
         }
-        let (full_in, full_out, in_grid, out_grid) = p.clone();
-        let mut time = |w_in: i64, w_out: i64| {
+        let table = plan.measure(&site.name, |w_in, w_out| {
             done += 1;
             let ms = site_ms(site.op, w_in, w_out, options.batch, options.protocol, dtype);
             observer.advance(done, &format!("{} {w_in}→{w_out}: {ms:.4} ms", site.name));
             ms
-        };
-        let full_ms = time(full_in, full_out);
-        let in_ms: Vec<f64> = in_grid
-            .iter()
-            .map(|&w| {
-                if w == full_in {
-                    full_ms
-                } else {
-                    time(w, full_out)
-                }
-            })
-            .collect();
-        let out_ms: Vec<f64> = out_grid
-            .iter()
-            .map(|&w| {
-                if w == full_out {
-                    full_ms
-                } else {
-                    time(full_in, w)
-                }
-            })
-            .collect();
-        let table = SiteTable {
-            name: site.name.clone(),
-            in_widths: in_grid,
-            in_ms,
-            out_widths: out_grid,
-            out_ms,
-            full_ms,
-        };
-        measured.push((shape, table.clone()));
+        });
+        measured.push((plan, table.clone()));
         tables.push(table);
     }
     observer.end();
