@@ -5,7 +5,7 @@
 use crate::cuda::CudaGraph;
 use crate::error::{Error, Result};
 use crate::gates::{enforce_follows, GateOptions, Gates};
-use crate::latency::forward::{inference_copy, measure_model, workload_call};
+use crate::latency::inference::{inference_copy, measure_model, workload_call};
 use crate::latency::measure::{measure, LatencyStats, TimingProtocol};
 use crate::latency::proxy::LatencyProxy;
 use crate::model::{Family, KeepSet, Masks, Phase, Workload};

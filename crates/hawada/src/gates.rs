@@ -241,14 +241,14 @@ impl Gates {
             options: self.options.clone(),
             groups: self.groups.clone(),
         };
-        crate::io::hf_config::write(&description_path(dir), &desc)
+        crate::io::json::write(&description_path(dir), &desc)
     }
 
     /// Loads logits saved by [`Gates::save`]; the groups must match the model's exactly.
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let json = description_path(dir);
         let desc: GatesDescription =
-            crate::io::hf_config::parse(&json, crate::io::hf_config::read_value(&json)?)?;
+            crate::io::json::parse(&json, crate::io::json::read_value(&json)?)?;
         if desc.groups != self.groups {
             return Err(Error::config(
                 &json,

@@ -132,7 +132,7 @@ impl Masks {
 
 /// Whether an inference copy folds normalisation into the preceding layer. Which is faster
 /// depends on the card and the widths (on an H100, folding slowed ResNet-18 keep-all and sped up
-/// its slim exports), so `latency::forward::inference_copy` measures both.
+/// its slim exports), so `latency::inference::inference_copy` measures both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormFolding {
     Keep,
@@ -352,7 +352,7 @@ pub trait Family: Send {
     /// Writes `config.json` + `model.safetensors` into `dir`.
     fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
-        crate::io::hf_config::write(&dir.join("config.json"), &self.config_json())?;
+        crate::io::json::write(&dir.join("config.json"), &self.config_json())?;
         crate::io::safetensors::write(
             &dir.join("model.safetensors"),
             &crate::io::safetensors::named_tensors(self.var_store()),

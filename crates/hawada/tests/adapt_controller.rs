@@ -12,8 +12,8 @@ use hawada::latency::measure::LatencyStats;
 use hawada::latency::proxy::LatencyProxy;
 use hawada::model::{Family, KeepSet, Workload};
 use hawada::progress::Silent;
-use hawada::recipe::AdaptSection;
-use hawada::train::{adapt, AdaptContext, MetricsLog, Models, StepMetrics};
+use hawada::run_dir::{MetricsLog, StepMetrics};
+use hawada::train::{adapt, AdaptContext, AdaptOptions, Models};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -33,7 +33,7 @@ fn lambda_ascends_over_target_is_zero_under_it_and_the_first_step_under_is_probe
     let keep_all = KeepSet(groups.iter().map(|g| (0..g.len).collect()).collect());
     let target_ms = 0.6 * truth.predict_keep_ms(&keep_all);
     let mut gates = Gates::new(&groups, GateOptions::default(), Device::Cpu).unwrap();
-    let cfg = AdaptSection {
+    let cfg = AdaptOptions {
         steps: 120,
         batch: 2,
         lr: 0.1,

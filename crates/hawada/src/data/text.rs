@@ -130,7 +130,7 @@ pub fn load_vocabulary(model: &Path) -> Result<Vocabulary> {
         ));
     }
     let tokenizer = Tokenizer::from_file(&file).map_err(|e| tokenizer_error(&file, e))?;
-    let config = crate::io::hf_config::read_value(&model.join("config.json"))?;
+    let config = crate::io::json::read_value(&model.join("config.json"))?;
     let eos = match config.get("eos_token_id") {
         Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_i64()),
         Some(v) => v.as_i64(),

@@ -48,7 +48,7 @@ pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Resul
             "missing: a model directory needs config.json (and model.safetensors unless --random-init)",
         ));
     }
-    let config = crate::io::hf_config::read_value(&config_path)?;
+    let config = crate::io::json::read_value(&config_path)?;
     let model_type = config
         .get("model_type")
         .and_then(|v| v.as_str())

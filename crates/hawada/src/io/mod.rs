@@ -1,7 +1,7 @@
 //! Strict file I/O: safetensors tensors, JSON configs, GGUF and ONNX weights. Builds no module.
 
 pub mod gguf;
-pub mod hf_config;
+pub mod json;
 pub mod onnx;
 pub mod safetensors;
 

@@ -1,6 +1,6 @@
 //! Latency: measured (the ground truth), then modelled by a differentiable proxy (DESIGN §4).
 
-pub mod forward;
+pub mod inference;
 pub mod measure;
 pub mod proxy;
 pub mod tables;

@@ -305,14 +305,14 @@ pub fn cache_key(
 /// Loads cached tables for `key` from `dir`, if present and for the same key.
 pub fn load_cached(dir: &Path, key: &str) -> Option<SiteTables> {
     let path = dir.join(format!("{:016x}.json", fingerprint(key)));
-    let value = crate::io::hf_config::read_value(&path).ok()?;
-    let tables: SiteTables = crate::io::hf_config::parse(&path, value).ok()?;
+    let value = crate::io::json::read_value(&path).ok()?;
+    let tables: SiteTables = crate::io::json::parse(&path, value).ok()?;
     (tables.key == key).then_some(tables)
 }
 
 pub fn store_cached(dir: &Path, tables: &SiteTables) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::io::hf_config::write(
+    crate::io::json::write(
         &dir.join(format!("{:016x}.json", fingerprint(&tables.key))),
         tables,
     )

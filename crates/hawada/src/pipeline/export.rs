@@ -45,7 +45,7 @@ pub fn stage(
     let export_path = env.run_dir.export();
     let export = env.workers.from_leader("export", || {
         if export_path.exists() {
-            return crate::io::hf_config::read::<Export>(&export_path);
+            return crate::io::json::read::<Export>(&export_path);
         }
         let (search_table, searched, pick) = search_candidates(inputs, recipe, env)?;
         let keep = searched[pick].clone();
@@ -66,7 +66,7 @@ pub fn stage(
             search_table,
         };
         tracing::info!(picked = %before.search_table[pick].name, slim_before = before.quality, calibration_agreement, "exported");
-        crate::io::hf_config::write(&export_path, &before)?;
+        crate::io::json::write(&export_path, &before)?;
         exported_slim = Some(slim);
         Ok(before)
     })?;

@@ -9,10 +9,10 @@ use super::splits::Splits;
 use crate::data::{Examples, Metric};
 use crate::error::{Error, Result};
 use crate::eval;
-use crate::finetune::{train_weights, Objective, Validation, WeightTraining};
 use crate::model::{Family, KeepSet};
 use crate::recipe::Recipe;
 use crate::run_dir::{StageMemory, TeacherBaseline};
+use crate::train::{train_weights, Objective, Validation, WeightTraining};
 use std::path::Path;
 
 /// The data weight training reads: batches from `train`, the calibration split that
@@ -132,7 +132,7 @@ pub fn teacher_baseline(
 ) -> Result<f64> {
     let baseline_path = env.run_dir.teacher_baseline();
     if baseline_path.exists() {
-        return Ok(crate::io::hf_config::read::<TeacherBaseline>(&baseline_path)?.quality);
+        return Ok(crate::io::json::read::<TeacherBaseline>(&baseline_path)?.quality);
     }
     let mut copy = trainable_copy(teacher)?;
     finetune_weights(
@@ -158,7 +158,7 @@ pub fn teacher_baseline(
                 env.kind,
             ))
         })?;
-        crate::io::hf_config::write(&baseline_path, &TeacherBaseline { quality })?;
+        crate::io::json::write(&baseline_path, &TeacherBaseline { quality })?;
         let checkpoints = env.run_dir.checkpoints("teacher-baseline");
         std::fs::remove_dir_all(&checkpoints).map_err(|e| Error::io(&checkpoints, e))?;
         Ok(quality)

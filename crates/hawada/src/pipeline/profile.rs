@@ -7,7 +7,7 @@ use super::env::RunEnv;
 use super::oom::out_of_memory_as_error;
 use crate::error::Result;
 use crate::gates::{enforce_follows, floor_units};
-use crate::latency::forward::{inference_copy, measure_against_keep_all, measure_model};
+use crate::latency::inference::{inference_copy, measure_against_keep_all, measure_model};
 use crate::latency::measure::device_name;
 use crate::latency::proxy::{Fidelity, LatencyProxy, ProxyCost, Sample};
 use crate::latency::tables::{
@@ -115,7 +115,7 @@ pub fn profile_stage(
     let profile_path = env.run_dir.profile();
     let profile: Profile = if profile_path.exists() {
         // A profile does not depend on the target: a sweep shares one among its targets.
-        let stored: Profile = crate::io::hf_config::read(&profile_path)?;
+        let stored: Profile = crate::io::json::read(&profile_path)?;
         let target_ms = recipe.target.ms(stored.keep_all.mean);
         let retargeted = target_ms != stored.target_ms;
         let profile = Profile {
@@ -123,12 +123,12 @@ pub fn profile_stage(
             ..stored
         };
         if retargeted && env.workers.is_leader() {
-            crate::io::hf_config::write(&profile_path, &profile)?;
+            crate::io::json::write(&profile_path, &profile)?;
         }
         profile
     } else {
         let profile = measure_profile(model, recipe, env, &proxies)?;
-        crate::io::hf_config::write(&profile_path, &profile)?;
+        crate::io::json::write(&profile_path, &profile)?;
         profile
     };
     let (proxy, _) = fit_proxy(

@@ -48,7 +48,7 @@ pub fn stage(finished: &Finished<'_>, recipe: &Recipe, env: &RunEnv<'_>) -> Resu
             let summary = summarise(finished, quality, LatencyPair { keep_all, slim }, recipe, env);
             let probes = &finished.adapted.outcome.probes;
             let latency_json = serde_json::json!({ "profile": finished.profile, "probes": probes, "search": summary.search, "final": { "keep_all": keep_all, "slim": slim } });
-            crate::io::hf_config::write(&env.run_dir.latency(), &latency_json)?;
+            crate::io::json::write(&env.run_dir.latency(), &latency_json)?;
             summary.write(&env.run_dir.summary())?;
             crate::report::write_html(env.run_dir)?;
             Ok(summary)

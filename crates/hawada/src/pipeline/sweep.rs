@@ -53,7 +53,7 @@ pub fn sweep(
         random_init: recipe.model.random_init,
         points,
     };
-    crate::io::hf_config::write(&dir.sweep(), &sweep)?;
+    crate::io::json::write(&dir.sweep(), &sweep)?;
     crate::report::write_sweep_report(dir, &sweep)?;
     Ok(sweep)
 }
@@ -79,6 +79,6 @@ fn copy_missing(from: &Path, to: &Path) -> Result<()> {
 
 /// Rewrites `sweep.html` and the charts of a finished sweep from its `sweep.json`.
 pub fn write_report(dir: &SweepDir) -> Result<()> {
-    let sweep: Sweep = crate::io::hf_config::read(&dir.sweep())?;
+    let sweep: Sweep = crate::io::json::read(&dir.sweep())?;
     crate::report::write_sweep_report(dir, &sweep)
 }

@@ -5,7 +5,7 @@
 use super::env::RunEnv;
 use crate::error::Result;
 use crate::export::search::Measurement;
-use crate::latency::forward::{
+use crate::latency::inference::{
     inference_copy, measure_against_keep_all, measure_model, measure_pair,
 };
 use crate::latency::measure::{LatencyStats, TimingProtocol};

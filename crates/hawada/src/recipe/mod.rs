@@ -6,6 +6,7 @@ use crate::gates::GateOptions;
 use crate::latency::measure::TimingProtocol;
 use crate::latency::proxy::ProxyCost;
 use crate::model::Workload;
+use crate::train::AdaptOptions;
 use serde::{Deserialize, Serialize};
 mod check;
 mod choices;
@@ -41,7 +42,7 @@ pub struct Recipe {
     pub target: Target,
     #[serde(default)]
     pub gates: GateOptions,
-    pub adapt: AdaptSection,
+    pub adapt: AdaptOptions,
     /// The export search's rounding multiples.
     #[serde(default)]
     pub export: crate::export::search::SearchOptions,
@@ -236,39 +237,6 @@ impl LatencySection {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdaptSection {
-    pub steps: i64,
-    pub batch: i64,
-    #[serde(default = "default_gate_lr")]
-    pub lr: f64,
-    #[serde(default = "default_kd_temperature")]
-    pub kd_temperature: f64,
-    /// Weight of an MSE term on logits, added to the KL.
-    #[serde(default)]
-    pub mse_weight: f64,
-    /// Dual step size η_λ: λ grows by η_λ·v while the hard architecture is over the target
-    /// and is zero once it meets it (`train`).
-    #[serde(default = "default_lambda_lr")]
-    pub lambda_lr: f64,
-    #[serde(default = "default_lambda_max")]
-    pub lambda_max: f64,
-    /// Quadratic penalty ρ.
-    #[serde(default = "default_rho")]
-    pub rho: f64,
-    /// Steps between real measurements of the hard architecture; the step it first meets the
-    /// target (by the proxy) is measured too.
-    pub probe_every: i64,
-    pub checkpoint_every: i64,
-    /// Also train the student's weights (a copy of the teacher's) with a second optimizer, so the
-    /// weights adapt to the units being removed (the two-phase scheme's joint variant).
-    #[serde(default)]
-    pub train_weights: bool,
-    #[serde(default = "default_weight_lr")]
-    pub weight_lr: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FinetuneSection {
     pub steps: i64,
     pub batch: i64,
@@ -397,24 +365,6 @@ fn default_cache_dir() -> PathBuf {
 }
 fn default_fit_archs() -> usize {
     4
-}
-fn default_gate_lr() -> f64 {
-    0.1
-}
-fn default_kd_temperature() -> f64 {
-    2.0
-}
-fn default_weight_lr() -> f64 {
-    1e-3
-}
-fn default_lambda_lr() -> f64 {
-    1.0
-}
-fn default_lambda_max() -> f64 {
-    100.0
-}
-fn default_rho() -> f64 {
-    10.0
 }
 fn default_checkpoint_every() -> i64 {
     100

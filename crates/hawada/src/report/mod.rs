@@ -16,10 +16,9 @@ use std::path::Path;
 
 /// Writes `report.html` in `run_dir` from `metrics.jsonl`, `gates.json` and `summary.json`.
 pub fn write_html(run_dir: &RunDir) -> Result<()> {
-    let summary: Summary = crate::io::hf_config::read(&run_dir.summary())?;
+    let summary: Summary = crate::io::json::read(&run_dir.summary())?;
     let metrics = MetricsLog::new(run_dir.metrics()).read();
-    let gates =
-        crate::io::hf_config::read_value(&crate::gates::description_path(&run_dir.gates())).ok();
+    let gates = crate::io::json::read_value(&crate::gates::description_path(&run_dir.gates())).ok();
     let validation_label = summary.quality.metric.replacen("test_", "", 1);
     let kept = charts::kept_by_kind(gates.as_ref(), &metrics);
     let charts = charts::run_charts(&summary, &metrics, &kept, &validation_label);

@@ -15,12 +15,12 @@
 //!       memory/rank<N>.json, checkpoints/<stage>/, teacher/ (smoke runs)
 //! ```
 
+pub mod metrics;
 pub mod records;
 pub mod summary;
 
-pub use records::{
-    Export, Measured, MetricsLog, Profile, StageMemory, Sweep, SweepPoint, TeacherBaseline,
-};
+pub use metrics::{MetricsLog, StepMetrics};
+pub use records::{Export, Measured, Profile, StageMemory, Sweep, SweepPoint, TeacherBaseline};
 pub use summary::Summary;
 
 use std::path::{Path, PathBuf};

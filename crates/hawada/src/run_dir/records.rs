@@ -8,8 +8,6 @@ use crate::latency::proxy::{Fidelity, ProxyCost};
 use crate::model::KeepSet;
 use serde::{Deserialize, Serialize};
 
-pub use crate::train::MetricsLog;
-
 /// One whole-model measurement of a sub-architecture (ms rescaled to the profile's keep-all).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measured {
@@ -112,6 +110,6 @@ impl StageMemory {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
         }
-        crate::io::hf_config::write(&path, self)
+        crate::io::json::write(&path, self)
     }
 }

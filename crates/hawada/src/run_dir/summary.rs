@@ -127,7 +127,7 @@ fn eager() -> String {
 
 impl Summary {
     pub fn write(&self, path: &Path) -> Result<()> {
-        crate::io::hf_config::write(path, self)
+        crate::io::json::write(path, self)
     }
 
     /// The export search's pick: the slim model's architecture.

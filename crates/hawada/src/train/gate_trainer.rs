@@ -8,10 +8,7 @@
 //! resumes from the last one and continues `metrics.jsonl`. With several workers (`dist`) each
 //! trains on its rows of the batch, gradients and losses are averaged, rank 0 probes and writes.
 
-use super::{
-    checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights, MetricsLog,
-    StepMetrics,
-};
+use super::{checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights};
 use crate::dist::Workers;
 use crate::distill;
 use crate::error::Result;
@@ -21,10 +18,63 @@ use crate::latency::proxy::{LatencyProxy, Sample};
 use crate::model::{Family, KeepSet, Masks, Phase};
 use crate::optim::{remove_saved_moments, seed_step, Adam};
 use crate::progress::Observer;
-use crate::recipe::AdaptSection;
+use crate::run_dir::{MetricsLog, StepMetrics};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
+
+/// `[adapt]`: the gate trainer's steps, batch, learning rates and the Lagrangian's constants.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptOptions {
+    pub steps: i64,
+    pub batch: i64,
+    #[serde(default = "default_gate_lr")]
+    pub lr: f64,
+    #[serde(default = "default_kd_temperature")]
+    pub kd_temperature: f64,
+    /// Weight of an MSE term on logits, added to the KL.
+    #[serde(default)]
+    pub mse_weight: f64,
+    /// Dual step size η_λ: λ grows by η_λ·v while the hard architecture is over the target
+    /// and is zero once it meets it (`train`).
+    #[serde(default = "default_lambda_lr")]
+    pub lambda_lr: f64,
+    #[serde(default = "default_lambda_max")]
+    pub lambda_max: f64,
+    /// Quadratic penalty ρ.
+    #[serde(default = "default_rho")]
+    pub rho: f64,
+    /// Steps between real measurements of the hard architecture; the step it first meets the
+    /// target (by the proxy) is measured too.
+    pub probe_every: i64,
+    pub checkpoint_every: i64,
+    /// Also train the student's weights (a copy of the teacher's) with a second optimizer, so the
+    /// weights adapt to the units being removed (the two-phase scheme's joint variant).
+    #[serde(default)]
+    pub train_weights: bool,
+    #[serde(default = "default_weight_lr")]
+    pub weight_lr: f64,
+}
+
+fn default_gate_lr() -> f64 {
+    0.1
+}
+fn default_kd_temperature() -> f64 {
+    2.0
+}
+fn default_lambda_lr() -> f64 {
+    1.0
+}
+fn default_lambda_max() -> f64 {
+    100.0
+}
+fn default_rho() -> f64 {
+    10.0
+}
+fn default_weight_lr() -> f64 {
+    1e-3
+}
 
 /// The stage name in `metrics.jsonl` and in the step seeds.
 const STAGE: &str = "adapt";
@@ -189,7 +239,7 @@ pub fn adapt(
     models: Models<'_>,
     gates: &mut Gates,
     proxy: &mut LatencyProxy,
-    cfg: &AdaptSection,
+    cfg: &AdaptOptions,
     target_ms: f64,
     ctx: AdaptContext<'_>,
 ) -> Result<AdaptOutcome> {
@@ -262,7 +312,7 @@ struct GateOptimizers {
 }
 
 impl GateOptimizers {
-    fn new(gates: &Gates, student: &dyn Family, cfg: &AdaptSection, dir: &Path) -> Self {
+    fn new(gates: &Gates, student: &dyn Family, cfg: &AdaptOptions, dir: &Path) -> Self {
         GateOptimizers {
             gates: Adam::new(gates.var_store(), cfg.lr),
             weights: cfg
@@ -301,7 +351,7 @@ struct GateTrainer<'a, 'c> {
     models: Models<'a>,
     gates: &'a mut Gates,
     proxy: &'a mut LatencyProxy,
-    cfg: &'a AdaptSection,
+    cfg: &'a AdaptOptions,
     target_ms: f64,
     ctx: AdaptContext<'c>,
     optimizers: GateOptimizers,
@@ -531,6 +581,6 @@ impl GateTrainer<'_, '_> {
         // between the two resumes from the older state with newer gates, which loses at most one
         // interval.
         self.gates.save(dir)?;
-        crate::io::hf_config::write(&state_path(dir), &self.state)
+        crate::io::json::write(&state_path(dir), &self.state)
     }
 }

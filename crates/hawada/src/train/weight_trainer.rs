@@ -4,9 +4,7 @@
 //! resumes from them. With several workers, gradients and the loss are averaged over ranks and
 //! rank 0 writes.
 
-use super::{
-    checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights, MetricsLog,
-};
+use super::{checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights};
 use crate::dist::Workers;
 use crate::distill;
 use crate::error::{Error, Result};
@@ -14,6 +12,7 @@ use crate::io::safetensors::load_file_into;
 use crate::model::{Family, Masks, Phase};
 use crate::optim::{remove_saved_moments, seed_step, Adam};
 use crate::progress::Observer;
+use crate::run_dir::MetricsLog;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -271,7 +270,7 @@ impl WeightTrainer<'_, '_> {
                 step: step + 1,
                 best: self.best,
             };
-            crate::io::hf_config::write(&self.files.state, &state)?;
+            crate::io::json::write(&self.files.state, &state)?;
         }
         Ok(())
     }

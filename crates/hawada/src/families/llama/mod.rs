@@ -242,7 +242,7 @@ fn read_checkpoint(dir: &Path) -> Result<(BTreeMap<String, Tensor>, std::path::P
         return Ok((crate::io::safetensors::read(&single)?, single));
     }
     let index = dir.join("model.safetensors.index.json");
-    let value = crate::io::hf_config::read_value(&index).map_err(|_| Error::Data {
+    let value = crate::io::json::read_value(&index).map_err(|_| Error::Data {
         file: single.clone(),
         reason: "missing, and no model.safetensors.index.json lists shards; give an HF \
                      directory with weights, or set model.random_init"
@@ -281,7 +281,7 @@ pub fn from_dir(
     random_init: bool,
 ) -> Result<Llama> {
     let file = dir.join("config.json");
-    let cfg: LlamaConfig = crate::io::hf_config::parse(&file, config)?;
+    let cfg: LlamaConfig = crate::io::json::parse(&file, config)?;
     if random_init {
         // Drawn in f32 and then cast, as before: the same random model in every dtype.
         let mut model = Llama::new(cfg, device, &file)?;
@@ -309,7 +309,7 @@ pub fn load(
 pub fn from_gguf(path: &Path, device: Device, kind: Kind) -> Result<Llama> {
     let gguf = crate::io::gguf::Gguf::open(path)?;
     let config = crate::io::gguf::llama_config(&gguf)?;
-    let cfg: LlamaConfig = crate::io::hf_config::parse(path, config)?;
+    let cfg: LlamaConfig = crate::io::json::parse(path, config)?;
     let model = Llama::new_in(cfg, (kind, device), path)?;
     load_weights(&model, crate::io::gguf::llama_tensors(&gguf)?, path)?;
     Ok(model)
@@ -321,6 +321,6 @@ pub fn open(path: &Path, device: Device, kind: Kind) -> Result<Llama> {
     if path.extension().is_some_and(|e| e == "gguf") {
         return from_gguf(path, device, kind);
     }
-    let config = crate::io::hf_config::read_value(&path.join("config.json"))?;
+    let config = crate::io::json::read_value(&path.join("config.json"))?;
     from_dir(path, config, device, kind, false)
 }

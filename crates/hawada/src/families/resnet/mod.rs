@@ -262,7 +262,7 @@ pub fn load(
     kind: Kind,
     random_init: bool,
 ) -> Result<Box<dyn Family>> {
-    let cfg: ResnetConfig = crate::io::hf_config::parse(&dir.join("config.json"), config)?;
+    let cfg: ResnetConfig = crate::io::json::parse(&dir.join("config.json"), config)?;
     let mut model = Resnet::from_dir(dir, cfg, device, random_init)?;
     model.vs.set_kind(kind);
     Ok(Box::new(model))

@@ -243,7 +243,7 @@ pub fn load(
     random_init: bool,
 ) -> Result<Box<dyn Family>> {
     let file = dir.join("config.json");
-    let cfg: VitConfig = crate::io::hf_config::parse(&file, config)?;
+    let cfg: VitConfig = crate::io::json::parse(&file, config)?;
     let mut model = Vit::new(cfg, device, &file)?;
     if !random_init {
         load_file_into(&model.vs, &dir.join("model.safetensors"))?;

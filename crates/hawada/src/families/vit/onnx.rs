@@ -34,7 +34,7 @@ const MODULE_RENAMES: &[(&str, &str)] = &[
 pub fn from_onnx(path: &Path, device: Device, kind: Kind) -> Result<Vit> {
     let graph = OnnxGraph::open(path)?;
     let (cfg, tensors) = dinov2_from_graph(&graph)?;
-    let cfg: VitConfig = crate::io::hf_config::parse(path, cfg)?;
+    let cfg: VitConfig = crate::io::json::parse(path, cfg)?;
     let mut model = Vit::new(cfg, device, path)?;
     load_into(&model.vs, &tensors, path)?;
     model.vs.set_kind(kind);

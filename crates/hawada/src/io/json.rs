@@ -1,5 +1,5 @@
-//! `config.json` read and write, in the Hugging Face style: a JSON object with `architectures`
-//! and `model_type`, parsed once into a family's typed config.
+//! JSON files read and written: model configs (`config.json`, Hugging Face style, parsed once
+//! into a family's typed config) and a run's records; errors name the file and the field.
 
 use crate::error::{Error, Result};
 use serde::{de::DeserializeOwned, Serialize};
