@@ -279,7 +279,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             Chart {
                 title: "Gate training: KD loss",
                 x_label: "step",
-                y_label: "KD",
+                y_label: "KD loss",
                 series: vec![line("KD", 0x1f77b4, stage_points("adapt", "kd"))],
             },
         ),
@@ -288,7 +288,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             Chart {
                 title: "Gate training: lambda (dual variable)",
                 x_label: "step",
-                y_label: "lambda",
+                y_label: "λ",
                 series: vec![line("lambda", 0xff7f0e, stage_points("adapt", "lambda"))],
             },
         ),
@@ -297,7 +297,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             Chart {
                 title: "Latency vs step: proxy, measured probes, target",
                 x_label: "step",
-                y_label: "ms",
+                y_label: "latency (ms)",
                 series: vec![
                     line(
                         "proxy, expected widths",
@@ -324,7 +324,7 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             Chart {
                 title: "Kept units per kind of site (at each probe)",
                 x_label: "step",
-                y_label: "kept %",
+                y_label: "kept units (%)",
                 series: kept
                     .iter()
                     .zip([0x1f77b4, 0xff7f0e, 0x2ca02c, 0xd62728, 0x9467bd])
@@ -361,8 +361,8 @@ pub fn write_html(run_dir: &Path) -> Result<()> {
             "pareto",
             Chart {
                 title: "Export search: measured latency vs agreement",
-                x_label: "latency ms",
-                y_label: "agreement %",
+                x_label: "measured latency (ms)",
+                y_label: "agreement with the teacher (%)",
                 series: vec![
                     Series {
                         label: "candidates",
@@ -572,8 +572,8 @@ fn write_sweep_charts(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<Vec<&'s
     };
     let agreement = Chart {
         title: "Sweep: measured speed-up vs agreement with the teacher",
-        x_label: "speed-up",
-        y_label: "agreement %",
+        x_label: "measured speed-up (×)",
+        y_label: "agreement with the teacher (%)",
         series: vec![Series {
             label: "slim model (before fine-tune)",
             color: 0x1f77b4,
@@ -618,7 +618,7 @@ fn write_sweep_charts(dir: &Path, sweep: &crate::sweep::Sweep) -> Result<Vec<&'s
     }
     Chart {
         title: "Sweep: measured speed-up vs quality",
-        x_label: "speed-up",
+        x_label: "measured speed-up (×)",
         y_label: &label,
         series,
     }
