@@ -54,7 +54,7 @@ fn adapt_charts<'a>(
             Chart {
                 title: "Gate training: KD loss",
                 x_label: "step",
-                y_label: "KD",
+                y_label: "KD loss",
                 series: vec![line("KD", 0x1f77b4, adapt("kd"))],
             },
         ),
@@ -63,7 +63,7 @@ fn adapt_charts<'a>(
             Chart {
                 title: "Gate training: lambda (dual variable)",
                 x_label: "step",
-                y_label: "lambda",
+                y_label: "λ",
                 series: vec![line("lambda", 0xff7f0e, adapt("lambda"))],
             },
         ),
@@ -72,7 +72,7 @@ fn adapt_charts<'a>(
             Chart {
                 title: "Latency vs step: proxy, measured probes, target",
                 x_label: "step",
-                y_label: "ms",
+                y_label: "latency (ms)",
                 series: vec![
                     line("proxy, expected widths", 0x2ca02c, adapt("proxy_ms")),
                     line("proxy, hard architecture", 0x17becf, adapt("kept_proxy_ms")),
@@ -91,7 +91,7 @@ fn adapt_charts<'a>(
             Chart {
                 title: "Kept units per kind of site (at each probe)",
                 x_label: "step",
-                y_label: "kept %",
+                y_label: "kept units (%)",
                 series: kept
                     .iter()
                     .zip([0x1f77b4, 0xff7f0e, 0x2ca02c, 0xd62728, 0x9467bd])
@@ -170,8 +170,8 @@ fn pareto_chart(summary: &Summary) -> (&'static str, Chart<'static>) {
         "pareto",
         Chart {
             title: "Export search: measured latency vs agreement",
-            x_label: "latency ms",
-            y_label: "agreement %",
+            x_label: "measured latency (ms)",
+            y_label: "agreement with the teacher (%)",
             series: vec![
                 Series {
                     label: "candidates",

@@ -93,8 +93,8 @@ fn write_sweep_charts(dir: &SweepDir, sweep: &Sweep) -> Result<Vec<&'static str>
     };
     let agreement = Chart {
         title: "Sweep: measured speed-up vs agreement with the teacher",
-        x_label: "speed-up",
-        y_label: "agreement %",
+        x_label: "measured speed-up (×)",
+        y_label: "agreement with the teacher (%)",
         series: vec![Series {
             label: "slim model (before fine-tune)",
             color: 0x1f77b4,
@@ -139,7 +139,7 @@ fn write_sweep_charts(dir: &SweepDir, sweep: &Sweep) -> Result<Vec<&'static str>
     }
     Chart {
         title: "Sweep: measured speed-up vs quality",
-        x_label: "speed-up",
+        x_label: "measured speed-up (×)",
         y_label: &label,
         series,
     }
