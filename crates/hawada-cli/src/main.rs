@@ -7,11 +7,10 @@ mod stages;
 mod tools;
 mod workers;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hawada::recipe::{Recipe, DEFAULT_RECIPE};
-use hawada::run_dir::{RunDir, Summary, SweepDir};
-use std::path::{Path, PathBuf};
+use hawada::run_dir::{RunDir, SweepDir};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]

@@ -1,7 +1,9 @@
 //! The differentiable latency proxy `L̂(p) = a · Σ_sites c_s(w_in, w_out) + b` (DESIGN §4).
-//! `c_s` comes from a [`SiteCost`]; this is a FLOP count ([`FlopCost`]), a later one swaps
-//! in measured per-site tables behind the same trait. `(a, b)` are fitted by least squares to
-//! whole-model measurements and refitted from every probe. Reads measurements, never the clock.
+//! `c_s` comes from a [`SiteCost`]: by default the per-site tables measured on the device
+//! (`latency::tables::TableCost`, `latency.cost = "table"`), or a FLOP count ([`FlopCost`],
+//! `"flops"`), which misses the staircase of tile quantisation. `(a, b)` are fitted by least
+//! squares to whole-model measurements and refitted from every probe. Reads measurements, never
+//! the clock.
 
 use crate::model::{CostSite, Group, KeepSet, Width};
 use serde::{Deserialize, Serialize};

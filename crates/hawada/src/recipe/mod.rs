@@ -241,7 +241,7 @@ pub struct FinetuneSection {
     pub steps: i64,
     pub batch: i64,
     pub lr: f64,
-    #[serde(default = "default_kd_temperature")]
+    #[serde(default = "crate::train::default_kd_temperature")]
     pub kd_temperature: f64,
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: i64,

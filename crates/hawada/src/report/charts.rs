@@ -145,7 +145,7 @@ fn finetune_charts<'a>(
                 // `finetune.keep_best`: each stage ends with its best point here.
                 title: "Fine-tune: quality on the calibration split",
                 x_label: "step",
-                y_label: &validation_label,
+                y_label: validation_label,
                 series: per_stage("validation", true),
             },
         ),

@@ -60,7 +60,8 @@ pub struct AdaptOptions {
 fn default_gate_lr() -> f64 {
     0.1
 }
-fn default_kd_temperature() -> f64 {
+/// The KD temperature both the gate trainer and the fine-tune default to.
+pub fn default_kd_temperature() -> f64 {
     2.0
 }
 fn default_lambda_lr() -> f64 {

@@ -9,19 +9,18 @@
 mod gate_trainer;
 mod weight_trainer;
 
-pub use gate_trainer::AdaptOptions;
 pub use gate_trainer::{
     adapt, step_losses, AdaptContext, AdaptOutcome, AdaptState, Lagrangian, Models, Probe,
     StepLosses,
 };
+pub use gate_trainer::{default_kd_temperature, AdaptOptions};
 pub use weight_trainer::{train_weights, Objective, Validation, WeightTraining};
 
 use crate::dist::{averaged_scalars, Workers};
 use crate::error::{Error, Result};
 use crate::optim::Adam;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use serde::de::DeserializeOwned;
+use std::path::Path;
 use tch::{nn::VarStore, Tensor};
 
 /// The gradients of a store's trainable variables (undefined before the first backward).
