@@ -74,6 +74,52 @@ enum Command {
         #[arg(long)]
         run_dir: Option<PathBuf>,
     },
+    /// Export a slim model from trained gates (the run directory's own, or a gates.safetensors +
+    /// gates.json pair from another run or a publisher): the export search at the target,
+    /// every candidate measured on this device; writes export.json, slim-before-finetune/ and
+    /// plots/pareto.png into the run directory.
+    Export {
+        recipe: PathBuf,
+        /// Directory holding gates.safetensors + gates.json (or either file). Default: the run
+        /// directory's own.
+        #[arg(long)]
+        gates: Option<PathBuf>,
+        /// Target latency in ms on this device (replaces the recipe's target).
+        #[arg(long, conflicts_with = "fraction")]
+        ms: Option<f64>,
+        /// Target as a fraction of keep-all latency, in (0, 1] (replaces the recipe's target).
+        #[arg(long)]
+        fraction: Option<f64>,
+        /// Run directory (default: runs/<recipe name>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// Fine-tune a slim model by distillation from its teacher with the recipe's [finetune] and
+    /// [data], on any device; resumable. Writes slim/ and finetune.json (quality and KL before
+    /// and after) into the run directory.
+    Finetune {
+        /// The slim model's directory (config.json + model.safetensors), e.g. a run's
+        /// slim-before-finetune/.
+        slim: PathBuf,
+        /// The teacher's directory (or GGUF): replaces the recipe's model.dir.
+        #[arg(long)]
+        teacher: PathBuf,
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Run directory (default: runs/<recipe name>-finetune).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// Print a model's quality on the recipe's test data beside its teacher's (the recipe's
+    /// metric: accuracy, perplexity or cls cosine), and its KL to the teacher.
+    Eval {
+        model: PathBuf,
+        #[arg(long)]
+        recipe: PathBuf,
+        /// The teacher to compare with (default: the recipe's model.dir).
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+    },
     /// Print the device, libtorch and CUDA facts this binary sees.
     Info,
     /// Time HawAda's hot paths for a recipe's model (keep-all forward eager and CUDA graph,
@@ -164,6 +210,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             smoke,
         } => stages::sweep(recipe, targets, run_dir, smoke)?,
         Command::Profile { recipe, run_dir } => stages::profile(recipe, run_dir)?,
+        Command::Export {
+            recipe,
+            gates,
+            ms,
+            fraction,
+            run_dir,
+        } => stages::export(&recipe, gates, (ms, fraction), run_dir)?,
+        Command::Finetune {
+            slim,
+            teacher,
+            recipe,
+            run_dir,
+        } => stages::finetune(&slim, teacher, &recipe, run_dir)?,
+        Command::Eval {
+            model,
+            recipe,
+            teacher,
+        } => stages::eval(&model, &recipe, teacher)?,
         Command::Info => print::print_info()?,
         Command::Bench { recipe, out } => tools::bench(&recipe, &out)?,
         Command::Convert {

@@ -1,7 +1,7 @@
 //! What the commands print: result tables of a run, a sweep and a profile, and the device facts.
 
 use hawada::recipe::Recipe;
-use hawada::run_dir::{Profile, Summary, Sweep};
+use hawada::run_dir::{Evaluation, Export, FinetuneRecord, Profile, RunDir, Summary, Sweep};
 use std::path::Path;
 
 pub fn print_sweep(sweep: &Sweep, dir: &Path) {
@@ -111,6 +111,9 @@ pub fn print_table(s: &Summary, run_dir: &Path) {
         "speed-up {:.2}×, proxy ({}) MAPE {:.1}% Spearman {:.3} (n={}), wall {:.0} s",
         s.speedup, s.proxy.cost, s.proxy.mape, s.proxy.spearman, s.proxy.n, s.wall_s
     );
+    if let Some(warning) = &s.search_warning {
+        println!("warning: {warning}");
+    }
     if s.target_met == Some(false) {
         println!(
             "target not reached: the slim model runs at {:.3}× keep-all, the fastest the gates and \
@@ -123,6 +126,78 @@ pub fn print_table(s: &Summary, run_dir: &Path) {
         "run directory: {} (summary.json, report.html)",
         run_dir.display()
     );
+}
+
+/// Every candidate the export search measured, the pick marked.
+pub fn print_export(export: &Export, run_dir: &RunDir) {
+    println!();
+    println!(
+        "{:<28} {:>10} {:>10} {:>12} {:>11}  meets  front",
+        "candidate", "mean ms", "p95 ms", "params", "agreement %"
+    );
+    for c in &export.search_table {
+        println!(
+            "{}{:<27} {:>10.3} {:>10.3} {:>12} {:>11.2}  {:<5}  {}",
+            if c.picked { "*" } else { " " },
+            c.name,
+            c.latency_ms.mean,
+            c.latency_ms.p95,
+            c.params,
+            c.agreement,
+            if c.meets_target { "yes" } else { "no" },
+            if c.pareto { "yes" } else { "" }
+        );
+    }
+    if let Some(warning) = &export.search_warning {
+        println!("warning: {warning}");
+    }
+    println!(
+        "* the pick: quality before fine-tune {:.4}; slim model in {}",
+        export.quality,
+        run_dir.slim_before_finetune().display()
+    );
+    println!(
+        "run directory: {} (export.json, plots/pareto.png)",
+        run_dir.root().display()
+    );
+}
+
+/// Quality and KL to the teacher before and after `hawada finetune`.
+pub fn print_finetune(record: &FinetuneRecord, run_dir: &RunDir) {
+    println!();
+    println!("{:<28} {:>14} {:>14}", "", "before", "after");
+    println!(
+        "{:<28} {:>14.4} {:>14.4}   (teacher {:.4})",
+        record.metric, record.before, record.after, record.teacher_quality
+    );
+    if let (Some(before), Some(after)) = (record.kl_to_teacher_before, record.kl_to_teacher_after) {
+        println!(
+            "{:<28} {before:>14.4} {after:>14.4}",
+            "KL to teacher (nats)"
+        );
+    }
+    println!(
+        "{} fine-tune steps; slim model in {}, finetune.json beside it",
+        record.steps,
+        run_dir.slim().display()
+    );
+}
+
+/// A model's quality beside its teacher's.
+pub fn print_evaluation(e: &Evaluation) {
+    println!("{:<28} {:>14} {:>14}", "", "teacher", "model");
+    println!(
+        "{:<28} {:>14.4} {:>14.4}",
+        e.metric, e.teacher_quality, e.quality
+    );
+    println!(
+        "{:<28} {:>14} {:>14}",
+        "parameters", e.teacher_params, e.params
+    );
+    if let Some(kl) = e.kl_to_teacher {
+        println!("{:<28} {:>14} {kl:>14.4}", "KL to teacher (nats)", "");
+    }
+    println!("model {}, teacher {}", e.model, e.teacher);
 }
 
 /// The profile's keep-all latency, site tables and the fidelity of both proxies.

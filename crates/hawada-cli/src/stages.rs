@@ -1,11 +1,14 @@
-//! The pipeline's commands: `run`, `sweep`, `profile`; the recipe they read resolved once, and
+//! The pipeline's commands: `run`, `sweep`, `profile`, and the stage commands `export`,
+//! `finetune`, `eval`; the recipe they read resolved once, and
 //! the data it names fetched before any worker starts.
 
-use crate::print::{print_profile, print_sweep, print_table};
+use crate::print::{
+    print_evaluation, print_export, print_finetune, print_profile, print_sweep, print_table,
+};
 use crate::progress;
 use crate::workers::{launch_workers, stop_when_launcher_dies};
 use anyhow::{bail, Context};
-use hawada::recipe::{Recipe, DEFAULT_RECIPE};
+use hawada::recipe::{Recipe, Target, DEFAULT_RECIPE};
 use hawada::run_dir::{RunDir, SweepDir};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -89,6 +92,96 @@ pub fn profile(recipe: PathBuf, run_dir: Option<PathBuf>) -> anyhow::Result<()> 
         .with_context(|| format!("profiling `{}` in {}", recipe.name, run_dir.display()))?;
     print_profile(&recipe, &p, &run_dir);
     Ok(())
+}
+
+/// `hawada export`: the export search from saved gates.
+pub fn export(
+    recipe_file: &Path,
+    gates: Option<PathBuf>,
+    (ms, fraction): (Option<f64>, Option<f64>),
+    run_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut recipe = read_recipe(recipe_file)?;
+    let target = match (ms, fraction) {
+        (Some(ms), _) => Some(Target::ms_checked(ms).map_err(|e| anyhow::anyhow!("--ms: {e}"))?),
+        (None, Some(f)) => {
+            Some(Target::fraction(f).map_err(|e| anyhow::anyhow!("--fraction: {e}"))?)
+        }
+        (None, None) => None,
+    };
+    if let Some(target) = target {
+        recipe = recipe.with_target(target);
+    }
+    ensure_data(&recipe)?;
+    let run_dir =
+        RunDir::new(run_dir.unwrap_or_else(|| hawada::pipeline::default_run_dir(&recipe)));
+    // A gates file names its pair's directory.
+    let gates_dir = match gates {
+        Some(path) if path.is_file() => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        Some(dir) => dir,
+        None => run_dir.gates(),
+    };
+    let bars = progress::Bars::default();
+    let export =
+        hawada::pipeline::export_from_gates(&recipe, recipe_file, &run_dir, &gates_dir, &bars)
+            .with_context(|| {
+                format!(
+                    "exporting `{}` from the gates in {} into {}",
+                    recipe.name,
+                    gates_dir.display(),
+                    run_dir.root().display()
+                )
+            })?;
+    print_export(&export, &run_dir);
+    Ok(())
+}
+
+/// `hawada finetune`: a slim model distilled from `teacher`.
+pub fn finetune(
+    slim: &Path,
+    teacher: PathBuf,
+    recipe_file: &Path,
+    run_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut recipe = read_recipe(recipe_file)?;
+    recipe.model.dir = teacher;
+    recipe.model.random_init = false;
+    ensure_data(&recipe)?;
+    let run_dir = RunDir::new(run_dir.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "{}-finetune",
+            hawada::pipeline::default_run_dir(&recipe).display()
+        ))
+    }));
+    let bars = progress::Bars::default();
+    let record = hawada::pipeline::finetune_model(&recipe, recipe_file, slim, &run_dir, &bars)
+        .with_context(|| {
+            format!(
+                "fine-tuning {} in {}",
+                slim.display(),
+                run_dir.root().display()
+            )
+        })?;
+    print_finetune(&record, &run_dir);
+    Ok(())
+}
+
+/// `hawada eval`: a model's quality beside its teacher's.
+pub fn eval(model: &Path, recipe_file: &Path, teacher: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut recipe = read_recipe(recipe_file)?;
+    if let Some(teacher) = teacher {
+        recipe.model.dir = teacher;
+        recipe.model.random_init = false;
+    }
+    ensure_data(&recipe)?;
+    let evaluation = hawada::pipeline::evaluate(&recipe, recipe_file, model)
+        .with_context(|| format!("evaluating {}", model.display()))?;
+    print_evaluation(&evaluation);
+    Ok(())
+}
+
+fn read_recipe(file: &Path) -> anyhow::Result<Recipe> {
+    Recipe::from_file(file).with_context(|| format!("reading recipe {}", file.display()))
 }
 
 /// The recipe to run (a file, its smoke version, or the embedded default), its file name for

@@ -95,6 +95,33 @@ pub struct Gates {
     options: GateOptions,
 }
 
+/// The first gate group where `saved` and `model` differ, said for a person; `None` if they
+/// are the same.
+fn first_difference(saved: &[Group], model: &[Group]) -> Option<String> {
+    for (i, (s, m)) in saved.iter().zip(model).enumerate() {
+        if s != m {
+            return Some(if s.name != m.name {
+                format!(
+                    "group {i} is `{}` in the gates file and `{}` in the model",
+                    s.name, m.name
+                )
+            } else {
+                format!(
+                    "group `{}` differs ({} units of {:?} × {} in the gates file, {} units of {:?} × {} in the model)",
+                    s.name, s.len, s.kind, s.unit_width, m.len, m.kind, m.unit_width
+                )
+            });
+        }
+    }
+    (saved.len() != model.len()).then(|| {
+        format!(
+            "the gates file has {} groups, the model {}",
+            saved.len(),
+            model.len()
+        )
+    })
+}
+
 /// The gate logits saved in `dir`, one tensor per group.
 pub fn weights_path(dir: &Path) -> PathBuf {
     dir.join("gates.safetensors")
@@ -249,11 +276,11 @@ impl Gates {
         let json = description_path(dir);
         let desc: GatesDescription =
             crate::io::json::parse(&json, crate::io::json::read_value(&json)?)?;
-        if desc.groups != self.groups {
+        if let Some(reason) = first_difference(&desc.groups, &self.groups) {
             return Err(Error::config(
                 &json,
                 "groups",
-                "saved gate groups do not match this model's groups (different model or config?)",
+                format!("these gates do not match this model: {reason} (gates of another model or config?)"),
             ));
         }
         let file = weights_path(dir);

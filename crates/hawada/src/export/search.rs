@@ -21,7 +21,8 @@ pub struct SearchOptions {
 }
 
 fn default_channel_multiples() -> Vec<i64> {
-    vec![1, 8, 16, 32, 64, 128]
+    // 256 too: a gate of 64 or 128 FFN units (SmolLM2's recipes) is rounded by nothing smaller.
+    vec![1, 8, 16, 32, 64, 128, 256]
 }
 fn default_head_multiples() -> Vec<i64> {
     vec![1, 2, 4]
@@ -211,7 +212,116 @@ pub fn candidates(
             }
         }
     }
+    // Around the last base (the cut at the target, or the trained keep-set): one unit more and
+    // one fewer of each unit kind, so that a search whose roundings coincide (gates as wide as
+    // every multiple) still measures the shapes next to the cut.
+    if let Some((base_name, base)) = bases.last() {
+        let prefix = if bases.len() == 1 {
+            String::new()
+        } else {
+            format!("{base_name} ")
+        };
+        for (name, keep) in neighbours(groups, logits, base, min_keep) {
+            add(format!("{prefix}{name}"), keep);
+        }
+    }
     out
+}
+
+/// `keep` with one unit more, and one fewer, in every group of each unit kind (for sublayers:
+/// the dropped one with the highest logit back, the kept one with the lowest dropped), within
+/// `min_keep` and the group lengths, the `follows` rule re-applied.
+fn neighbours(
+    groups: &[Group],
+    logits: &[Vec<f32>],
+    keep: &KeepSet,
+    min_keep: i64,
+) -> Vec<(String, KeepSet)> {
+    let kinds = [
+        (UnitKind::Channels, "channels"),
+        (UnitKind::Heads, "heads"),
+        (UnitKind::KvGroups, "kv groups"),
+        (UnitKind::Sublayer, "sublayers"),
+    ];
+    let mut out = Vec::new();
+    for (kind, label) in kinds {
+        for more in [false, true] {
+            let stepped = if kind == UnitKind::Sublayer {
+                step_one_sublayer(groups, logits, keep, more)
+            } else {
+                step_each_group(groups, logits, keep, kind, more, min_keep)
+            };
+            if let Some(stepped) = stepped {
+                let sign = if more { "+1" } else { "−1" };
+                out.push((
+                    format!("{label} {sign}"),
+                    enforce_follows(groups, logits, stepped),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Every group of `kind` one unit wider (`more`) or narrower, top units by logit; `None` when no
+/// group of that kind can move.
+fn step_each_group(
+    groups: &[Group],
+    logits: &[Vec<f32>],
+    keep: &KeepSet,
+    kind: UnitKind,
+    more: bool,
+    min_keep: i64,
+) -> Option<KeepSet> {
+    let mut changed = false;
+    let stepped = groups
+        .iter()
+        .zip(logits)
+        .zip(&keep.0)
+        .map(|((group, logits), kept)| {
+            let k = kept.len() as i64;
+            let target = if more { k + 1 } else { k - 1 };
+            if group.kind != kind || target < floor_units(group, min_keep) || target > group.len {
+                return kept.clone();
+            }
+            changed = true;
+            top_units(logits, target as usize, |_| true)
+        })
+        .collect();
+    changed.then_some(KeepSet(stepped))
+}
+
+/// One sublayer back (`more`: the dropped one with the highest logit) or one more dropped (the
+/// kept one with the lowest logit); `None` when there is none to move.
+fn step_one_sublayer(
+    groups: &[Group],
+    logits: &[Vec<f32>],
+    keep: &KeepSet,
+    more: bool,
+) -> Option<KeepSet> {
+    let logit = |g: usize| logits[g].first().copied().unwrap_or(0.0);
+    let movable = (0..groups.len())
+        .filter(|&g| groups[g].kind == UnitKind::Sublayer && keep.0[g].is_empty() == more);
+    let chosen = if more {
+        movable.max_by(|&a, &b| logit(a).total_cmp(&logit(b)))
+    } else {
+        movable.min_by(|&a, &b| logit(a).total_cmp(&logit(b)))
+    }?;
+    let mut stepped = keep.clone();
+    stepped.0[chosen] = if more { vec![0] } else { Vec::new() };
+    Some(stepped)
+}
+
+/// Fewer measured candidates than this and the search hardly searched: said in the record.
+pub const FEW_CANDIDATES: usize = 4;
+
+/// Why a search measured fewer than [`FEW_CANDIDATES`] candidates, for the record and the user.
+pub fn few_candidates_warning(measured: usize) -> Option<String> {
+    (measured < FEW_CANDIDATES).then(|| {
+        format!(
+            "the export search measured only {measured} candidate(s): the roundings of the gates' cut and its neighbours coincide (every group already at a multiple, at min_keep or at full width); widen export.channel_multiples / head_multiples or lower min_keep to search more shapes"
+        )
+    })
 }
 
 /// One measured candidate architecture of the export.
@@ -371,7 +481,54 @@ mod tests {
         );
         // ×16 floor keeps 16 channels, a duplicate of ×8 floor: listed once.
         let names: Vec<&str> = c.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, vec!["as trained", "×8 floor", "×8 ceil", "×16 ceil"]);
+        assert_eq!(
+            names[..4],
+            ["as trained", "×8 floor", "×8 ceil", "×16 ceil"]
+        );
+        // The neighbours of the cut, one unit either way (4 and 6 units), are ×8 floor and ceil
+        // already: not listed again.
+        assert_eq!(names.len(), 4);
+    }
+
+    #[test]
+    fn the_search_lists_one_unit_more_and_fewer_of_each_kind_around_the_cut() {
+        let heads = Group {
+            kind: UnitKind::Heads,
+            ..channels("heads", 4, 1)
+        };
+        let sublayer = |name| Group {
+            kind: UnitKind::Sublayer,
+            ..channels(name, 1, 1)
+        };
+        let groups = [channels("a", 4, 128), heads, sublayer("s0"), sublayer("s1")];
+        let logits = vec![
+            vec![1.0, 2.0, 3.0, 4.0],
+            vec![4.0, 3.0, 2.0, 1.0],
+            vec![0.5],
+            vec![-0.5],
+        ];
+        let trained = KeepSet(vec![vec![2, 3], vec![0, 1], vec![0], vec![]]);
+        // Channels as wide as every multiple: roundings cannot move them, neighbours do.
+        let c = candidates_of_trained(&groups, &logits, trained, &SearchOptions::default());
+        assert_eq!(
+            keep_named(&c, "channels −1"),
+            Some(vec![vec![3], vec![0, 1], vec![0], vec![]])
+        );
+        assert_eq!(
+            keep_named(&c, "channels +1"),
+            Some(vec![vec![1, 2, 3], vec![0, 1], vec![0], vec![]])
+        );
+        assert_eq!(
+            keep_named(&c, "sublayers +1"),
+            Some(vec![vec![2, 3], vec![0, 1], vec![0], vec![0]])
+        );
+        assert_eq!(
+            keep_named(&c, "sublayers −1"),
+            Some(vec![vec![2, 3], vec![0, 1], vec![], vec![]])
+        );
+        assert!(c.len() >= FEW_CANDIDATES);
+        assert!(few_candidates_warning(c.len()).is_none());
+        assert!(few_candidates_warning(1).is_some_and(|w| w.contains("only 1")));
     }
 
     #[test]

@@ -6,13 +6,15 @@
 //! is reused on resume: searching again would time the candidates again and could pick another
 //! shape than the fine-tune checkpoint holds.
 
-use super::adapt::Adapted;
 use super::env::{save_model, RunEnv};
 use super::oom::out_of_memory_as_error;
 use super::scoring::Scoring;
 use super::timing::Timing;
 use crate::error::Result;
-use crate::export::search::{candidates, cuts_meeting_target, search, Candidate, SearchContext};
+use crate::export::search::{
+    candidates, cuts_meeting_target, few_candidates_warning, search, Candidate, SearchContext,
+};
+use crate::gates::Gates;
 use crate::latency::proxy::LatencyProxy;
 use crate::model::{Family, KeepSet};
 use crate::recipe::Recipe;
@@ -25,7 +27,11 @@ const AT_TARGET_ATTEMPTS: usize = 3;
 /// What the export stage needs from the stages before it.
 pub struct ExportInputs<'a> {
     pub teacher: &'a dyn Family,
-    pub adapted: &'a Adapted,
+    /// The model the gates were trained on (the teacher, or its trained copy); it is sliced.
+    pub student: &'a dyn Family,
+    pub gates: &'a Gates,
+    /// The gates' own keep-set (`logit > 0`, `min_keep`, `follows`).
+    pub as_trained: &'a KeepSet,
     pub proxy: &'a LatencyProxy,
     pub target_ms: f64,
     pub timing: &'a Timing<'a>,
@@ -40,7 +46,7 @@ pub fn stage(
     recipe: &Recipe,
     env: &RunEnv<'_>,
 ) -> Result<(Export, Box<dyn Family>)> {
-    let student = inputs.adapted.student(inputs.teacher);
+    let student = inputs.student;
     let mut exported_slim = None;
     let export_path = env.run_dir.export();
     let export = env.workers.from_leader("export", || {
@@ -58,12 +64,18 @@ pub fn stage(
         )?;
         slim.to_device_layout();
         let scoring = inputs.scoring;
+        let search_warning = few_candidates_warning(search_table.len());
+        if let Some(warning) = &search_warning {
+            tracing::warn!(warning);
+        }
         let before = Export {
             quality: scoring.quality(slim.as_ref()),
             patch_cosine: scoring.patch_cosine(slim.as_ref()),
             photos: scoring.photos(slim.as_ref()),
             keep,
             search_table,
+            target_ms: Some(inputs.target_ms),
+            search_warning,
         };
         tracing::info!(picked = %before.search_table[pick].name, slim_before = before.quality, calibration_agreement, "exported");
         crate::io::json::write(&export_path, &before)?;
@@ -89,8 +101,8 @@ fn search_candidates(
     env: &RunEnv<'_>,
 ) -> Result<(Vec<Candidate>, Vec<KeepSet>, usize)> {
     let groups = inputs.teacher.groups();
-    let logits = inputs.adapted.gates.host_logits();
-    let student = inputs.adapted.student(inputs.teacher);
+    let logits = inputs.gates.host_logits();
+    let student = inputs.student;
     let mut measure = |keep: &KeepSet| inputs.timing.candidate(keep);
     let mut score = |keep: &KeepSet| inputs.scoring.calibration_agreement(student, keep);
     let latency_batch = ("latency measurement", "latency.batch", recipe.latency.batch);
@@ -104,10 +116,7 @@ fn search_candidates(
             &mut |keep| Ok(inputs.timing.candidate(keep)?.latency.mean),
             AT_TARGET_ATTEMPTS,
         )?;
-        let mut bases = vec![(
-            "as trained".to_string(),
-            inputs.adapted.outcome.keep.clone(),
-        )];
+        let mut bases = vec![("as trained".to_string(), inputs.as_trained.clone())];
         bases.extend(cuts);
         let listed = candidates(
             groups,

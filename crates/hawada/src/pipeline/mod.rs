@@ -4,6 +4,7 @@
 //! `families::load`.
 
 mod adapt;
+mod commands;
 mod env;
 mod export;
 mod finetune;
@@ -16,6 +17,7 @@ mod sweep;
 mod teacher;
 mod timing;
 
+pub use commands::{evaluate, export_from_gates, finetune_model};
 pub use env::{default_run_dir, needs_teacher_training, save_model, RunEnv};
 pub use oom::out_of_memory_as_error;
 pub use sweep::{sweep, write_report as write_sweep_report};
@@ -69,7 +71,9 @@ pub fn run(
     let (export, mut slim) = export::stage(
         &export::ExportInputs {
             teacher: model,
-            adapted: &adapted,
+            student: adapted.student(model),
+            gates: &adapted.gates,
+            as_trained: &adapted.outcome.keep,
             proxy: &proxy,
             target_ms: profile.target_ms,
             timing: &timing,

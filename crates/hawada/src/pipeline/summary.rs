@@ -138,6 +138,7 @@ fn summarise(
         proxy_flops: profile.fidelity_flops,
         proxy_table: profile.fidelity_table,
         search: export.search_table.clone(),
+        search_warning: export.search_warning.clone(),
         wall_s: finished.started.elapsed().as_secs_f64(),
         slim_widths: model
             .groups()

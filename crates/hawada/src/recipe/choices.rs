@@ -24,6 +24,14 @@ impl Target {
         }
     }
 
+    /// An absolute target, checked: a positive number of ms.
+    pub fn ms_checked(ms: f64) -> std::result::Result<Target, String> {
+        Target::try_from(TargetSection {
+            ms: Some(ms),
+            fraction: None,
+        })
+    }
+
     /// A relative target, checked: `fraction` in (0, 1].
     pub fn fraction(fraction: f64) -> std::result::Result<Target, String> {
         Target::try_from(TargetSection {

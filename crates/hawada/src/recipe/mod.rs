@@ -407,6 +407,14 @@ impl Recipe {
         Self::parse(&text, path)
     }
 
+    /// This recipe with its target replaced (`hawada export --ms/--fraction`).
+    pub fn with_target(&self, target: Target) -> Recipe {
+        Recipe {
+            target,
+            ..self.clone()
+        }
+    }
+
     /// This recipe with the latency target `fraction` of keep-all (replacing its target), named
     /// `<name>-t<fraction>`: one point of a sweep.
     pub fn at_fraction(&self, fraction: f64, file: &Path) -> Result<Recipe> {

@@ -1,6 +1,7 @@
 //! The charts of one run's report, from its records.
 
 use super::plot::{Chart, Series};
+use crate::export::search::Candidate;
 use crate::run_dir::Summary;
 
 type Points = Vec<(f64, f64)>;
@@ -14,7 +15,7 @@ pub fn run_charts<'a>(
 ) -> Vec<(&'static str, Chart<'a>)> {
     let mut charts = adapt_charts(summary, metrics, kept);
     charts.extend(finetune_charts(metrics, validation_label));
-    charts.push(pareto_chart(summary));
+    charts.push(pareto_chart(&summary.search));
     charts
 }
 
@@ -153,14 +154,12 @@ fn finetune_charts<'a>(
 }
 
 /// The export search: every measured candidate and the Pareto front.
-fn pareto_chart(summary: &Summary) -> (&'static str, Chart<'static>) {
-    let candidates: Points = summary
-        .search
+pub fn pareto_chart(search: &[Candidate]) -> (&'static str, Chart<'static>) {
+    let candidates: Points = search
         .iter()
         .map(|c| (c.latency_ms.mean, c.agreement))
         .collect();
-    let mut pareto: Points = summary
-        .search
+    let mut pareto: Points = search
         .iter()
         .filter(|c| c.pareto)
         .map(|c| (c.latency_ms.mean, c.agreement))

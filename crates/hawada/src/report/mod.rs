@@ -9,7 +9,7 @@ mod sweep;
 pub use sweep::write_sweep_report;
 
 use crate::error::{Error, Result};
-use crate::run_dir::{MetricsLog, RunDir, Summary};
+use crate::run_dir::{Export, MetricsLog, RunDir, Summary};
 use plot::Chart;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -29,6 +29,16 @@ pub fn write_html(run_dir: &RunDir) -> Result<()> {
         Error::Io { source, .. } => Error::io(&path, source),
         other => other,
     })
+}
+
+/// Draws the export search's Pareto chart of `export` into `plots/` of `run_dir` (what
+/// `hawada export` leaves beside `export.json`).
+pub fn write_export_chart(run_dir: &RunDir, export: &Export) -> Result<()> {
+    draw(
+        &run_dir.plots(),
+        &[charts::pareto_chart(&export.search_table)],
+    )
+    .map(|_| ())
 }
 
 /// Draws `charts` into `plots/<name>.png`; returns the `<img>` tags that show them.

@@ -10,6 +10,7 @@
 //!       teacher-baseline.json       the fine-tuned whole teacher's quality
 //!       gates.safetensors, gates.json
 //!       export.json                 the export search's pick and its scores
+//!       finetune.json               `hawada finetune`'s before and after
 //!       slim-before-finetune/, slim/
 //!       metrics.jsonl, latency.json, summary.json, report.html, plots/
 //!       memory/rank<N>.json, checkpoints/<stage>/, teacher/ (smoke runs)
@@ -20,7 +21,10 @@ pub mod records;
 pub mod summary;
 
 pub use metrics::{MetricsLog, StepMetrics};
-pub use records::{Export, Measured, Profile, StageMemory, Sweep, SweepPoint, TeacherBaseline};
+pub use records::{
+    Evaluation, Export, FinetuneRecord, Measured, Profile, StageMemory, Sweep, SweepPoint,
+    TeacherBaseline,
+};
 pub use summary::Summary;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +90,10 @@ impl RunDir {
     }
     pub fn slim(&self) -> PathBuf {
         self.root.join("slim")
+    }
+    /// What `hawada finetune` did (a fine-tune outside `run`).
+    pub fn finetune(&self) -> PathBuf {
+        self.root.join("finetune.json")
     }
     pub fn metrics(&self) -> PathBuf {
         self.root.join("metrics.jsonl")

@@ -54,6 +54,43 @@ pub struct Export {
     pub quality: f64,
     pub patch_cosine: Option<f64>,
     pub photos: Option<f64>,
+    /// Why the search hardly searched, when it measured fewer than four candidates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_warning: Option<String>,
+    /// The target the search picked for (absent in records written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ms: Option<f64>,
+}
+
+/// `finetune.json`: what `hawada finetune` did to a slim model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneRecord {
+    /// The directory the slim model was read from.
+    pub slim_from: String,
+    /// The teacher it was distilled from (`model.dir`).
+    pub teacher: String,
+    pub metric: String,
+    pub teacher_quality: f64,
+    pub before: f64,
+    pub after: f64,
+    /// Mean KL(teacher ‖ slim) per prediction on the test split, nats (language models and
+    /// classifiers).
+    pub kl_to_teacher_before: Option<f64>,
+    pub kl_to_teacher_after: Option<f64>,
+    pub steps: i64,
+}
+
+/// What `hawada eval` measured: a model's quality beside its teacher's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub model: String,
+    pub teacher: String,
+    pub metric: String,
+    pub quality: f64,
+    pub teacher_quality: f64,
+    pub kl_to_teacher: Option<f64>,
+    pub params: i64,
+    pub teacher_params: i64,
 }
 
 /// `teacher-baseline.json`: the quality of the whole teacher fine-tuned like the slim model.

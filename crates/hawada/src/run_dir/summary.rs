@@ -108,6 +108,9 @@ pub struct Summary {
     pub proxy_flops: crate::latency::proxy::Fidelity,
     pub proxy_table: crate::latency::proxy::Fidelity,
     pub search: Vec<Candidate>,
+    /// Why the export search hardly searched, when it measured fewer than four candidates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_warning: Option<String>,
     pub wall_s: f64,
     /// Kept width per gate group of the exported model, `group name → channels`.
     pub slim_widths: Vec<(String, i64)>,
