@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck disable=SC1091
 source scripts/gpu-env.sh
-H=target/release/hawada
+ROOT="$PWD"
+H="$ROOT/target/release/hawada"
 check_libraries gpu-stages.sh "$H"
 OUT="${OUT:-out}"
 mkdir -p "$OUT/tiny" "$OUT/fmnist"
@@ -40,7 +41,7 @@ base_width = 8
 channels_per_gate = 2
 [data]
 format = "idx"
-dir = ".cache/assets/fashion-mnist"
+dir = "$ROOT/.cache/assets/fashion-mnist"
 holdout = 500
 [latency]
 batch = 256
@@ -60,16 +61,16 @@ checkpoint_every = 20
 batch = 2000
 TOML
 ( cd "$OUT/tiny"
-  ../../$H run tiny.toml --run-dir first
-  ../../$H export tiny.toml --gates first/gates.json --run-dir second
+  "$H" run tiny.toml --run-dir first
+  "$H" export tiny.toml --gates first/gates.json --run-dir second
   if cmp first/slim-before-finetune/model.safetensors second/slim-before-finetune/model.safetensors; then
     echo "export --gates: slim model identical to the run's"
   else
     echo "export --gates: slim model DIFFERS from the run's (picks: $(grep -o '"picked": true' -c first/export.json))"
   fi
-  ../../$H export tiny.toml --fraction 0.6 --run-dir third
-  ../../$H finetune third/slim-before-finetune --teacher teacher --recipe tiny.toml --run-dir tuned
-  ../../$H eval tuned/slim --recipe tiny.toml
+  "$H" export tiny.toml --fraction 0.6 --run-dir third
+  "$H" finetune third/slim-before-finetune --teacher teacher --recipe tiny.toml --run-dir tuned
+  "$H" eval tuned/slim --recipe tiny.toml
   mkdir -p fixture && cp -r teacher fixture/teacher && cp -r third/slim-before-finetune fixture/slim
   rm -rf first/checkpoints second/checkpoints third/checkpoints tuned/checkpoints
 ) 2>&1 | tee "$OUT/tiny/log.txt"
