@@ -57,8 +57,8 @@ fn exercise_gguf(path: &Path) {
         for name in names {
             let _ = gguf.tensor(&name);
         }
-        let _ = hawada::io::gguf::llama_config(&gguf);
-        let _ = hawada::io::gguf::llama_tensors(&gguf);
+        let _ = hawada::io::gguf::decoder_config(&gguf);
+        let _ = hawada::io::gguf::decoder_tensors(&gguf);
         let _ = hawada::data::tokenizer_from_gguf(&gguf);
     }
 }

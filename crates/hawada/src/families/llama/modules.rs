@@ -209,7 +209,7 @@ impl DecoderLayer {
 
 impl AttentionSublayer {
     fn new(lp: &nn::Path, cfg: &LlamaConfig, i: usize, groups: AttentionGroups) -> Self {
-        let (d, head_dim, bias) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias);
+        let (d, head_dim, bias) = (cfg.hidden_size, cfg.head_dim(), cfg.qkv_bias());
         let (heads, kv_heads, _) = cfg.layer_widths(i);
         let attn = lp / "self_attn";
         AttentionSublayer {
@@ -218,7 +218,7 @@ impl AttentionSublayer {
                 q_proj: Linear::new(&attn / "q_proj", d, heads * head_dim, bias),
                 k_proj: Linear::new(&attn / "k_proj", d, kv_heads * head_dim, bias),
                 v_proj: Linear::new(&attn / "v_proj", d, kv_heads * head_dim, bias),
-                o_proj: Linear::new(&attn / "o_proj", heads * head_dim, d, bias),
+                o_proj: Linear::new(&attn / "o_proj", heads * head_dim, d, cfg.o_bias()),
                 heads,
                 kv_heads,
                 head_group: groups.head_group,
