@@ -1,5 +1,6 @@
-//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling), the
-//! KV-cache decode against the full forward, and parity with HF transformers'
+//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling; and
+//! the Qwen2 variant, whose q/k/v biases go with their heads), the KV-cache decode against the
+//! full forward, and parity with HF transformers'
 //! `LlamaForCausalLM` on a golden fixture (fixtures/llama, made by make_fixtures.py; tolerance:
 //! max abs ≤ 1e-4 × max |logit|).
 
@@ -19,7 +20,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use tiny_llama::model;
+use tiny_llama::{model, model_of};
 
 const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
 
@@ -398,4 +399,126 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
             &forward(loaded.as_ref(), &x, &masks)
         ) == 0.0
     );
+}
+
+fn qwen2(seed: i64) -> Llama {
+    model_of(LlamaConfig::tiny_qwen2(), seed)
+}
+
+#[test]
+fn qwen2_keep_all_gated_equals_teacher_and_its_biases_go_with_their_heads() {
+    let model = qwen2(1);
+    let names: Vec<String> = model.var_store().variables().into_keys().collect();
+    assert!(names.contains(&"model.layers.0.self_attn.q_proj.bias".to_string()));
+    assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias".to_string()));
+    let x = model.random_input(3, 10);
+    let teacher = forward(&model, &x, &Masks::none(model.groups().len()));
+    let gated = forward(
+        &model,
+        &x,
+        &Masks::from_keep(model.groups(), &KeepSet::all(model.groups()), OPTS),
+    );
+    assert!(max_abs(&teacher, &gated) <= 1e-5);
+    // q rows and their bias rows in the head group; k, v and theirs in the KV group.
+    for (kind, projs) in [
+        (UnitKind::Heads, vec!["q_proj"]),
+        (UnitKind::KvGroups, vec!["k_proj", "v_proj"]),
+    ] {
+        let group = model.groups().iter().find(|g| g.kind == kind).unwrap();
+        for proj in projs {
+            for part in ["weight", "bias"] {
+                let tensor = format!("model.layers.0.self_attn.{proj}.{part}");
+                assert!(
+                    group.members.iter().any(|m| m.tensor == tensor && m.axis == 0),
+                    "{tensor}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn qwen2_slim_equals_hard_masked_and_exports_as_qwen2() {
+    for seed in [3u64, 17, 40] {
+        let model = qwen2(seed as i64);
+        let keep = random_keep(&model, seed);
+        let x = model.random_input(2, 9);
+        let masked = forward(&model, &x, &Masks::from_keep(model.groups(), &keep, OPTS));
+        let slim = model.slim(&keep).unwrap();
+        let out = forward(slim.as_ref(), &x, &Masks::none(slim.groups().len()));
+        let scale = masked.abs().max().double_value(&[]).max(1e-6);
+        assert!(max_abs(&masked, &out) / scale <= 1e-4, "seed {seed}");
+        let cfg = slim.config_json();
+        assert_eq!(cfg["model_type"], "qwen2");
+        assert_eq!(cfg["architectures"], serde_json::json!(["Qwen2ForCausalLM"]));
+        assert_eq!(cfg["use_sliding_window"], false);
+    }
+    // Uniform widths: a stock Qwen2 config whose bias rows were sliced with their heads.
+    let model = qwen2(5);
+    let mut keep = KeepSet::all(model.groups());
+    for (i, g) in model.groups().iter().enumerate() {
+        match g.kind {
+            UnitKind::KvGroups => keep.0[i] = vec![1],
+            UnitKind::Heads => keep.0[i] = vec![2],
+            _ => {}
+        }
+    }
+    let slim = model.slim(&keep).unwrap();
+    let q_bias = &slim.var_store().variables()["model.layers.1.self_attn.q_proj.bias"];
+    let teacher_bias = &model.var_store().variables()["model.layers.1.self_attn.q_proj.bias"];
+    assert_eq!(max_abs(q_bias, &teacher_bias.narrow(0, 2 * 8, 8)), 0.0);
+    assert!(slim.config_json().get("hawada_heads").is_none());
+}
+
+#[test]
+fn qwen2_export_load_export_is_identity() {
+    let model = qwen2(3);
+    let mut keep = random_keep(&model, 11);
+    for (i, g) in model.groups().iter().enumerate() {
+        if g.name.starts_with("model.layers.0.") {
+            keep.0[i] = (0..g.len).collect();
+        }
+    }
+    let slim = model.slim(&keep).unwrap();
+    let loaded = common::export_roundtrip(slim.as_ref());
+    assert_eq!(loaded.config_json()["model_type"], "qwen2");
+    let x = model.random_input(1, 6);
+    let masks = Masks::none(slim.groups().len());
+    assert_eq!(
+        max_abs(
+            &forward(slim.as_ref(), &x, &masks),
+            &forward(loaded.as_ref(), &x, &masks)
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn a_sliding_window_that_would_change_results_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut qwen = serde_json::to_value(LlamaConfig::tiny_qwen2()).unwrap();
+    qwen["use_sliding_window"] = true.into();
+    qwen["sliding_window"] = 64.into();
+    qwen["max_window_layers"] = 1.into();
+    let mut mistral = serde_json::to_value(LlamaConfig::tiny()).unwrap();
+    mistral["model_type"] = "mistral".into();
+    mistral["sliding_window"] = 128.into();
+    for config in [qwen.clone(), mistral.clone()] {
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = families::load(dir.path(), Device::Cpu, Kind::Float, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("sliding_window") && err.contains("config.json"),
+            "{err}"
+        );
+    }
+    // A window as long as the context, or one no layer uses, changes nothing: both load.
+    qwen["max_window_layers"] = 2.into();
+    mistral["sliding_window"] = 256.into();
+    for config in [qwen, mistral] {
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        families::load(dir.path(), Device::Cpu, Kind::Float, true).unwrap();
+    }
 }
