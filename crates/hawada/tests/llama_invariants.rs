@@ -429,7 +429,10 @@ fn qwen2_keep_all_gated_equals_teacher_and_its_biases_go_with_their_heads() {
             for part in ["weight", "bias"] {
                 let tensor = format!("model.layers.0.self_attn.{proj}.{part}");
                 assert!(
-                    group.members.iter().any(|m| m.tensor == tensor && m.axis == 0),
+                    group
+                        .members
+                        .iter()
+                        .any(|m| m.tensor == tensor && m.axis == 0),
                     "{tensor}"
                 );
             }
@@ -450,7 +453,10 @@ fn qwen2_slim_equals_hard_masked_and_exports_as_qwen2() {
         assert!(max_abs(&masked, &out) / scale <= 1e-4, "seed {seed}");
         let cfg = slim.config_json();
         assert_eq!(cfg["model_type"], "qwen2");
-        assert_eq!(cfg["architectures"], serde_json::json!(["Qwen2ForCausalLM"]));
+        assert_eq!(
+            cfg["architectures"],
+            serde_json::json!(["Qwen2ForCausalLM"])
+        );
         assert_eq!(cfg["use_sliding_window"], false);
     }
     // Uniform widths: a stock Qwen2 config whose bias rows were sliced with their heads.
