@@ -174,8 +174,10 @@ fn unscaled_inverse_frequencies(head_dim: i64, theta: f64) -> Vec<f64> {
 /// for short ones and `1 / ((1 − s)/factor + s)` between). Only the wavelength thresholds
 /// `original / low_freq_factor` and `original / high_freq_factor` matter, so `original` (the
 /// GGUF's original context length, or 8192 as the converter assumes) fixes the scale. Tried:
-/// Llama 3.1's low/high 1 and 4, then the line through the smoothed factors; the one kept
-/// reproduces every factor to 1e-5 relative. `None` when none does (not a llama3 scaling).
+/// Llama 3.1's low/high 1 and 4, then thresholds fitted to the factors (the line through the
+/// smoothed ones; with one smoothed dim, Llama 3.1's ratio 4; with none, thresholds between the
+/// scaled and kept dims); the one kept reproduces every factor to 1e-5 relative. `None` when
+/// none does (not a llama3 scaling).
 pub(super) fn llama3_from_factors(
     factors: &[f32],
     head_dim: i64,
@@ -215,11 +217,29 @@ pub(super) fn llama3_from_factors(
         })
         .collect();
     let mut candidates = vec![with(1.0, 4.0)];
-    if let (Some(&(x0, s0)), Some(&(x1, s1))) = (smoothed.first(), smoothed.last()) {
-        if (x1 - x0).abs() > 0.0 && (s1 - s0).abs() > 0.0 {
-            let slope = (s1 - s0) / (x1 - x0);
-            let low = x0 - s0 / slope;
-            candidates.push(with(low, low + 1.0 / slope));
+    match smoothed[..] {
+        [] => {
+            // No smoothed dim: any thresholds between the scaled and the kept dims will do.
+            let x = |i: f64| original * i / (2.0 * std::f64::consts::PI);
+            let scaled = inv.iter().zip(factors).filter(|(_, &f)| f as f64 > 1.0);
+            let kept = inv.iter().zip(factors).filter(|(_, &f)| f as f64 <= 1.0);
+            let a = scaled.map(|(&i, _)| x(i)).fold(0.0, f64::max);
+            let b = kept.map(|(&i, _)| x(i)).fold(f64::INFINITY, f64::min);
+            if a < b && b.is_finite() {
+                candidates.push(with((2.0 * a + b) / 3.0, (a + 2.0 * b) / 3.0));
+            }
+        }
+        // One smoothed dim: Llama 3.1's high/low ratio of 4 fixes the line.
+        [(x, s)] => {
+            let low = x / (1.0 + 3.0 * s);
+            candidates.push(with(low, 4.0 * low));
+        }
+        [(x0, s0), .., (x1, s1)] => {
+            if (x1 - x0).abs() > 0.0 && (s1 - s0).abs() > 0.0 {
+                let slope = (s1 - s0) / (x1 - x0);
+                let low = x0 - s0 / slope;
+                candidates.push(with(low, low + 1.0 / slope));
+            }
         }
     }
     candidates.into_iter().find(|&c| reproduces(c))
@@ -251,5 +271,103 @@ impl Rotary {
         let half = x.size()[3] / 2;
         let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
         x * &self.cos + rotated * &self.sin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA31: RopeScaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_positions: 8192.0,
+    };
+
+    #[test]
+    fn llama3_inverse_frequencies_are_transformers_ones() {
+        // Llama-3.1-8B's rope (θ 500000, head_dim 128): inv_freq from transformers 5.25's
+        // ROPE_INIT_FUNCTIONS["llama3"] (f32), high-frequency dims kept, low-frequency ones
+        // divided by 8, dims 29..34 smoothed between. Tolerance 1e-6 relative: transformers
+        // computes in f32, HawAda in f64 then rounds.
+        let expected = [
+            (0, 1.0),
+            (10, 0.12868738174438477),
+            (28, 0.0032114461064338684),
+            (29, 0.0021665706299245358),
+            (30, 0.0013718936825171113),
+            (31, 0.0008567514596506953),
+            (32, 0.0005248460220173001),
+            (33, 0.0003126936499029398),
+            (34, 0.0001785077911335975),
+            (35, 9.556212171446532e-05),
+            (50, 4.411534519022098e-06),
+            (63, 3.068925877869333e-07),
+        ];
+        let inv = inverse_frequencies(128, 500000.0, LLAMA31);
+        let plain = inverse_frequencies(128, 500000.0, RopeScaling::Default);
+        for (i, want) in expected {
+            let got = inv[i] as f64;
+            assert!(
+                ((got - want) / want).abs() <= 1e-6,
+                "dim {i}: {got} vs {want}"
+            );
+        }
+        // The scaling changes what it should: dims 0..28 unchanged, 35.. divided by 8.
+        assert_eq!(inv[10], plain[10]);
+        assert!((plain[50] / inv[50] - 8.0).abs() < 1e-5);
+        assert!(plain[31] / inv[31] > 1.0 && plain[31] / inv[31] < 8.0);
+    }
+
+    /// The factors llama.cpp's converter writes to `rope_freqs.weight` for `scaling`.
+    fn converter_factors(head_dim: i64, theta: f64, scaling: RopeScaling) -> Vec<f32> {
+        let plain = inverse_frequencies(head_dim, theta, RopeScaling::Default);
+        let scaled = inverse_frequencies(head_dim, theta, scaling);
+        plain.iter().zip(&scaled).map(|(p, s)| p / s).collect()
+    }
+
+    #[test]
+    fn gguf_rope_factors_give_back_a_scaling_with_the_same_frequencies() {
+        let tiny = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_positions: 64.0,
+        };
+        // Llama 3.1 itself; a tiny head (one smoothed dim) whose original context the GGUF does
+        // not record (8192 assumed); and one with no smoothed dim at all.
+        for (head_dim, theta, scaling, original) in [
+            (128, 500000.0, LLAMA31, 8192.0),
+            (8, 10000.0, tiny, 8192.0),
+            (4, 10000.0, tiny, 8192.0),
+        ] {
+            let factors = converter_factors(head_dim, theta, scaling);
+            let fitted = llama3_from_factors(&factors, head_dim, theta, original).unwrap();
+            let (a, b) = (
+                inverse_frequencies(head_dim, theta, scaling),
+                inverse_frequencies(head_dim, theta, fitted),
+            );
+            for (x, y) in a.iter().zip(&b) {
+                assert!(((x - y) / x).abs() <= 1e-5, "{a:?} vs {b:?} ({fitted:?})");
+            }
+        }
+        assert_eq!(
+            llama3_from_factors(
+                &converter_factors(128, 500000.0, LLAMA31),
+                128,
+                500000.0,
+                8192.0
+            ),
+            Some(LLAMA31)
+        );
+        // Factors no llama3 scaling makes (rising, then falling): refused.
+        let mut odd = vec![1.0f32; 4];
+        odd[1] = 3.0;
+        assert_eq!(llama3_from_factors(&odd, 8, 10000.0, 8192.0), None);
+        assert_eq!(
+            llama3_from_factors(&[1.0; 4], 8, 10000.0, 8192.0),
+            Some(RopeScaling::Default)
+        );
     }
 }
