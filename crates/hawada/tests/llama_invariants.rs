@@ -1,8 +1,8 @@
 //! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling; and
 //! the Qwen2 variant, whose q/k/v biases go with their heads), the KV-cache decode against the
-//! full forward, and parity with HF transformers'
-//! `LlamaForCausalLM` on a golden fixture (fixtures/llama, made by make_fixtures.py; tolerance:
-//! max abs ≤ 1e-4 × max |logit|).
+//! full forward, and parity with HF transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM` and
+//! `MistralForCausalLM` on golden fixtures (fixtures/llama, fixtures/qwen2, fixtures/mistral,
+//! made by the make_fixtures.py scripts; tolerance: max abs ≤ 1e-4 × max |logit|).
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -255,6 +255,37 @@ fn matches_hf_transformers_llama_with_gqa_and_llama3_rope() {
         diff <= 1e-4 * scale,
         "max abs diff {diff} vs logit scale {scale}"
     );
+}
+
+#[test]
+fn matches_hf_transformers_qwen2_with_biases_and_mistral_and_exports_keep_their_type() {
+    // fixtures/qwen2/make_fixtures.py: tiny random Qwen2ForCausalLM and MistralForCausalLM.
+    for (name, architecture) in [
+        ("qwen2", "Qwen2ForCausalLM"),
+        ("mistral", "MistralForCausalLM"),
+    ] {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(name);
+        let model = families::load(&root.join("model"), Device::Cpu, Kind::Float, false).unwrap();
+        let io = hawada::io::safetensors::read(&root.join("io.safetensors")).unwrap();
+        let logits = forward(
+            model.as_ref(),
+            &io["input_ids"],
+            &Masks::none(model.groups().len()),
+        );
+        let scale = io["logits"].abs().max().double_value(&[]);
+        let diff = max_abs(&logits, &io["logits"]);
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: max abs diff {diff} vs logit scale {scale}"
+        );
+        let exported = common::export_roundtrip(model.as_ref()).config_json();
+        assert_eq!(exported["model_type"], name);
+        assert_eq!(exported["architectures"], serde_json::json!([architecture]));
+        // transformers' own keys travel: a null window stays null (Mistral's default is 4096).
+        assert_eq!(exported["sliding_window"], serde_json::Value::Null);
+    }
 }
 
 #[test]
