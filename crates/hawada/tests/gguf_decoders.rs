@@ -1,7 +1,7 @@
 //! Decoder GGUF files as llama.cpp's converter writes them, made here from tiny random models:
-//! a Llama with llama3 rope scaling (its `rope_freqs.weight` factors, q/k rows permuted) and a
-//! Qwen2 (q/k/v biases, `qwen2` keys, rows unpermuted) load with the logits of the HF model they
-//! came from (f32, max abs ≤ 1e-4 × max |logit|), their exports name the rope scaling and keep
+//! a Llama with llama3 rope scaling (its `rope_freqs.weight` factors, q/k rows permuted), a
+//! Qwen2 (q/k/v biases, `qwen2` keys, rows unpermuted) and a Qwen3 (per-head q/k norms) load with
+//! the logits of the HF model they came from (f32, max abs ≤ 1e-4 × max |logit|), their exports name the rope scaling and keep
 //! the architecture; features this reader does not handle (an architecture, a metadata key, a
 //! tensor, a quantised tensor of the wrong size) are errors naming them.
 
@@ -107,6 +107,8 @@ fn gguf_name(hf: &str) -> String {
         .replace("self_attn.k_proj", "attn_k")
         .replace("self_attn.v_proj", "attn_v")
         .replace("self_attn.o_proj", "attn_output")
+        .replace("self_attn.q_norm", "attn_q_norm")
+        .replace("self_attn.k_norm", "attn_k_norm")
         .replace("mlp.gate_proj", "ffn_gate")
         .replace("mlp.up_proj", "ffn_up")
         .replace("mlp.down_proj", "ffn_down")
@@ -233,24 +235,28 @@ fn a_llama3_rope_gguf_gives_its_hf_models_logits_and_exports_the_scaling() {
 }
 
 #[test]
-fn a_qwen2_gguf_gives_its_hf_models_logits_and_exports_as_qwen2() {
-    let cfg = LlamaConfig::tiny_qwen2();
-    let model = model_of(cfg.clone(), 4);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("qwen2.gguf");
-    to_gguf(&model, &cfg, "qwen2").write(&path);
-    let x = model.random_input(2, 12);
-    let loaded = families::load(&path, Device::Cpu, Kind::Float, false).unwrap();
-    assert!(close(&logits(loaded.as_ref(), &x), &logits(&model, &x)));
-    let config = loaded.config_json();
-    assert_eq!(config["model_type"], "qwen2");
-    assert_eq!(
-        config["architectures"],
-        serde_json::json!(["Qwen2ForCausalLM"])
-    );
-    assert_eq!(config["tie_word_embeddings"], false);
-    let exported = common::export_roundtrip(loaded.as_ref());
-    assert_eq!(exported.config_json()["model_type"], "qwen2");
+fn qwen2_and_qwen3_ggufs_give_their_hf_models_logits_and_export_their_type() {
+    for (cfg, arch, architecture) in [
+        (LlamaConfig::tiny_qwen2(), "qwen2", "Qwen2ForCausalLM"),
+        (LlamaConfig::tiny_qwen3(), "qwen3", "Qwen3ForCausalLM"),
+    ] {
+        let model = model_of(cfg.clone(), 4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{arch}.gguf"));
+        to_gguf(&model, &cfg, arch).write(&path);
+        let x = model.random_input(2, 12);
+        let loaded = families::load(&path, Device::Cpu, Kind::Float, false).unwrap();
+        assert!(
+            close(&logits(loaded.as_ref(), &x), &logits(&model, &x)),
+            "{arch}"
+        );
+        let config = loaded.config_json();
+        assert_eq!(config["model_type"], arch);
+        assert_eq!(config["architectures"], serde_json::json!([architecture]));
+        assert_eq!(config["tie_word_embeddings"], false);
+        let exported = common::export_roundtrip(loaded.as_ref());
+        assert_eq!(exported.config_json()["model_type"], arch);
+    }
 }
 
 /// The load error of the tiny Qwen2's GGUF after `edit`.
@@ -276,7 +282,7 @@ fn unsupported_gguf_features_are_errors_naming_them() {
     assert!(
         err.contains("general.architecture")
             && err.contains("gemma2")
-            && err.contains("llama, qwen2"),
+            && err.contains("llama, qwen2, qwen3"),
         "{err}"
     );
     let err = qwen2_gguf_error(|f| f.meta("qwen2.attention.sliding_window", Meta::U32(128)));

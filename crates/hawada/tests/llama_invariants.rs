@@ -1,8 +1,9 @@
-//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling; and
-//! the Qwen2 variant, whose q/k/v biases go with their heads), the KV-cache decode against the
-//! full forward, and parity with HF transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM` and
-//! `MistralForCausalLM` on golden fixtures (fixtures/llama, fixtures/qwen2, fixtures/mistral,
-//! made by the make_fixtures.py scripts; tolerance: max abs ≤ 1e-4 × max |logit|).
+//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling; the
+//! Qwen2 variant, whose q/k/v biases go with their heads; Qwen3's per-head q/k norms), the
+//! KV-cache decode against the full forward, and parity with HF transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM` and
+//! `MistralForCausalLM`, `Qwen3ForCausalLM` on golden fixtures (fixtures/llama, fixtures/qwen2,
+//! fixtures/mistral, fixtures/qwen3, made by the make_fixtures.py scripts; tolerance: max abs
+//! ≤ 1e-4 × max |logit|).
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -258,11 +259,13 @@ fn matches_hf_transformers_llama_with_gqa_and_llama3_rope() {
 }
 
 #[test]
-fn matches_hf_transformers_qwen2_with_biases_and_mistral_and_exports_keep_their_type() {
-    // fixtures/qwen2/make_fixtures.py: tiny random Qwen2ForCausalLM and MistralForCausalLM.
+fn matches_hf_transformers_qwen2_mistral_and_qwen3_and_exports_keep_their_type() {
+    // fixtures/qwen2/make_fixtures.py: tiny random Qwen2ForCausalLM (q/k/v biases),
+    // MistralForCausalLM and Qwen3ForCausalLM (per-head q/k norms).
     for (name, architecture) in [
         ("qwen2", "Qwen2ForCausalLM"),
         ("mistral", "MistralForCausalLM"),
+        ("qwen3", "Qwen3ForCausalLM"),
     ] {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../fixtures")
@@ -558,4 +561,38 @@ fn a_sliding_window_that_would_change_results_is_refused_by_name() {
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
         families::load(dir.path(), Device::Cpu, Kind::Float, true).unwrap();
     }
+}
+
+#[test]
+fn qwen3_invariants_hold_with_its_per_head_qk_norms() {
+    let model = model_of(LlamaConfig::tiny_qwen3(), 8);
+    let names: Vec<String> = model.var_store().variables().into_keys().collect();
+    assert!(names.contains(&"model.layers.1.self_attn.k_norm.weight".to_string()));
+    let x = model.random_input(2, 9);
+    let none = Masks::none(model.groups().len());
+    let teacher = forward(&model, &x, &none);
+    let all = Masks::from_keep(model.groups(), &KeepSet::all(model.groups()), OPTS);
+    assert!(max_abs(&teacher, &forward(&model, &x, &all)) <= 1e-5);
+    for seed in [2u64, 9, 31] {
+        let keep = random_keep(&model, seed);
+        let masked = forward(&model, &x, &Masks::from_keep(model.groups(), &keep, OPTS));
+        let slim = model.slim(&keep).unwrap();
+        let out = forward(slim.as_ref(), &x, &Masks::none(slim.groups().len()));
+        let scale = masked.abs().max().double_value(&[]).max(1e-6);
+        assert!(max_abs(&masked, &out) / scale <= 1e-4, "seed {seed}");
+        let loaded = common::export_roundtrip(slim.as_ref());
+        assert_eq!(loaded.config_json()["model_type"], "qwen3");
+    }
+    // The fused inference copy norms q and k heads apart from the one GEMM.
+    let mut fused = Llama::new(LlamaConfig::tiny_qwen3(), Device::Cpu, Path::new("copy")).unwrap();
+    hawada::io::safetensors::load_into(
+        fused.var_store(),
+        &hawada::io::safetensors::named_tensors(model.var_store()),
+        Path::new("copy"),
+    )
+    .unwrap();
+    fused
+        .fuse_for_inference(hawada::model::NormFolding::Keep)
+        .unwrap();
+    assert!(max_abs(&teacher, &forward(&fused, &x, &none)) <= 1e-5);
 }

@@ -29,7 +29,7 @@ pub fn has_weights(path: &Path) -> bool {
         || path.join("model.safetensors.index.json").exists()
 }
 
-/// Loads the model at `path`: a GGUF file (a `llama` or `qwen2` decoder, dequantised), an ONNX file (a DINOv2 backbone
+/// Loads the model at `path`: a GGUF file (a `llama`, `qwen2` or `qwen3` decoder, dequantised), an ONNX file (a DINOv2 backbone
 /// exported from transformers), or a directory (`config.json` + weights) dispatched on
 /// `model_type`. With `random_init`, only the config is read and weights are random.
 pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Result<Box<dyn Family>> {
@@ -63,7 +63,9 @@ pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Resul
     match model_type.as_str() {
         "resnet" => resnet::load(dir, config, device, kind, random_init),
         "vit" | "dinov2" => vit::load(dir, config, device, kind, random_init),
-        "llama" | "mistral" | "qwen2" => llama::load(dir, config, device, kind, random_init),
+        "llama" | "mistral" | "qwen2" | "qwen3" => {
+            llama::load(dir, config, device, kind, random_init)
+        }
         other => Err(Error::config(
             &config_path,
             "model_type",

@@ -1,5 +1,5 @@
-//! `config.json` of a LLaMA-style decoder: HF `LlamaConfig` fields (which `MistralConfig` and
-//! `Qwen2Config` share), HawAda's gate size and the slim widths (shared with ViT, flattened so
+//! `config.json` of a LLaMA-style decoder: HF `LlamaConfig` fields (which `MistralConfig`,
+//! `Qwen2Config` and `Qwen3Config` share), HawAda's gate size and the slim widths (shared with ViT, flattened so
 //! the `hawada_*` keys stay top-level), with presets and validation. `model_type` picks the
 //! [`Variant`]; the variants' own keys (`use_sliding_window`, `sliding_window`,
 //! `max_window_layers`, `layer_types`) stay in `other`, written back as they were read, and are
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// `config.json` of a causal LM (HF `LlamaConfig` fields, plus HawAda's gate size and slim
-/// widths); `model_type` is `llama`, `mistral` or `qwen2` (see [`Variant`]). Both rope conventions read: `rope_theta` + `rope_scaling` (transformers 4) and
+/// widths); `model_type` is `llama`, `mistral`, `qwen2` or `qwen3` (see [`Variant`]). Both rope conventions read: `rope_theta` + `rope_scaling` (transformers 4) and
 /// `rope_parameters` (transformers 5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
@@ -73,10 +73,13 @@ pub enum Variant {
     /// `Qwen2ForCausalLM`: q, k and v always have biases, o never; sliding window refused
     /// where it would bite.
     Qwen2,
+    /// `Qwen3ForCausalLM`: Qwen2's window rule, biases as Llama's `attention_bias`, and an
+    /// RMSNorm over each query and key head (`q_norm`, `k_norm`, `[head_dim]`) before rope.
+    Qwen3,
 }
 
 /// The `model_type`s of [`Variant`], for errors.
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2";
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
 
 fn default_act() -> String {
     "silu".into()
@@ -164,6 +167,16 @@ impl LlamaConfig {
         }
     }
 
+    /// A Qwen3 of the tiny shapes (q/k norms, no biases, no rope scaling, untied head), for
+    /// tests.
+    pub fn tiny_qwen3() -> Self {
+        LlamaConfig {
+            architectures: vec!["Qwen3ForCausalLM".into()],
+            model_type: "qwen3".into(),
+            ..Self::tiny_qwen2()
+        }
+    }
+
     /// The variant `model_type` names, or an error listing the supported ones.
     pub fn variant(&self, file: &Path) -> Result<Variant> {
         self.known_variant().ok_or_else(|| {
@@ -183,6 +196,7 @@ impl LlamaConfig {
             "llama" => Some(Variant::Llama),
             "mistral" => Some(Variant::Mistral),
             "qwen2" => Some(Variant::Qwen2),
+            "qwen3" => Some(Variant::Qwen3),
             _ => None,
         }
     }
@@ -195,6 +209,11 @@ impl LlamaConfig {
     /// Whether the o projection has a bias (Qwen2's never has).
     pub(super) fn o_bias(&self) -> bool {
         self.attention_bias && self.known_variant() != Some(Variant::Qwen2)
+    }
+
+    /// Whether each query and key head is RMS-normed before rope (Qwen3).
+    pub(super) fn qk_norm(&self) -> bool {
+        self.known_variant() == Some(Variant::Qwen3)
     }
 
     pub fn kv_heads(&self) -> i64 {
@@ -272,21 +291,23 @@ impl LlamaConfig {
         let sliding_layers = match variant {
             Variant::Llama => 0,
             Variant::Mistral => self.num_hidden_layers,
-            Variant::Qwen2 => match self.other.get("layer_types").and_then(|v| v.as_array()) {
-                Some(types) => types
-                    .iter()
-                    .filter(|t| t.as_str() == Some("sliding_attention"))
-                    .count(),
-                None if self.other.get("use_sliding_window") == Some(&true.into()) => {
-                    let first = self
-                        .other
-                        .get("max_window_layers")
-                        .and_then(|v| v.as_u64())
-                        .unwrap_or(0) as usize;
-                    self.num_hidden_layers.saturating_sub(first)
+            Variant::Qwen2 | Variant::Qwen3 => {
+                match self.other.get("layer_types").and_then(|v| v.as_array()) {
+                    Some(types) => types
+                        .iter()
+                        .filter(|t| t.as_str() == Some("sliding_attention"))
+                        .count(),
+                    None if self.other.get("use_sliding_window") == Some(&true.into()) => {
+                        let first = self
+                            .other
+                            .get("max_window_layers")
+                            .and_then(|v| v.as_u64())
+                            .unwrap_or(0) as usize;
+                        self.num_hidden_layers.saturating_sub(first)
+                    }
+                    None => 0,
                 }
-                None => 0,
-            },
+            }
         };
         match window {
             Some(window) if sliding_layers > 0 && window < self.max_position_embeddings => {

@@ -1,11 +1,11 @@
-//! LLaMA-style decoders (Llama-3.x, SmolLM2, and the variants Mistral and Qwen2/2.5 with their
-//! q/k/v biases) in Hugging Face's `LlamaForCausalLM` / `MistralForCausalLM` /
-//! `Qwen2ForCausalLM` layout and names (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`,
+//! LLaMA-style decoders (Llama-3.x, SmolLM2, and the variants Mistral, Qwen2/2.5 with their
+//! q/k/v biases and Qwen3 with its per-head q/k norms) in Hugging Face's `LlamaForCausalLM` /
+//! `MistralForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` layout and names (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`,
 //! `lm_head`): RMSNorm, rotary position embeddings (default, linear or `llama3` scaling, HF's
 //! half-split `rotate_half` layout), SwiGLU
 //! (`down(silu(gate(x)) · up(x))`), grouped-query attention through
 //! `scaled_dot_product_attention` with `enable_gqa`, tied or untied embeddings, and a KV cache
-//! for decoding. GGUF files (`llama`, `qwen2`) load through `io::gguf`, which maps names and
+//! for decoding. GGUF files (`llama`, `qwen2`, `qwen3`) load through `io::gguf`, which maps names and
 //! undoes llama.cpp's q/k row permutation. A slim export keeps the source's `model_type`.
 //!
 //! Files: `config` (serde config, validation), `rope` (rotary embeddings), `modules` (the
@@ -307,7 +307,7 @@ pub fn load(
     Ok(Box::new(from_dir(dir, config, device, kind, random_init)?))
 }
 
-/// Builds a decoder from a GGUF file (`llama` or `qwen2` architecture), dequantised (see
+/// Builds a decoder from a GGUF file (`llama`, `qwen2` or `qwen3` architecture), dequantised (see
 /// `io::gguf`), in `kind`; llama3 rope factors become the config's `rope_scaling`.
 pub fn from_gguf(path: &Path, device: Device, kind: Kind) -> Result<Llama> {
     use crate::io::gguf;

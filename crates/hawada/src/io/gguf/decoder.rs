@@ -1,6 +1,6 @@
-//! A decoder's GGUF (llama.cpp architectures `llama` and `qwen2`) as an HF checkpoint: tensor
-//! names mapped to `LlamaForCausalLM` / `Qwen2ForCausalLM` names (q/k rows of `llama` files
-//! un-permuted), and an HF config from the `{arch}.*` metadata. Every `{arch}.*` key is either
+//! A decoder's GGUF (llama.cpp architectures `llama`, `qwen2` and `qwen3`) as an HF checkpoint:
+//! tensor names mapped to `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` names
+//! (q/k rows of `llama` files un-permuted), and an HF config from the `{arch}.*` metadata. Every `{arch}.*` key is either
 //! read or refused by name: a key this reader does not know could change the model (an expert
 //! count, a rope scaling), so it is an error, never skipped. `rope_freqs.weight` (llama3 rope
 //! factors) is left to the family, which turns it into `rope_scaling`.
@@ -13,7 +13,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 /// The GGUF architectures (`general.architecture`) this reader maps.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2, qwen3";
 
 /// llama3-style rope frequency factors, `[head_dim / 2]` f32: llama.cpp divides each inverse
 /// frequency by its factor.
@@ -24,6 +24,7 @@ pub const ROPE_FREQS: &str = "rope_freqs.weight";
 enum Architecture {
     Llama,
     Qwen2,
+    Qwen3,
 }
 
 impl Architecture {
@@ -35,6 +36,7 @@ impl Architecture {
         match arch {
             "llama" => Ok(Architecture::Llama),
             "qwen2" => Ok(Architecture::Qwen2),
+            "qwen3" => Ok(Architecture::Qwen3),
             other => Err(Error::config(
                 &gguf.file,
                 "general.architecture",
@@ -47,6 +49,7 @@ impl Architecture {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 
@@ -55,13 +58,19 @@ impl Architecture {
         match self {
             Architecture::Llama => ("LlamaForCausalLM", "llama"),
             Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         }
     }
 
     /// llama.cpp's converter permutes q/k rows for `llama` (its rope kernel rotates adjacent
-    /// pairs); `qwen2` files keep HF's half-split order (llama.cpp's NEOX rope).
+    /// pairs); `qwen2`/`qwen3` files keep HF's half-split order (llama.cpp's NEOX rope).
     fn permutes_rotary_rows(self) -> bool {
         self == Architecture::Llama
+    }
+
+    /// Whether its layers have per-head q/k norms (`attn_q_norm`, `attn_k_norm`).
+    fn has_qk_norm(self) -> bool {
+        self == Architecture::Qwen3
     }
 }
 
@@ -178,12 +187,16 @@ impl Meta<'_> {
         Ok(())
     }
 
-    /// `rope_scaling` of the metadata: `None` for none, linear as HF's `linear` rope type.
-    /// (llama3 scaling comes as `rope_freqs.weight`, read by the family.)
+    /// `rope_scaling` of the metadata: `None` for none, linear as HF's `linear` rope type (as
+    /// llama.cpp, a factor without a type is linear). (llama3 scaling comes as
+    /// `rope_freqs.weight`, read by the family.)
     fn rope_scaling(&self) -> Result<serde_json::Value> {
-        let kind = self
-            .value("rope.scaling.type")
-            .map(|v| v.as_str().unwrap_or("?").to_string());
+        let factor = self.float("rope.scaling.factor")?;
+        let kind = match self.value("rope.scaling.type") {
+            Some(v) => Some(v.as_str().unwrap_or("?").to_string()),
+            None if factor.is_some_and(|f| f != 0.0 && f != 1.0) => Some("linear".into()),
+            None => None,
+        };
         match kind.as_deref() {
             None | Some("none") => Ok(serde_json::Value::Null),
             Some("linear") => Ok(serde_json::json!({
@@ -264,13 +277,17 @@ pub fn decoder_config(gguf: &Gguf) -> Result<serde_json::Value> {
         config["rope_scaling"] = rope_scaling;
     }
     match arch {
-        // A llama GGUF with q biases comes from a checkpoint with `attention_bias` (q, k, v and
-        // o biases).
+        // A llama/qwen3 GGUF with q biases comes from a checkpoint with `attention_bias` (q, k,
+        // v and o biases).
         Architecture::Llama => {
             config["attention_bias"] = gguf.tensors.contains_key("blk.0.attn_q.bias").into();
         }
-        // llama.cpp attends over the whole context for qwen2: no sliding window.
+        // llama.cpp attends over the whole context for qwen2/qwen3: no sliding window.
         Architecture::Qwen2 => config["use_sliding_window"] = false.into(),
+        Architecture::Qwen3 => {
+            config["attention_bias"] = gguf.tensors.contains_key("blk.0.attn_q.bias").into();
+            config["use_sliding_window"] = false.into();
+        }
     }
     Ok(config)
 }
@@ -356,8 +373,26 @@ const LAYER_TENSORS: &[(&str, &str)] = &[
     ("ffn_norm.weight", "post_attention_layernorm.weight"),
 ];
 
-/// HF name of a GGUF decoder tensor, or `None` if it is not one this reader maps.
-fn hf_name(gguf_name: &str) -> Option<String> {
+/// Per-head q/k norms, for architectures that have them.
+const QK_NORM_TENSORS: &[(&str, &str)] = &[
+    ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+];
+
+/// The layer tensors of `arch`.
+fn layer_tensors(
+    arch: Architecture,
+) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let norms = if arch.has_qk_norm() {
+        QK_NORM_TENSORS
+    } else {
+        &[]
+    };
+    LAYER_TENSORS.iter().chain(norms)
+}
+
+/// HF name of a GGUF decoder tensor of `arch`, or `None` if it is not one this reader maps.
+fn hf_name(arch: Architecture, gguf_name: &str) -> Option<String> {
     let fixed = match gguf_name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -370,7 +405,7 @@ fn hf_name(gguf_name: &str) -> Option<String> {
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (_, hf) = LAYER_TENSORS.iter().find(|(g, _)| *g == tail)?;
+    let (_, hf) = layer_tensors(arch).find(|(g, _)| *g == tail)?;
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
@@ -387,8 +422,8 @@ pub fn decoder_tensors(gguf: &Gguf) -> Result<BTreeMap<String, Tensor>> {
         if name == ROPE_FREQS {
             continue;
         }
-        let Some(hf) = hf_name(name) else {
-            let known: Vec<&str> = LAYER_TENSORS.iter().map(|(g, _)| *g).collect();
+        let Some(hf) = hf_name(arch, name) else {
+            let known: Vec<&str> = layer_tensors(arch).map(|(g, _)| *g).collect();
             return Err(Error::Data {
                 file: file.to_path_buf(),
                 reason: format!(
@@ -447,6 +482,7 @@ mod tests {
 
     #[test]
     fn names_map_to_hf_and_unknown_ones_do_not() {
+        let hf_name = |name| hf_name(Architecture::Qwen2, name);
         assert_eq!(
             hf_name("blk.7.ffn_gate.weight").as_deref(),
             Some("model.layers.7.mlp.gate_proj.weight")
@@ -462,5 +498,9 @@ mod tests {
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("blk.0.attn_q_norm.weight"), None);
         assert_eq!(hf_name("something"), None);
+        assert_eq!(
+            super::hf_name(Architecture::Qwen3, "blk.1.attn_k_norm.weight").as_deref(),
+            Some("model.layers.1.self_attn.k_norm.weight")
+        );
     }
 }
