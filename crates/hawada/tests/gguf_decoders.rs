@@ -1,9 +1,10 @@
-//! Decoder GGUF files as llama.cpp's converter writes them, made here from tiny random models:
-//! a Llama with llama3 rope scaling (its `rope_freqs.weight` factors, q/k rows permuted), a
-//! Qwen2 (q/k/v biases, `qwen2` keys, rows unpermuted) and a Qwen3 (per-head q/k norms) load with
-//! the logits of the HF model they came from (f32, max abs ≤ 1e-4 × max |logit|), their exports name the rope scaling and keep
-//! the architecture; features this reader does not handle (an architecture, a metadata key, a
-//! tensor, a quantised tensor of the wrong size) are errors naming them.
+//! Decoder GGUF files as llama.cpp's converter writes them, made here from tiny random models: a
+//! Llama with llama3 rope scaling (its `rope_freqs.weight` factors, q/k rows permuted), a Qwen2
+//! (q/k/v biases, `qwen2` keys, rows unpermuted) and a Qwen3 (per-head q/k norms) load with the
+//! logits of the HF model they came from (f32, max abs ≤ 1e-4 × max |logit|), their exports name
+//! the rope scaling and keep the architecture; features this reader does not handle (an
+//! architecture, a metadata key, a tensor, a quantised tensor of the wrong size) are errors naming
+//! them.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 

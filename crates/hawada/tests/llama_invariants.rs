@@ -1,9 +1,9 @@
-//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling; the
-//! Qwen2 variant, whose q/k/v biases go with their heads; Qwen3's per-head q/k norms), the
-//! KV-cache decode against the full forward, and parity with HF transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM` and
-//! `MistralForCausalLM`, `Qwen3ForCausalLM` on golden fixtures (fixtures/llama, fixtures/qwen2,
-//! fixtures/mistral, fixtures/qwen3, made by the make_fixtures.py scripts; tolerance: max abs
-//! ≤ 1e-4 × max |logit|).
+//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling; the Qwen2
+//! variant, whose q/k/v biases go with their heads; Qwen3's per-head q/k norms), the KV-cache
+//! decode against the full forward, and parity with HF transformers' `LlamaForCausalLM`,
+//! `Qwen2ForCausalLM` and `MistralForCausalLM`, `Qwen3ForCausalLM` on golden fixtures
+//! (fixtures/llama, fixtures/qwen2, fixtures/mistral, fixtures/qwen3, made by the make_fixtures.py
+//! scripts; tolerance: max abs ≤ 1e-4 × max |logit|).
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 

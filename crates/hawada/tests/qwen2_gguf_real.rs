@@ -7,8 +7,8 @@
 //! tokens after a code prompt are the same.
 //!
 //! Not in CI (`#[ignore]`): a 491 MB download, ~7.3 GB peak memory (the dequantised f32 tensors
-//! beside the f32 model) and 40–55 s on 2 cores. Run it with
-//! `scripts/fetch-assets.sh qwen25-coder-05b && cargo test --release --test qwen2_gguf_real -- --ignored`.
+//! beside the f32 model) and 40–55 s on 2 cores. Run it with `scripts/fetch-assets.sh
+//! qwen25-coder-05b`, then `cargo test --release --test qwen2_gguf_real -- --ignored`.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -31,7 +31,7 @@ fn ids(value: &serde_json::Value) -> Vec<i64> {
 }
 
 #[test]
-#[ignore = "491 MB asset, 7.3 GB peak memory: scripts/fetch-assets.sh qwen25-coder-05b, then --ignored"]
+#[ignore = "491 MB asset, 7.3 GB peak: scripts/fetch-assets.sh qwen25-coder-05b, then --ignored"]
 fn real_qwen25_coder_gguf_matches_transformers_perplexity_and_greedy_tokens() {
     let path =
         root().join(".cache/assets/qwen25-coder-05b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");

@@ -1,7 +1,7 @@
 //! `config.json` of a LLaMA-style decoder: HF `LlamaConfig` fields (which `MistralConfig`,
-//! `Qwen2Config` and `Qwen3Config` share), HawAda's gate size and the slim widths (shared with ViT, flattened so
-//! the `hawada_*` keys stay top-level), with presets and validation. `model_type` picks the
-//! [`Variant`]; the variants' own keys (`use_sliding_window`, `sliding_window`,
+//! `Qwen2Config` and `Qwen3Config` share), HawAda's gate size and the slim widths (shared with ViT,
+//! flattened so the `hawada_*` keys stay top-level), with presets and validation. `model_type`
+//! picks the [`Variant`]; the variants' own keys (`use_sliding_window`, `sliding_window`,
 //! `max_window_layers`, `layer_types`) stay in `other`, written back as they were read, and are
 //! checked here.
 
@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// `config.json` of a causal LM (HF `LlamaConfig` fields, plus HawAda's gate size and slim
-/// widths); `model_type` is `llama`, `mistral`, `qwen2` or `qwen3` (see [`Variant`]). Both rope conventions read: `rope_theta` + `rope_scaling` (transformers 4) and
-/// `rope_parameters` (transformers 5).
+/// widths); `model_type` is `llama`, `mistral`, `qwen2` or `qwen3` (see [`Variant`]). Both
+/// rope conventions read: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters`
+/// (transformers 5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     pub architectures: Vec<String>,
@@ -284,8 +285,9 @@ impl LlamaConfig {
     }
 
     /// Sliding-window attention is refused where it would change results: a window shorter than
-    /// the context on some layer (Mistral: `sliding_window`; Qwen2: `use_sliding_window` on the
-    /// layers from `max_window_layers`, or `layer_types`). HawAda attends to the whole context.
+    /// the context on some layer (Mistral: `sliding_window`; Qwen2/Qwen3: `use_sliding_window` on
+    /// the layers from `max_window_layers`, or `layer_types`). HawAda attends to the whole
+    /// context.
     fn check_sliding_window(&self, file: &Path, variant: Variant) -> Result<()> {
         let window = self.other.get("sliding_window").and_then(|v| v.as_i64());
         let sliding_layers = match variant {

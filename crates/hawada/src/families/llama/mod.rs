@@ -1,24 +1,24 @@
-//! LLaMA-style decoders (Llama-3.x, SmolLM2, and the variants Mistral, Qwen2/2.5 with their
-//! q/k/v biases and Qwen3 with its per-head q/k norms) in Hugging Face's `LlamaForCausalLM` /
-//! `MistralForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` layout and names (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`,
-//! `lm_head`): RMSNorm, rotary position embeddings (default, linear or `llama3` scaling, HF's
-//! half-split `rotate_half` layout), SwiGLU
-//! (`down(silu(gate(x)) · up(x))`), grouped-query attention through
-//! `scaled_dot_product_attention` with `enable_gqa`, tied or untied embeddings, and a KV cache
-//! for decoding. GGUF files (`llama`, `qwen2`, `qwen3`) load through `io::gguf`, which maps names and
-//! undoes llama.cpp's q/k row permutation. A slim export keeps the source's `model_type`.
+//! LLaMA-style decoders (Llama-3.x, SmolLM2, and the variants Mistral, Qwen2/2.5 with their q/k/v
+//! biases and Qwen3 with its per-head q/k norms) in Hugging Face's `LlamaForCausalLM` /
+//! `MistralForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` layout and names
+//! (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`, `lm_head`): RMSNorm, rotary position
+//! embeddings (default, linear or `llama3` scaling, HF's half-split `rotate_half` layout), SwiGLU
+//! (`down(silu(gate(x)) · up(x))`), grouped-query attention through `scaled_dot_product_attention`
+//! with `enable_gqa`, tied or untied embeddings, and a KV cache for decoding. GGUF files (`llama`,
+//! `qwen2`, `qwen3`) load through `io::gguf`, which maps names and undoes llama.cpp's q/k row
+//! permutation. A slim export keeps the source's `model_type`.
 //!
 //! Files: `config` (serde config, validation), `rope` (rotary embeddings), `modules` (the
 //! layers, named like the checkpoint), `groups` (gate groups and cost sites: the coupling as
 //! data), `slim` (the slim model of a keep-set), `decode` (KV-cache generation and workloads).
 //!
-//! Gate groups (DESIGN §2), per layer: whole KV groups (k, v rows), query heads (q rows and
-//! o_proj columns) that *follow* their KV group, so a query head keeps its own KV head and a KV
-//! group goes with all its query heads (q/k/v bias rows go with their head); SwiGLU units in groups of `channels_per_gate` (gate and
-//! up rows, down columns together). RoPE is untouched by pruning: it acts within a head. A slim
-//! export is the stock config plus per-layer `hawada_heads`, `hawada_kv_heads` and
-//! `hawada_intermediate_sizes`; when every layer shares one width those lists are dropped and the
-//! config is a stock `LlamaConfig`.
+//! Gate groups (DESIGN §2), per layer: whole KV groups (k, v rows), query heads (q rows and o_proj
+//! columns) that *follow* their KV group, so a query head keeps its own KV head and a KV group goes
+//! with all its query heads (q/k/v bias rows go with their head); SwiGLU units in groups of
+//! `channels_per_gate` (gate and up rows, down columns together). RoPE is untouched by pruning: it
+//! acts within a head. A slim export is the stock config plus per-layer `hawada_heads`,
+//! `hawada_kv_heads` and `hawada_intermediate_sizes`; when every layer shares one width those lists
+//! are dropped and the config is a stock `LlamaConfig`.
 
 mod config;
 mod decode;

@@ -1,8 +1,8 @@
 //! LLaMA's modules as plain structs whose fields are the checkpoint's names
-//! (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`, `…input_layernorm`): RMSNorm, grouped-query
-//! attention through `scaled_dot_product_attention` with `enable_gqa` and a KV cache (and
-//! Qwen3's per-head q/k RMSNorm), SwiGLU
-//! (`down(silu(gate(x)) · up(x))`), and the decoder layer of two optional sublayers.
+//! (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`, `…input_layernorm`): RMSNorm,
+//! grouped-query attention through `scaled_dot_product_attention` with `enable_gqa` and a KV cache
+//! (and Qwen3's per-head q/k RMSNorm), SwiGLU (`down(silu(gate(x)) · up(x))`), and the decoder
+//! layer of two optional sublayers.
 
 use super::super::layers::Linear;
 use super::super::layers::MlpGroups;

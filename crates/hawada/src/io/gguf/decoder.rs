@@ -1,10 +1,11 @@
 //! A decoder's GGUF (llama.cpp architectures `llama`, `qwen2` and `qwen3`) as an HF checkpoint:
-//! tensor names mapped to `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` names
-//! (q/k rows of `llama` files un-permuted), and an HF config from the `{arch}.*` metadata. Every `{arch}.*` key is either
-//! read or refused by name: a key this reader does not know could change the model (an expert
-//! count, a rope scaling), so it is an error, never skipped. `rope_freqs.weight` (llama3 rope
-//! factors) is left to the family, which turns it into `rope_scaling`.
-//! Keys: llama.cpp `gguf-py/gguf/constants.py` (`Keys.LLM`, `Keys.Attention`, `Keys.Rope`).
+//! tensor names mapped to `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` names (q/k
+//! rows of `llama` files un-permuted), and an HF config from the `{arch}.*` metadata. Every
+//! `{arch}.*` key is either read or refused by name: a key this reader does not know could change
+//! the model (an expert count, a rope scaling), so it is an error, never skipped.
+//! `rope_freqs.weight` (llama3 rope factors) is left to the family, which turns it into
+//! `rope_scaling`. Keys: llama.cpp `gguf-py/gguf/constants.py` (`Keys.LLM`, `Keys.Attention`,
+//! `Keys.Rope`).
 
 use super::{Gguf, Value};
 use crate::error::{Error, Result};
@@ -181,7 +182,10 @@ impl Meta<'_> {
             return Err(Error::config(
                 &self.gguf.file,
                 "split.count",
-                format!("a GGUF split into {parts} files is not supported; merge it first (llama-gguf-split --merge)"),
+                format!(
+                    "a GGUF split into {parts} files is not supported; merge it first \
+                     (llama-gguf-split --merge)"
+                ),
             ));
         }
         Ok(())
@@ -205,7 +209,10 @@ impl Meta<'_> {
             })),
             Some(other) => Err(self.refuse(
                 "rope.scaling.type",
-                format!("rope scaling `{other}` is not supported; supported: none, linear, and llama3 factors in `{ROPE_FREQS}`"),
+                format!(
+                    "rope scaling `{other}` is not supported; supported: none, linear, and \
+                     llama3 factors in `{ROPE_FREQS}`"
+                ),
             )),
         }
     }

@@ -1,10 +1,10 @@
-//! GGUF (llama.cpp's container, version 2 and 3) read and dequantise: metadata, tensor table,
-//! and tensors of the types in `quants` (F32/F16/BF16, Q4_0 … Q8_0, the K-quants Q2_K … Q6_K)
-//! turned into f32 tensors in the reference layout (`[rows, cols]`, GGUF stores the innermost
-//! dimension first). `decoder` maps a decoder's GGUF tensors and metadata (`llama`, `qwen2`,
-//! `qwen3` architectures) to HF names and an HF config, undoing llama.cpp's q/k row permutation, so the
-//! family only ever sees checkpoint names.
-//! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
+//! GGUF (llama.cpp's container, version 2 and 3) read and dequantise: metadata, tensor table, and
+//! tensors of the types in `quants` (F32/F16/BF16, Q4_0 … Q8_0, the K-quants Q2_K … Q6_K) turned
+//! into f32 tensors in the reference layout (`[rows, cols]`, GGUF stores the innermost dimension
+//! first). `decoder` maps a decoder's GGUF tensors and metadata (`llama`, `qwen2`, `qwen3`
+//! architectures) to HF names and an HF config, undoing llama.cpp's q/k row permutation, so the
+//! family only ever sees checkpoint names. Format:
+//! <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
 
 mod decoder;
 mod quants;
