@@ -6,8 +6,8 @@
 //! to 1e-3 nats (perplexity to 0.1 %; both f32, different attention kernels), and 12 greedy
 //! tokens after a code prompt are the same.
 //!
-//! Not in CI (`#[ignore]`): a 491 MB download, ~7.3 GB peak memory (the dequantised f32 tensors
-//! beside the f32 model) and 40–55 s on 2 cores. Run it with `scripts/fetch-assets.sh
+//! Not in CI (`#[ignore]`): a 491 MB download, 5.8 GB peak memory (the 2.5 GB f32 model, its
+//! GGUF read twice, for weights and tokenizer) and 33–55 s on 2 shared cores. Run it with `scripts/fetch-assets.sh
 //! qwen25-coder-05b`, then `cargo test --release --test qwen2_gguf_real -- --ignored`.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
@@ -31,7 +31,7 @@ fn ids(value: &serde_json::Value) -> Vec<i64> {
 }
 
 #[test]
-#[ignore = "491 MB asset, 7.3 GB peak: scripts/fetch-assets.sh qwen25-coder-05b, then --ignored"]
+#[ignore = "491 MB asset, 5.8 GB peak: scripts/fetch-assets.sh qwen25-coder-05b, then --ignored"]
 fn real_qwen25_coder_gguf_matches_transformers_perplexity_and_greedy_tokens() {
     let path =
         root().join(".cache/assets/qwen25-coder-05b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");

@@ -419,12 +419,26 @@ fn hf_name(arch: Architecture, gguf_name: &str) -> Option<String> {
 /// Every tensor of a decoder GGUF under its HF name, f32, q/k rows back in HF order; a tensor
 /// that is neither mapped nor [`ROPE_FREQS`] is an error naming it.
 pub fn decoder_tensors(gguf: &Gguf) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for_each_decoder_tensor(gguf, |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`decoder_tensors`] one at a time: `each(hf_name, tensor)` for every tensor, dequantised
+/// when its turn comes. A model's f32 weights are ~7× its Q4_K bytes; this way they are never
+/// all held beside the model they are copied into.
+pub fn for_each_decoder_tensor(
+    gguf: &Gguf,
+    mut each: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
     let arch = Architecture::of(gguf)?;
     let meta = Meta { gguf, arch };
     let heads = meta.required_int("attention.head_count")?;
     let kv_heads = meta.int("attention.head_count_kv")?.unwrap_or(heads);
     let file = gguf.file.as_path();
-    let mut out = BTreeMap::new();
     for name in gguf.tensor_names() {
         if name == ROPE_FREQS {
             continue;
@@ -458,9 +472,9 @@ pub fn decoder_tensors(gguf: &Gguf) -> Result<BTreeMap<String, Tensor>> {
                 };
             }
         }
-        out.insert(hf, t.to_kind(Kind::Float));
+        each(hf, t.to_kind(Kind::Float))?;
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

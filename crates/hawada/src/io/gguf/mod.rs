@@ -10,7 +10,8 @@ mod decoder;
 mod quants;
 
 pub use decoder::{
-    decoder_config, decoder_tensors, rope_factors, RopeFactors, ROPE_FREQS, SUPPORTED_ARCHITECTURES,
+    decoder_config, decoder_tensors, for_each_decoder_tensor, rope_factors, RopeFactors,
+    ROPE_FREQS, SUPPORTED_ARCHITECTURES,
 };
 
 use crate::error::{Error, Result};
