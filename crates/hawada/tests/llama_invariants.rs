@@ -1,7 +1,9 @@
-//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling), the
-//! KV-cache decode against the full forward, and parity with HF transformers'
-//! `LlamaForCausalLM` on a golden fixture (fixtures/llama, made by make_fixtures.py; tolerance:
-//! max abs ≤ 1e-4 × max |logit|).
+//! DESIGN §2 invariants for the LLaMA family on CPU in f32 (GQA 4:2, llama3 rope scaling; the Qwen2
+//! variant, whose q/k/v biases go with their heads; Qwen3's per-head q/k norms), the KV-cache
+//! decode against the full forward, and parity with HF transformers' `LlamaForCausalLM`,
+//! `Qwen2ForCausalLM` and `MistralForCausalLM`, `Qwen3ForCausalLM` on golden fixtures
+//! (fixtures/llama, fixtures/qwen2, fixtures/mistral, fixtures/qwen3, made by the make_fixtures.py
+//! scripts; tolerance: max abs ≤ 1e-4 × max |logit|).
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -19,7 +21,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use tiny_llama::model;
+use tiny_llama::{model, model_of};
 
 const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
 
@@ -257,6 +259,39 @@ fn matches_hf_transformers_llama_with_gqa_and_llama3_rope() {
 }
 
 #[test]
+fn matches_hf_transformers_qwen2_mistral_and_qwen3_and_exports_keep_their_type() {
+    // fixtures/qwen2/make_fixtures.py: tiny random Qwen2ForCausalLM (q/k/v biases),
+    // MistralForCausalLM and Qwen3ForCausalLM (per-head q/k norms).
+    for (name, architecture) in [
+        ("qwen2", "Qwen2ForCausalLM"),
+        ("mistral", "MistralForCausalLM"),
+        ("qwen3", "Qwen3ForCausalLM"),
+    ] {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(name);
+        let model = families::load(&root.join("model"), Device::Cpu, Kind::Float, false).unwrap();
+        let io = hawada::io::safetensors::read(&root.join("io.safetensors")).unwrap();
+        let logits = forward(
+            model.as_ref(),
+            &io["input_ids"],
+            &Masks::none(model.groups().len()),
+        );
+        let scale = io["logits"].abs().max().double_value(&[]);
+        let diff = max_abs(&logits, &io["logits"]);
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: max abs diff {diff} vs logit scale {scale}"
+        );
+        let exported = common::export_roundtrip(model.as_ref()).config_json();
+        assert_eq!(exported["model_type"], name);
+        assert_eq!(exported["architectures"], serde_json::json!([architecture]));
+        // transformers' own keys travel: a null window stays null (Mistral's default is 4096).
+        assert_eq!(exported["sliding_window"], serde_json::Value::Null);
+    }
+}
+
+#[test]
 fn fused_inference_copy_equals_the_model_prefill_and_decode() {
     let model = model(9);
     let mut fused = Llama::new(LlamaConfig::tiny(), Device::Cpu, Path::new("copy")).unwrap();
@@ -398,4 +433,166 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
             &forward(loaded.as_ref(), &x, &masks)
         ) == 0.0
     );
+}
+
+fn qwen2(seed: i64) -> Llama {
+    model_of(LlamaConfig::tiny_qwen2(), seed)
+}
+
+#[test]
+fn qwen2_keep_all_gated_equals_teacher_and_its_biases_go_with_their_heads() {
+    let model = qwen2(1);
+    let names: Vec<String> = model.var_store().variables().into_keys().collect();
+    assert!(names.contains(&"model.layers.0.self_attn.q_proj.bias".to_string()));
+    assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias".to_string()));
+    let x = model.random_input(3, 10);
+    let teacher = forward(&model, &x, &Masks::none(model.groups().len()));
+    let gated = forward(
+        &model,
+        &x,
+        &Masks::from_keep(model.groups(), &KeepSet::all(model.groups()), OPTS),
+    );
+    assert!(max_abs(&teacher, &gated) <= 1e-5);
+    // q rows and their bias rows in the head group; k, v and theirs in the KV group.
+    for (kind, projs) in [
+        (UnitKind::Heads, vec!["q_proj"]),
+        (UnitKind::KvGroups, vec!["k_proj", "v_proj"]),
+    ] {
+        let group = model.groups().iter().find(|g| g.kind == kind).unwrap();
+        for proj in projs {
+            for part in ["weight", "bias"] {
+                let tensor = format!("model.layers.0.self_attn.{proj}.{part}");
+                assert!(
+                    group
+                        .members
+                        .iter()
+                        .any(|m| m.tensor == tensor && m.axis == 0),
+                    "{tensor}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn qwen2_slim_equals_hard_masked_and_exports_as_qwen2() {
+    for seed in [3u64, 17, 40] {
+        let model = qwen2(seed as i64);
+        let keep = random_keep(&model, seed);
+        let x = model.random_input(2, 9);
+        let masked = forward(&model, &x, &Masks::from_keep(model.groups(), &keep, OPTS));
+        let slim = model.slim(&keep).unwrap();
+        let out = forward(slim.as_ref(), &x, &Masks::none(slim.groups().len()));
+        let scale = masked.abs().max().double_value(&[]).max(1e-6);
+        assert!(max_abs(&masked, &out) / scale <= 1e-4, "seed {seed}");
+        let cfg = slim.config_json();
+        assert_eq!(cfg["model_type"], "qwen2");
+        assert_eq!(
+            cfg["architectures"],
+            serde_json::json!(["Qwen2ForCausalLM"])
+        );
+        assert_eq!(cfg["use_sliding_window"], false);
+    }
+    // Uniform widths: a stock Qwen2 config whose bias rows were sliced with their heads.
+    let model = qwen2(5);
+    let mut keep = KeepSet::all(model.groups());
+    for (i, g) in model.groups().iter().enumerate() {
+        match g.kind {
+            UnitKind::KvGroups => keep.0[i] = vec![1],
+            UnitKind::Heads => keep.0[i] = vec![2],
+            _ => {}
+        }
+    }
+    let slim = model.slim(&keep).unwrap();
+    let q_bias = &slim.var_store().variables()["model.layers.1.self_attn.q_proj.bias"];
+    let teacher_bias = &model.var_store().variables()["model.layers.1.self_attn.q_proj.bias"];
+    assert_eq!(max_abs(q_bias, &teacher_bias.narrow(0, 2 * 8, 8)), 0.0);
+    assert!(slim.config_json().get("hawada_heads").is_none());
+}
+
+#[test]
+fn qwen2_export_load_export_is_identity() {
+    let model = qwen2(3);
+    let mut keep = random_keep(&model, 11);
+    for (i, g) in model.groups().iter().enumerate() {
+        if g.name.starts_with("model.layers.0.") {
+            keep.0[i] = (0..g.len).collect();
+        }
+    }
+    let slim = model.slim(&keep).unwrap();
+    let loaded = common::export_roundtrip(slim.as_ref());
+    assert_eq!(loaded.config_json()["model_type"], "qwen2");
+    let x = model.random_input(1, 6);
+    let masks = Masks::none(slim.groups().len());
+    assert_eq!(
+        max_abs(
+            &forward(slim.as_ref(), &x, &masks),
+            &forward(loaded.as_ref(), &x, &masks)
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn a_sliding_window_that_would_change_results_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut qwen = serde_json::to_value(LlamaConfig::tiny_qwen2()).unwrap();
+    qwen["use_sliding_window"] = true.into();
+    qwen["sliding_window"] = 64.into();
+    qwen["max_window_layers"] = 1.into();
+    let mut mistral = serde_json::to_value(LlamaConfig::tiny()).unwrap();
+    mistral["model_type"] = "mistral".into();
+    mistral["sliding_window"] = 128.into();
+    for config in [qwen.clone(), mistral.clone()] {
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = families::load(dir.path(), Device::Cpu, Kind::Float, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("sliding_window") && err.contains("config.json"),
+            "{err}"
+        );
+    }
+    // A window as long as the context, or one no layer uses, changes nothing: both load.
+    qwen["max_window_layers"] = 2.into();
+    mistral["sliding_window"] = 256.into();
+    for config in [qwen, mistral] {
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        families::load(dir.path(), Device::Cpu, Kind::Float, true).unwrap();
+    }
+}
+
+#[test]
+fn qwen3_invariants_hold_with_its_per_head_qk_norms() {
+    let model = model_of(LlamaConfig::tiny_qwen3(), 8);
+    let names: Vec<String> = model.var_store().variables().into_keys().collect();
+    assert!(names.contains(&"model.layers.1.self_attn.k_norm.weight".to_string()));
+    let x = model.random_input(2, 9);
+    let none = Masks::none(model.groups().len());
+    let teacher = forward(&model, &x, &none);
+    let all = Masks::from_keep(model.groups(), &KeepSet::all(model.groups()), OPTS);
+    assert!(max_abs(&teacher, &forward(&model, &x, &all)) <= 1e-5);
+    for seed in [2u64, 9, 31] {
+        let keep = random_keep(&model, seed);
+        let masked = forward(&model, &x, &Masks::from_keep(model.groups(), &keep, OPTS));
+        let slim = model.slim(&keep).unwrap();
+        let out = forward(slim.as_ref(), &x, &Masks::none(slim.groups().len()));
+        let scale = masked.abs().max().double_value(&[]).max(1e-6);
+        assert!(max_abs(&masked, &out) / scale <= 1e-4, "seed {seed}");
+        let loaded = common::export_roundtrip(slim.as_ref());
+        assert_eq!(loaded.config_json()["model_type"], "qwen3");
+    }
+    // The fused inference copy norms q and k heads apart from the one GEMM.
+    let mut fused = Llama::new(LlamaConfig::tiny_qwen3(), Device::Cpu, Path::new("copy")).unwrap();
+    hawada::io::safetensors::load_into(
+        fused.var_store(),
+        &hawada::io::safetensors::named_tensors(model.var_store()),
+        Path::new("copy"),
+    )
+    .unwrap();
+    fused
+        .fuse_for_inference(hawada::model::NormFolding::Keep)
+        .unwrap();
+    assert!(max_abs(&teacher, &forward(&fused, &x, &none)) <= 1e-5);
 }

@@ -31,8 +31,8 @@ fn valid_gguf() -> Vec<u8> {
     bytes.extend(2u32.to_le_bytes());
     bytes.extend(string("blk.0.attn_q.weight"));
     bytes.extend(2u32.to_le_bytes());
-    bytes.extend(8u64.to_le_bytes());
-    bytes.extend(8u64.to_le_bytes());
+    bytes.extend(32u64.to_le_bytes()); // a row of one Q4_1 block
+    bytes.extend(2u64.to_le_bytes());
     bytes.extend(3u32.to_le_bytes());
     bytes.extend(0u64.to_le_bytes());
     while !bytes.len().is_multiple_of(32) {
@@ -57,8 +57,8 @@ fn exercise_gguf(path: &Path) {
         for name in names {
             let _ = gguf.tensor(&name);
         }
-        let _ = hawada::io::gguf::llama_config(&gguf);
-        let _ = hawada::io::gguf::llama_tensors(&gguf);
+        let _ = hawada::io::gguf::decoder_config(&gguf);
+        let _ = hawada::io::gguf::decoder_tensors(&gguf);
         let _ = hawada::data::tokenizer_from_gguf(&gguf);
     }
 }
@@ -71,7 +71,7 @@ fn the_valid_gguf_parses() {
     let gguf = Gguf::open(&path).unwrap();
     assert_eq!(
         gguf.tensor("blk.0.attn_q.weight").unwrap().size(),
-        vec![8, 8]
+        vec![2, 32]
     );
 }
 

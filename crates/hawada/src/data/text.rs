@@ -11,6 +11,8 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior::Isolated;
 use tokenizers::{AddedToken, Tokenizer};
 
 fn tokenizer_error(file: &Path, reason: impl std::fmt::Display) -> Error {
@@ -19,6 +21,10 @@ fn tokenizer_error(file: &Path, reason: impl std::fmt::Display) -> Error {
         reason: format!("tokenizer: {reason}"),
     }
 }
+
+/// The pre-tokenizer split of `tokenizer.ggml.pre = qwen2` (llama.cpp `llama-vocab.cpp`, Qwen2's
+/// tokenizer.json).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The GGUF's `gpt2`-style byte-level BPE (`tokenizer.ggml.tokens` + `.merges`) as a
 /// `tokenizers` tokenizer. Control tokens (type 3, e.g. `<|im_start|>`) are special tokens,
@@ -63,13 +69,21 @@ pub fn tokenizer_from_gguf(gguf: &Gguf) -> Result<Tokenizer> {
         .build()
         .map_err(|e| tokenizer_error(file, e))?;
     let mut tokenizer = Tokenizer::new(bpe);
-    let split_digits = gguf
+    let pre = gguf
         .metadata
         .get("tokenizer.ggml.pre")
-        .and_then(Value::as_str)
-        .is_some_and(|pre| pre != "gpt2");
+        .and_then(Value::as_str);
+    let split_digits = pre.is_some_and(|pre| pre != "gpt2");
     let byte_level = ByteLevel::new(false, true, true);
-    if split_digits {
+    if pre == Some("qwen2") {
+        // Qwen2's tokenizer.json: its own split regex, then byte-level without GPT-2's regex.
+        let split = Split::new(SplitPattern::Regex(QWEN2_SPLIT.into()), Isolated, false)
+            .map_err(|e| tokenizer_error(file, e))?;
+        tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])));
+    } else if split_digits {
         tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
             Digits::new(true).into(),
             byte_level.into(),

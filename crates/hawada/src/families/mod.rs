@@ -29,9 +29,10 @@ pub fn has_weights(path: &Path) -> bool {
         || path.join("model.safetensors.index.json").exists()
 }
 
-/// Loads the model at `path`: a GGUF file (LLaMA, dequantised), an ONNX file (a DINOv2 backbone
-/// exported from transformers), or a directory (`config.json` + weights) dispatched on
-/// `model_type`. With `random_init`, only the config is read and weights are random.
+/// Loads the model at `path`: a GGUF file (a `llama`, `qwen2` or `qwen3` decoder, dequantised), an
+/// ONNX file (a DINOv2 backbone exported from transformers), or a directory (`config.json` +
+/// weights) dispatched on `model_type`. With `random_init`, only the config is read and weights are
+/// random.
 pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Result<Box<dyn Family>> {
     if is_gguf(path) {
         return Ok(Box::new(llama::from_gguf(path, device, kind)?));
@@ -63,11 +64,16 @@ pub fn load(path: &Path, device: Device, kind: Kind, random_init: bool) -> Resul
     match model_type.as_str() {
         "resnet" => resnet::load(dir, config, device, kind, random_init),
         "vit" | "dinov2" => vit::load(dir, config, device, kind, random_init),
-        "llama" => llama::load(dir, config, device, kind, random_init),
+        "llama" | "mistral" | "qwen2" | "qwen3" => {
+            llama::load(dir, config, device, kind, random_init)
+        }
         other => Err(Error::config(
             &config_path,
             "model_type",
-            format!("unknown family `{other}`; supported: resnet, vit, dinov2, llama"),
+            format!(
+                "unknown family `{other}`; supported: resnet, vit, dinov2, {}",
+                llama::SUPPORTED_MODEL_TYPES
+            ),
         )),
     }
 }

@@ -122,31 +122,38 @@ pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, file: &Path)
             });
         }
     }
-    let _guard = tch::no_grad_guard();
     for (name, var) in &vars {
         let src = tensors.get(name).ok_or_else(|| Error::MissingTensor {
             file: file.to_path_buf(),
             name: name.clone(),
         })?;
-        if src.size() != var.size() {
-            return Err(Error::ShapeMismatch {
-                file: file.to_path_buf(),
-                tensor: name.clone(),
-                expected: var.size(),
-                found: src.size(),
-            });
-        }
-        if !src.is_floating_point() {
-            return Err(Error::DtypeMismatch {
-                file: file.to_path_buf(),
-                tensor: name.clone(),
-                found: format!("{:?}", src.kind()),
-            });
-        }
-        let mut dst = var.shallow_clone();
-        dst.f_copy_(src)
-            .map_err(|e| Error::torch("copy_", name, e))?;
+        copy_into_variable(var, name, src, file)?;
     }
+    Ok(())
+}
+
+/// Copies `src` into the variable `var` named `name` (its exact shape, a float dtype, cast to
+/// the variable's), the one-tensor check of [`load_into`]; `file` names the source in errors.
+pub fn copy_into_variable(var: &Tensor, name: &str, src: &Tensor, file: &Path) -> Result<()> {
+    if src.size() != var.size() {
+        return Err(Error::ShapeMismatch {
+            file: file.to_path_buf(),
+            tensor: name.to_string(),
+            expected: var.size(),
+            found: src.size(),
+        });
+    }
+    if !src.is_floating_point() {
+        return Err(Error::DtypeMismatch {
+            file: file.to_path_buf(),
+            tensor: name.to_string(),
+            found: format!("{:?}", src.kind()),
+        });
+    }
+    let _guard = tch::no_grad_guard();
+    let mut dst = var.shallow_clone();
+    dst.f_copy_(src)
+        .map_err(|e| Error::torch("copy_", name, e))?;
     Ok(())
 }
 

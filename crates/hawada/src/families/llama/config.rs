@@ -1,5 +1,9 @@
-//! `config.json` of a LLaMA: HF `LlamaConfig` fields, HawAda's gate size and the slim widths
-//! (shared with ViT, flattened so the `hawada_*` keys stay top-level), with presets and validation.
+//! `config.json` of a LLaMA-style decoder: HF `LlamaConfig` fields (which `MistralConfig`,
+//! `Qwen2Config` and `Qwen3Config` share), HawAda's gate size and the slim widths (shared with ViT,
+//! flattened so the `hawada_*` keys stay top-level), with presets and validation. `model_type`
+//! picks the [`Variant`]; the variants' own keys (`use_sliding_window`, `sliding_window`,
+//! `max_window_layers`, `layer_types`) stay in `other`, written back as they were read, and are
+//! checked here.
 
 use super::super::layers::check_positive;
 use super::super::slim_widths::SlimWidths;
@@ -8,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// `config.json` of a causal LM (HF `LlamaConfig` fields, plus HawAda's gate size and slim
-/// widths). Both rope conventions read: `rope_theta` + `rope_scaling` (transformers 4) and
-/// `rope_parameters` (transformers 5).
+/// widths); `model_type` is `llama`, `mistral`, `qwen2` or `qwen3` (see [`Variant`]). Both
+/// rope conventions read: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters`
+/// (transformers 5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     pub architectures: Vec<String>,
@@ -57,6 +62,25 @@ pub struct LlamaConfig {
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The decoders that share LLaMA's structure (RMSNorm, rotary GQA attention, SwiGLU), by HF
+/// `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `LlamaForCausalLM`: biases on q, k, v and o together when `attention_bias`.
+    Llama,
+    /// `MistralForCausalLM`: no biases; a `sliding_window` that would bite is refused.
+    Mistral,
+    /// `Qwen2ForCausalLM`: q, k and v always have biases, o never; sliding window refused
+    /// where it would bite.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: Qwen2's window rule, biases as Llama's `attention_bias`, and an
+    /// RMSNorm over each query and key head (`q_norm`, `k_norm`, `[head_dim]`) before rope.
+    Qwen3,
+}
+
+/// The `model_type`s of [`Variant`], for errors.
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
 
 fn default_act() -> String {
     "silu".into()
@@ -128,6 +152,71 @@ impl LlamaConfig {
         }
     }
 
+    /// A Qwen2 of the tiny shapes (q/k/v biases, no rope scaling, untied head), for tests.
+    pub fn tiny_qwen2() -> Self {
+        let mut other = serde_json::Map::new();
+        other.insert("use_sliding_window".into(), false.into());
+        other.insert("sliding_window".into(), 256.into());
+        other.insert("max_window_layers".into(), 2.into());
+        LlamaConfig {
+            architectures: vec!["Qwen2ForCausalLM".into()],
+            model_type: "qwen2".into(),
+            rope_theta: Some(1_000_000.0),
+            rope_scaling: None,
+            other,
+            ..Self::tiny()
+        }
+    }
+
+    /// A Qwen3 of the tiny shapes (q/k norms, no biases, no rope scaling, untied head), for
+    /// tests.
+    pub fn tiny_qwen3() -> Self {
+        LlamaConfig {
+            architectures: vec!["Qwen3ForCausalLM".into()],
+            model_type: "qwen3".into(),
+            ..Self::tiny_qwen2()
+        }
+    }
+
+    /// The variant `model_type` names, or an error listing the supported ones.
+    pub fn variant(&self, file: &Path) -> Result<Variant> {
+        self.known_variant().ok_or_else(|| {
+            Error::config(
+                file,
+                "model_type",
+                format!(
+                    "`{}` is not a LLaMA-style decoder; supported: {SUPPORTED_MODEL_TYPES}",
+                    self.model_type
+                ),
+            )
+        })
+    }
+
+    fn known_variant(&self) -> Option<Variant> {
+        match self.model_type.as_str() {
+            "llama" => Some(Variant::Llama),
+            "mistral" => Some(Variant::Mistral),
+            "qwen2" => Some(Variant::Qwen2),
+            "qwen3" => Some(Variant::Qwen3),
+            _ => None,
+        }
+    }
+
+    /// Whether q, k and v projections have biases.
+    pub(super) fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.known_variant() == Some(Variant::Qwen2)
+    }
+
+    /// Whether the o projection has a bias (Qwen2's never has).
+    pub(super) fn o_bias(&self) -> bool {
+        self.attention_bias && self.known_variant() != Some(Variant::Qwen2)
+    }
+
+    /// Whether each query and key head is RMS-normed before rope (Qwen3).
+    pub(super) fn qk_norm(&self) -> bool {
+        self.known_variant() == Some(Variant::Qwen3)
+    }
+
     pub fn kv_heads(&self) -> i64 {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -147,7 +236,9 @@ impl LlamaConfig {
     }
 
     pub(super) fn validate(&self, file: &Path) -> Result<()> {
+        let variant = self.variant(file)?;
         self.check_sizes(file)?;
+        self.check_sliding_window(file, variant)?;
         self.slim.validate(file, self.num_hidden_layers)?;
         for i in 0..self.num_hidden_layers {
             let (heads, kv_heads, _) = self.layer_widths(i);
@@ -191,5 +282,49 @@ impl LlamaConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Sliding-window attention is refused where it would change results: a window shorter than
+    /// the context on some layer (Mistral: `sliding_window`; Qwen2/Qwen3: `use_sliding_window` on
+    /// the layers from `max_window_layers`, or `layer_types`). HawAda attends to the whole
+    /// context.
+    fn check_sliding_window(&self, file: &Path, variant: Variant) -> Result<()> {
+        let window = self.other.get("sliding_window").and_then(|v| v.as_i64());
+        let sliding_layers = match variant {
+            Variant::Llama => 0,
+            Variant::Mistral => self.num_hidden_layers,
+            Variant::Qwen2 | Variant::Qwen3 => {
+                match self.other.get("layer_types").and_then(|v| v.as_array()) {
+                    Some(types) => types
+                        .iter()
+                        .filter(|t| t.as_str() == Some("sliding_attention"))
+                        .count(),
+                    None if self.other.get("use_sliding_window") == Some(&true.into()) => {
+                        let first = self
+                            .other
+                            .get("max_window_layers")
+                            .and_then(|v| v.as_u64())
+                            .unwrap_or(0) as usize;
+                        self.num_hidden_layers.saturating_sub(first)
+                    }
+                    None => 0,
+                }
+            }
+        };
+        match window {
+            Some(window) if sliding_layers > 0 && window < self.max_position_embeddings => {
+                Err(Error::config(
+                    file,
+                    "sliding_window",
+                    format!(
+                        "sliding-window attention ({window} tokens on {sliding_layers} of {} \
+                         layers, contexts up to {}) is not supported: HawAda attends to the \
+                         whole context, which changes results past {window} tokens",
+                        self.num_hidden_layers, self.max_position_embeddings
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }

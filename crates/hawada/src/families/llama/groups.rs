@@ -42,7 +42,7 @@ fn attention_groups(groups: &mut Vec<Group>, cfg: &LlamaConfig, i: usize) -> Att
             0,
             head_dim,
         )];
-        if cfg.attention_bias {
+        if cfg.qkv_bias() {
             m.push(member(format!("{name}.self_attn.{proj}.bias"), 0, head_dim));
         }
         m

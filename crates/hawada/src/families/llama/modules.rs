@@ -1,7 +1,8 @@
 //! LLaMA's modules as plain structs whose fields are the checkpoint's names
-//! (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`, `…input_layernorm`): RMSNorm, grouped-query
-//! attention through `scaled_dot_product_attention` with `enable_gqa` and a KV cache, SwiGLU
-//! (`down(silu(gate(x)) · up(x))`), and the decoder layer of two optional sublayers.
+//! (`model.layers.{i}.self_attn.q_proj`, `…mlp.gate_proj`, `…input_layernorm`): RMSNorm,
+//! grouped-query attention through `scaled_dot_product_attention` with `enable_gqa` and a KV cache
+//! (and Qwen3's per-head q/k RMSNorm), SwiGLU (`down(silu(gate(x)) · up(x))`), and the decoder
+//! layer of two optional sublayers.
 
 use super::super::layers::Linear;
 use super::super::layers::MlpGroups;
@@ -41,6 +42,9 @@ pub(super) struct Attention {
     pub(super) k_proj: Linear,
     pub(super) v_proj: Linear,
     pub(super) o_proj: Linear,
+    /// Qwen3: RMSNorm of each query / key head, `[head_dim]`, before rope.
+    pub(super) q_norm: Option<RmsNorm>,
+    pub(super) k_norm: Option<RmsNorm>,
     pub(super) heads: i64,
     pub(super) kv_heads: i64,
     pub(super) head_group: usize,
@@ -93,7 +97,8 @@ impl Attention {
         self.o_proj.forward(&attn)
     }
 
-    /// Queries, keys (both rotated) and values, `[batch, heads, tokens, head_dim]` each.
+    /// Queries, keys (both normed where the variant norms heads, and rotated) and values,
+    /// `[batch, heads, tokens, head_dim]` each.
     fn rotated_qkv(
         &self,
         x: &Tensor,
@@ -102,24 +107,29 @@ impl Attention {
         head_dim: i64,
     ) -> (Tensor, Tensor, Tensor) {
         let split = |y: Tensor, heads: i64| y.view([b, t, heads, head_dim]).transpose(1, 2);
-        match &self.fused_qkv {
+        let (q, k, v) = match &self.fused_qkv {
             Some(qkv) => {
                 let (h, kv) = (self.heads, self.kv_heads);
                 let y = split(qkv.forward(x), h + 2 * kv);
-                // One rotation for the query and key heads together.
-                let qk = rotary.apply(&y.narrow(1, 0, h + kv));
-                (
-                    qk.narrow(1, 0, h),
-                    qk.narrow(1, h, kv),
-                    y.narrow(1, h + kv, kv),
-                )
+                let v = y.narrow(1, h + kv, kv);
+                if self.q_norm.is_none() {
+                    // One rotation for the query and key heads together.
+                    let qk = rotary.apply(&y.narrow(1, 0, h + kv));
+                    return (qk.narrow(1, 0, h), qk.narrow(1, h, kv), v);
+                }
+                (y.narrow(1, 0, h), y.narrow(1, h, kv), v)
             }
             None => (
-                rotary.apply(&split(self.q_proj.forward(x), self.heads)),
-                rotary.apply(&split(self.k_proj.forward(x), self.kv_heads)),
+                split(self.q_proj.forward(x), self.heads),
+                split(self.k_proj.forward(x), self.kv_heads),
                 split(self.v_proj.forward(x), self.kv_heads),
             ),
-        }
+        };
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(q_norm), Some(k_norm)) => (q_norm.forward(&q), k_norm.forward(&k)),
+            _ => (q, k),
+        };
+        (rotary.apply(&q), rotary.apply(&k), v)
     }
 
     /// The mask of every query head's output, `[1, heads, 1, head_dim]`: its own gate times its
@@ -209,7 +219,7 @@ impl DecoderLayer {
 
 impl AttentionSublayer {
     fn new(lp: &nn::Path, cfg: &LlamaConfig, i: usize, groups: AttentionGroups) -> Self {
-        let (d, head_dim, bias) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias);
+        let (d, head_dim, bias) = (cfg.hidden_size, cfg.head_dim(), cfg.qkv_bias());
         let (heads, kv_heads, _) = cfg.layer_widths(i);
         let attn = lp / "self_attn";
         AttentionSublayer {
@@ -218,7 +228,13 @@ impl AttentionSublayer {
                 q_proj: Linear::new(&attn / "q_proj", d, heads * head_dim, bias),
                 k_proj: Linear::new(&attn / "k_proj", d, kv_heads * head_dim, bias),
                 v_proj: Linear::new(&attn / "v_proj", d, kv_heads * head_dim, bias),
-                o_proj: Linear::new(&attn / "o_proj", heads * head_dim, d, bias),
+                o_proj: Linear::new(&attn / "o_proj", heads * head_dim, d, cfg.o_bias()),
+                q_norm: cfg
+                    .qk_norm()
+                    .then(|| RmsNorm::new(&attn / "q_norm", head_dim, cfg.rms_norm_eps)),
+                k_norm: cfg
+                    .qk_norm()
+                    .then(|| RmsNorm::new(&attn / "k_norm", head_dim, cfg.rms_norm_eps)),
                 heads,
                 kv_heads,
                 head_group: groups.head_group,
