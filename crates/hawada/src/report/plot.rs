@@ -179,6 +179,48 @@ fn legend_layout<DB: DrawingBackend>(
     placed
 }
 
+/// Top of the legend strip, under the title and outside the plot area.
+const LEGEND_TOP: i32 = 34;
+
+/// Draws the legend strip (one entry per drawn series, wrapped into rows); returns its rows.
+fn draw_legend<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    drawn: &[&Series],
+    text: &TextStyle,
+) -> std::result::Result<i32, DrawingAreaErrorKind<DB::ErrorType>> {
+    let (width, _) = root.dim_in_pixel();
+    let legend_left = 70;
+    let layout = legend_layout(root, drawn, width as i32 - legend_left - 20);
+    for &(i, x, row) in &layout {
+        let s = drawn[i];
+        let color = rgb(s.color);
+        let (x, y) = (
+            legend_left + x,
+            LEGEND_TOP + row * LEGEND_ROW + LEGEND_ROW / 2,
+        );
+        if s.dots {
+            root.draw(&Circle::new((x + LEGEND_SAMPLE / 2, y), 4, color.filled()))?;
+        } else {
+            root.draw(&PathElement::new(
+                vec![(x, y), (x + LEGEND_SAMPLE, y)],
+                color.stroke_width(2),
+            ))?;
+        }
+        let label = text.pos(Pos::new(HPos::Left, VPos::Center));
+        root.draw(&Text::new(s.label, (x + LEGEND_SAMPLE + 6, y), label))?;
+    }
+    Ok(layout.iter().map(|&(_, _, row)| row + 1).max().unwrap_or(0))
+}
+
+/// A series' points with both coordinates finite.
+fn finite_points(s: &Series) -> Vec<(f64, f64)> {
+    s.points
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect()
+}
+
 impl Chart<'_> {
     /// Draws the chart onto `root`, whatever the backend.
     fn draw<DB: DrawingBackend>(
@@ -195,55 +237,37 @@ impl Chart<'_> {
         root.draw(&Text::new(self.title, (width / 2, 8), title))?;
         let text = (FONT, TEXT_PX).into_font().color(&BLACK);
         // A series with no points (a metric an older run did not log) gets no legend entry.
-        let finite = |s: &Series| -> Vec<(f64, f64)> {
-            s.points
-                .iter()
-                .copied()
-                .filter(|(x, y)| x.is_finite() && y.is_finite())
-                .collect()
-        };
         let drawn: Vec<&Series> = self
             .series
             .iter()
-            .filter(|s| !finite(s).is_empty())
+            .filter(|s| !finite_points(s).is_empty())
             .collect();
-        let all: Vec<(f64, f64)> = drawn.iter().flat_map(|s| finite(s)).collect();
+        let all: Vec<(f64, f64)> = drawn.iter().flat_map(|s| finite_points(s)).collect();
         if all.is_empty() {
             let centre = text.pos(Pos::new(HPos::Center, VPos::Center));
             return root.draw(&Text::new("no data", (width / 2, height / 2), centre));
         }
-        // The legend strip, under the title and outside the plot area.
-        let legend_left = 70;
-        let layout = legend_layout(root, &drawn, width - legend_left - 20);
-        let legend_top = 34;
-        for &(i, x, row) in &layout {
-            let s = drawn[i];
-            let color = rgb(s.color);
-            let (x, y) = (
-                legend_left + x,
-                legend_top + row * LEGEND_ROW + LEGEND_ROW / 2,
-            );
-            if s.dots {
-                root.draw(&Circle::new((x + LEGEND_SAMPLE / 2, y), 4, color.filled()))?;
-            } else {
-                root.draw(&PathElement::new(
-                    vec![(x, y), (x + LEGEND_SAMPLE, y)],
-                    color.stroke_width(2),
-                ))?;
-            }
-            let label = text.pos(Pos::new(HPos::Left, VPos::Center));
-            root.draw(&Text::new(s.label, (x + LEGEND_SAMPLE + 6, y), label))?;
-        }
-        let rows = layout.iter().map(|&(_, _, row)| row + 1).max().unwrap_or(0);
-        let plot_top = legend_top + rows * LEGEND_ROW + 8;
+        let rows = draw_legend(root, &drawn, &text)?;
+        let plot_top = LEGEND_TOP + rows * LEGEND_ROW + 8;
         let (_, area) = root.split_vertically(plot_top);
+        self.draw_plot(&area, &drawn, &all, &text)
+    }
+
+    /// The axes, grid and series below the legend.
+    fn draw_plot<DB: DrawingBackend>(
+        &self,
+        area: &DrawingArea<DB, Shift>,
+        drawn: &[&Series],
+        all: &[(f64, f64)],
+        text: &TextStyle,
+    ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
         let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-        for &(x, y) in &all {
+        for &(x, y) in all {
             (x_min, x_max) = (x_min.min(x), x_max.max(x));
             (y_min, y_max) = (y_min.min(y), y_max.max(y));
         }
         let (x_axis, y_axis) = (Axis::new(x_min, x_max), Axis::new(y_min, y_max));
-        let mut chart = ChartBuilder::on(&area)
+        let mut chart = ChartBuilder::on(area)
             .margin_left(8)
             .margin_right(20)
             .margin_bottom(6)
@@ -259,9 +283,9 @@ impl Chart<'_> {
             .x_desc(self.x_label)
             .y_desc(self.y_label)
             .draw()?;
-        for s in &drawn {
+        for s in drawn {
             let color = rgb(s.color);
-            let points = finite(s);
+            let points = finite_points(s);
             if s.dots {
                 chart.draw_series(
                     points
