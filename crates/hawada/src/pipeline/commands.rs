@@ -8,8 +8,8 @@ use super::export::{self, ExportInputs};
 use super::finetune::{finetune_weights, WeightData};
 use super::profile;
 use super::scoring::Scoring;
-use super::splits::{load_splits, Splits};
-use super::teacher::{self, Teacher};
+use super::splits::load_splits;
+use super::teacher;
 use super::timing::Timing;
 use crate::error::{Error, Result};
 use crate::eval;
@@ -43,7 +43,7 @@ pub fn export_from_gates(
     let splits = load_splits(recipe, env.device)?;
     let (teacher, _) = teacher::prepare(recipe, recipe_file, &splits, &env)?;
     let model = teacher.model.as_ref();
-    let scoring = scoring(&teacher, &splits, recipe, recipe_file, &env)?;
+    let scoring = Scoring::of_teacher(&teacher, &splits, recipe, recipe_file, &env)?;
     let (profile, proxy) = profile::stage(model, recipe, &env)?;
     let timing = Timing::new(model, recipe, &profile, &env)?;
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), env.device)?;
@@ -104,7 +104,7 @@ pub fn finetune_model(
     let env = RunEnv::open(recipe, recipe_file, run_dir, observer)?;
     let splits = load_splits(recipe, env.device)?;
     let (teacher, finetune_data) = teacher::prepare(recipe, recipe_file, &splits, &env)?;
-    let scoring = scoring(&teacher, &splits, recipe, recipe_file, &env)?;
+    let scoring = Scoring::of_teacher(&teacher, &splits, recipe, recipe_file, &env)?;
     let mut slim = families::load(slim_dir, env.device, env.kind, false)?;
     slim.to_device_layout();
     let before = (
@@ -175,21 +175,4 @@ pub fn evaluate(recipe: &Recipe, recipe_file: &Path, model_dir: &Path) -> Result
         params: model.num_params(),
         teacher_params: teacher.num_params(),
     })
-}
-
-fn scoring<'a>(
-    teacher: &'a Teacher,
-    splits: &'a Splits,
-    recipe: &Recipe,
-    recipe_file: &Path,
-    env: &RunEnv<'_>,
-) -> Result<Scoring<'a>> {
-    Scoring::new(
-        teacher.model.as_ref(),
-        splits,
-        teacher.metric,
-        recipe,
-        recipe_file,
-        (env.kind, env.device),
-    )
 }

@@ -42,29 +42,14 @@ pub fn run(
     let splits = splits::load_splits(recipe, env.device)?;
     let (teacher, finetune_data) = teacher::prepare(recipe, recipe_file, &splits, &env)?;
     let model = teacher.model.as_ref();
-    let scoring = scoring::Scoring::new(
-        model,
-        &splits,
-        teacher.metric,
-        recipe,
-        recipe_file,
-        (env.kind, env.device),
-    )?;
-    let (profile, proxy) = profile::stage(model, recipe, &env)?;
+    let scoring = scoring::Scoring::of_teacher(&teacher, &splits, recipe, recipe_file, &env)?;
+    let (profile, mut proxy) = profile::stage(model, recipe, &env)?;
     let timing = timing::Timing::new(model, recipe, &profile, &env)?;
     let mut memory = StageMemory::new(env.device, env.workers.rank);
 
     let train = splits.train.as_ref();
-    let mut proxy = proxy;
-    let adapted = adapt::stage(
-        model,
-        &mut proxy,
-        profile.target_ms,
-        &timing,
-        train,
-        recipe,
-        &env,
-    )?;
+    let target_ms = profile.target_ms;
+    let adapted = adapt::stage(model, &mut proxy, target_ms, &timing, train, recipe, &env)?;
     memory.adapt = adapted.peak_memory;
     memory.write(run_dir)?;
 

@@ -3,7 +3,9 @@
 //! (`data.photos`), KL to the teacher, and agreement on the calibration split under hard masks
 //! (the export search's score).
 
+use super::env::RunEnv;
 use super::splits::Splits;
+use super::teacher::Teacher;
 use crate::data::{Examples, ImageDataset, Metric};
 use crate::error::{Error, Result};
 use crate::eval;
@@ -59,6 +61,24 @@ impl<'a> Scoring<'a> {
             kind,
             photos,
         })
+    }
+
+    /// Scoring against the run's teacher, in the run's dtype and device.
+    pub fn of_teacher(
+        teacher: &'a Teacher,
+        splits: &'a Splits,
+        recipe: &Recipe,
+        recipe_file: &Path,
+        env: &RunEnv<'_>,
+    ) -> Result<Self> {
+        Scoring::new(
+            teacher.model.as_ref(),
+            splits,
+            teacher.metric,
+            recipe,
+            recipe_file,
+            (env.kind, env.device),
+        )
     }
 
     /// The recipe's metric on the test split.
