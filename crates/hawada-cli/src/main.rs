@@ -136,7 +136,7 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
-        if !message.contains("out of memory") {
+        if !hawada::pipeline::is_out_of_memory(message) {
             default_hook(info);
         }
     }));

@@ -1,6 +1,7 @@
 //! Commands beside the pipeline: `convert`, `generate`, `bench`.
 
 use anyhow::Context;
+use hawada::model::Family;
 use hawada::recipe::Recipe;
 use std::path::Path;
 
@@ -44,6 +45,11 @@ pub fn generate(
     } else {
         tch::Kind::Float
     };
+    if prompt.is_empty() {
+        anyhow::bail!("--prompt is empty; give at least one word to continue");
+    }
+    hawada::families::check_language_model(model_path)
+        .with_context(|| format!("generate: {}", model_path.display()))?;
     let model = hawada::families::llama::open(model_path, device, kind)
         .with_context(|| format!("loading {}", model_path.display()))?;
     let hawada::data::Vocabulary { tokenizer, eos } = hawada::data::load_vocabulary(model_path)?;
@@ -51,6 +57,17 @@ pub fn generate(
         .encode(prompt, false)
         .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
     let prompt_ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
+    if prompt_ids.is_empty() {
+        anyhow::bail!(
+            "--prompt {prompt:?} is empty once tokenised (0 tokens); give at least one word to continue"
+        );
+    }
+    if let Some(max) = model.max_tokens() {
+        let needed = prompt_ids.len() + tokens;
+        if needed as i64 > max {
+            anyhow::bail!("--prompt ({} tokens) plus --tokens {tokens} is {needed} tokens; the model's context is {max}", prompt_ids.len());
+        }
+    }
     let started = std::time::Instant::now();
     let ids = model.generate(&prompt_ids, tokens, eos);
     let elapsed = started.elapsed().as_secs_f64();

@@ -765,3 +765,310 @@ batch = 64
         "{err}"
     );
 }
+
+// Issue 24: hostile inputs. Each class of bad input below is an error naming the file or field,
+// the value and what is allowed, never a panic nor a silently clamped value.
+
+/// `DEFAULT_RECIPE` with `from` replaced by `to`, parsed: the error text.
+fn recipe_err(from: &str, to: &str) -> String {
+    assert!(DEFAULT_RECIPE.contains(from), "{from}");
+    Recipe::parse(&DEFAULT_RECIPE.replace(from, to), Path::new("r.toml"))
+        .err()
+        .unwrap_or_else(|| panic!("`{to}` was accepted"))
+        .to_string()
+}
+
+#[test]
+fn issue24_unvalidated_numbers_are_refused_naming_the_field_value_and_range() {
+    for (from, to, field, value) in [
+        ("lr = 0.002\nkd", "lr = -1\nkd", "finetune.lr", "-1"),
+        ("lr = 0.002\nkd", "lr = 1e8\nkd", "finetune.lr", "100000000"),
+        (
+            "holdout = 2000",
+            "holdout = 2000\ntest_limit = 0",
+            "data.test_limit",
+            "0",
+        ),
+        (
+            "holdout = 2000",
+            "holdout = 2000\ntest_limit = -3",
+            "data.test_limit",
+            "-3",
+        ),
+        ("holdout = 2000", "holdout = -5", "data.holdout", "-5"),
+        (
+            "epochs = 2.0",
+            "epochs = -1",
+            "teacher_training.epochs",
+            "-1",
+        ),
+        (
+            "channel_multiples = [1, 8, 16]",
+            "channel_multiples = [0]",
+            "export.channel_multiples[0]",
+            "0",
+        ),
+        (
+            "lr = 0.002\n[teacher",
+            "lr = 50\n[teacher",
+            "teacher_training.lr",
+            "50",
+        ),
+    ] {
+        let err = recipe_err(from, to);
+        assert!(
+            err.contains("r.toml")
+                && err.contains(field)
+                && err.contains(&format!("found {value}"))
+                && (err.contains("in (") || err.contains("in [") || err.contains("at least")),
+            "{to}: {err}"
+        );
+    }
+}
+
+#[test]
+fn issue24_a_zero_image_size_is_refused_naming_the_field() {
+    let err = recipe_err("holdout = 2000", "holdout = 2000\nimage_size = 0");
+    assert!(
+        err.contains("data.image_size") && err.contains("found 0") && err.contains("[1, 4096]"),
+        "{err}"
+    );
+}
+
+/// An IDX dataset of 28×28 images in `dir`, `train` and `t10k` alike, with these labels.
+fn tiny_idx(dir: &Path, labels: &[u8]) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    let n = labels.len() as u32;
+    for split in ["train", "t10k"] {
+        let mut images = vec![0, 0, 8, 3];
+        images.extend(n.to_be_bytes());
+        images.extend(28u32.to_be_bytes());
+        images.extend(28u32.to_be_bytes());
+        images.extend((0..n as usize * 784).map(|i| (i % 251) as u8));
+        let mut label_bytes = vec![0, 0, 8, 1];
+        label_bytes.extend(n.to_be_bytes());
+        label_bytes.extend(labels);
+        for (kind, bytes) in [("images-idx3", images), ("labels-idx1", label_bytes)] {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(&bytes).unwrap();
+            let file = dir.join(format!("{split}-{kind}-ubyte.gz"));
+            std::fs::write(file, enc.finish().unwrap()).unwrap();
+        }
+    }
+}
+
+/// A recipe over the model in `model_dir` and the IDX data in `data_dir`, with `extra` lines
+/// appended to `[data]` and `label_weight` in `[finetune]`.
+fn idx_recipe(model_dir: &Path, data_dir: &Path, data_extra: &str, label_weight: f64) -> String {
+    format!(
+        r#"name = "hostile"
+device = "cpu"
+[model]
+dir = "{}"
+[data]
+format = "idx"
+dir = "{}"
+{data_extra}
+[latency]
+batch = 1
+cost = "flops"
+[target]
+fraction = 0.5
+[adapt]
+steps = 1
+batch = 1
+probe_every = 1
+checkpoint_every = 1
+[finetune]
+steps = 1
+batch = 1
+lr = 0.001
+label_weight = {label_weight}
+"#,
+        model_dir.display(),
+        data_dir.display()
+    )
+}
+
+#[test]
+fn issue24_a_dataset_of_one_image_is_refused_not_clamped() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_idx(&dir.path().join("data"), &[0]);
+    let text = idx_recipe(
+        &dir.path().join("none"),
+        &dir.path().join("data"),
+        "holdout = 1",
+        0.0,
+    );
+    let err = run_error(&dir.path().join("one.toml"), &text);
+    assert!(
+        err.contains("data") && err.contains("holds 1 images") && err.contains("at least 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_a_holdout_that_leaves_nothing_to_train_on_is_refused_not_clamped() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_idx(&dir.path().join("data"), &[0, 1, 2, 3, 4]);
+    let data = dir.path().join("data");
+    let text = idx_recipe(&dir.path().join("none"), &data, "holdout = 1000000000", 0.0);
+    let err = run_error(&dir.path().join("holdout.toml"), &text);
+    assert!(
+        err.contains("data.holdout = 1000000000") && err.contains("[1, 4]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_a_text_corpus_of_one_sequence_is_refused_not_clamped() {
+    let dir = tempfile::tempdir().unwrap();
+    let TinyText {
+        model_dir,
+        texts,
+        tokenizer_file,
+    } = tiny_text(dir.path(), Some(49152));
+    // The first document alone (about 150 tokens) trains: one sequence of 101 tokens.
+    let text = format!(
+        r#"name = "one-sequence"
+device = "cpu"
+[model]
+dir = "{}"
+random_init = true
+[data]
+format = "text"
+dir = "{}"
+tokenizer = "{}"
+seq_len = 100
+test_documents = 2
+holdout = 1
+[latency]
+batch = 1
+tokens = 16
+[target]
+fraction = 0.5
+[adapt]
+steps = 1
+batch = 1
+probe_every = 1
+checkpoint_every = 1
+[finetune]
+steps = 0
+batch = 1
+lr = 0.001
+"#,
+        model_dir.display(),
+        texts.display(),
+        tokenizer_file.display()
+    );
+    let err = run_error(&dir.path().join("one.toml"), &text);
+    assert!(
+        err.contains("holds 1 sequences") && err.contains("at least 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_an_out_of_range_label_with_label_weight_is_refused() {
+    // The tiny ResNet has 5 classes; one label is 7.
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(&dir.path().join("teacher"));
+    let data = dir.path().join("data");
+    tiny_idx(&data, &[0, 1, 2, 7, 4, 3]);
+    let text = idx_recipe(&dir.path().join("teacher"), &data, "holdout = 2", 0.5);
+    let err = run_error(&dir.path().join("labels.toml"), &text);
+    assert!(
+        err.contains("labels go up to 7")
+            && err.contains("5 classes")
+            && err.contains("finetune.label_weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_grey_images_for_an_rgb_model_name_data_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ResnetConfig {
+        num_channels: 3,
+        ..ResnetConfig::tiny()
+    };
+    let teacher = dir.path().join("teacher");
+    Resnet::new(config, Device::Cpu, Path::new("test"))
+        .unwrap()
+        .save(&teacher)
+        .unwrap();
+    let data = dir.path().join("data");
+    tiny_idx(&data, &[0, 1, 2, 3]);
+    let text = idx_recipe(&teacher, &data, "holdout = 2", 0.0);
+    let err = run_error(&dir.path().join("grey.toml"), &text);
+    assert!(
+        err.contains("grey.toml")
+            && err.contains("data.channels")
+            && err.contains("1 channel(s)")
+            && err.contains("set data.channels = 3"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_absurd_config_sizes_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    let resnet = |field: &str, value: serde_json::Value| {
+        let path = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let original = config.clone();
+        config[field] = value;
+        std::fs::write(&path, config.to_string()).unwrap();
+        let err = families::load(dir.path(), Device::Cpu, Kind::Float, true)
+            .err()
+            .unwrap()
+            .to_string();
+        std::fs::write(&path, original.to_string()).unwrap();
+        err
+    };
+    let err = resnet("base_width", serde_json::json!(1_000_000));
+    assert!(
+        err.contains("base_width") && err.contains("1000000") && err.contains("sanity limit"),
+        "{err}"
+    );
+    let err = resnet("layers", serde_json::json!([1_000_000, 1]));
+    assert!(
+        err.contains("layers") && err.contains("1 to 1024 blocks"),
+        "{err}"
+    );
+    for (field, value) in [
+        ("hidden_size", 1_000_000_000i64),
+        ("intermediate_size", 1_000_000_000_000),
+        ("num_hidden_layers", 10_000_000),
+    ] {
+        let err = llama_dir(dir.path(), |c| c[field] = value.into());
+        assert!(
+            err.contains("config.json")
+                && err.contains(field)
+                && err.contains(&value.to_string())
+                && err.contains("sanity limit"),
+            "{field}: {err}"
+        );
+    }
+}
+
+#[test]
+fn issue24_a_cpu_allocation_failure_gets_the_out_of_memory_guidance() {
+    // 2^50 floats (4 PiB): the CPU allocator refuses at once, in its own wording.
+    let stage = ("latency measurement", "latency.batch", 1_000_000);
+    let err = hawada::pipeline::out_of_memory_as_error(Device::Cpu, stage, || {
+        Ok(Tensor::zeros([1i64 << 50], (Kind::Float, Device::Cpu)))
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("out of memory during latency measurement")
+            && err.contains("latency.batch = 1000000")
+            && err.contains("500000"),
+        "{err}"
+    );
+}

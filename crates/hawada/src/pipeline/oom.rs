@@ -1,5 +1,6 @@
 //! The out-of-memory guard: a device running out of memory during a stage becomes an error that
-//! names the stage's batch field and a smaller value, instead of libtorch's panic.
+//! names the stage's batch field and a smaller value, instead of libtorch's panic. CUDA and the
+//! CPU allocator word it differently; both get the same guidance.
 
 use crate::error::{Error, Result};
 use crate::latency::measure::device_name;
@@ -14,7 +15,7 @@ pub fn out_of_memory_as_error<T>(
     (stage, field, batch): (&str, &str, i64),
     run: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
-    let is_oom = |message: &str| message.contains("out of memory");
+    let is_oom = is_out_of_memory;
     // libtorch's own sentence says how much was asked for and what the allocator held.
     let error = |message: &str| {
         Error::Device {
@@ -24,7 +25,7 @@ pub fn out_of_memory_as_error<T>(
             (batch / 2).max(1),
             message
                 .lines()
-                .find(|line| line.contains("out of memory"))
+                .find(|line| is_out_of_memory(line))
                 .unwrap_or(message)
                 .trim()
                 .trim_start_matches("Torch(\"")
@@ -47,6 +48,18 @@ pub fn out_of_memory_as_error<T>(
             }
         }
     }
+}
+
+/// Whether a libtorch message reports an allocation failure: CUDA's "out of memory", or the CPU
+/// allocator's "can't allocate memory" / "not enough memory" (`DefaultCPUAllocator`).
+pub fn is_out_of_memory(message: &str) -> bool {
+    [
+        "out of memory",
+        "can't allocate memory",
+        "not enough memory",
+    ]
+    .iter()
+    .any(|wording| message.contains(wording))
 }
 
 #[cfg(test)]

@@ -117,6 +117,12 @@ fn check_fits(
     recipe_file: &Path,
 ) -> Result<()> {
     check_lengths(model, recipe, recipe_file)?;
+    check_images(model, splits.test.as_ref(), recipe_file)?;
+    if recipe.finetune.label_weight > 0.0 {
+        for data in [splits.train.as_ref(), splits.test.as_ref()] {
+            check_labels(model, data, "finetune.label_weight", recipe)?;
+        }
+    }
     if recipe.finetune.label_weight > 0.0 && model.output() == Output::Features {
         return Err(Error::config(
             recipe_file,
@@ -133,6 +139,58 @@ fn check_fits(
                 format!("the tokenizer has {ids} token ids; the model embeds only {vocab}"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Images must have the channels the model takes (grey data for an RGB model needs
+/// `data.channels = 3`), or the first forward panics inside libtorch.
+fn check_images(model: &dyn Family, data: &dyn Examples, recipe_file: &Path) -> Result<()> {
+    // `num_channels` is the HF config key of every vision family; read, not sampled, so the
+    // check draws nothing from the seeded generator.
+    let Some(expected) = model.config_json()["num_channels"].as_i64() else {
+        return Ok(());
+    };
+    let Some((x, _)) = data.batches(1, Kind::Float).next() else {
+        return Ok(());
+    };
+    let found = x.size();
+    if found.len() == 4 && found[1] != expected {
+        return Err(Error::config(
+            recipe_file,
+            "data.channels",
+            format!(
+                "the images have {} channel(s) but the model takes {expected} (num_channels in its config); set data.channels = {expected}",
+                found[1]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Labels trained on (`field` > 0) must be classes the model has: cross-entropy on a label
+/// past the last logit is an index error inside libtorch.
+fn check_labels(
+    model: &dyn Family,
+    data: &dyn Examples,
+    field: &str,
+    recipe: &Recipe,
+) -> Result<()> {
+    let Some(classes) = data.classes() else {
+        return Ok(());
+    };
+    if model.output() != Output::Logits {
+        return Ok(());
+    }
+    let logits = eval::output_width(model, data, Kind::Float);
+    if classes > logits {
+        return Err(Error::Data {
+            file: recipe.data.dir.clone(),
+            reason: format!(
+                "labels go up to {} but the model has {logits} classes (num_labels); {field} trains on the labels, which must be in [0, {logits})",
+                classes - 1
+            ),
+        });
     }
     Ok(())
 }
@@ -175,6 +233,8 @@ fn train_teacher(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     crate::io::json::write(&dir.join("config.json"), &spec.config)?;
     let mut model = families::load(dir, device, Kind::Float, true)?;
+    check_images(model.as_ref(), train, recipe_file)?;
+    check_labels(model.as_ref(), train, "[teacher_training]", recipe)?;
     let steps = (spec.epochs * train.len() as f64 / spec.batch as f64).ceil() as i64;
     let mut next = || train.random_batch(spec.batch, Kind::Float);
     let opts = WeightTraining {
