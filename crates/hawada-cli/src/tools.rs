@@ -5,7 +5,11 @@ use hawada::model::Family;
 use hawada::recipe::Recipe;
 use std::path::Path;
 
-pub fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> {
+/// `hawada convert`: the model written as an HF directory. A non-empty `out_dir` is refused
+/// unless `force`, and then replaced whole: a conversion into another model's folder once kept
+/// that model's `tokenizer.json` beside the new weights (issue 24).
+pub fn convert(model: &Path, out_dir: &Path, dtype: &str, force: bool) -> anyhow::Result<()> {
+    check_convert_target(model, out_dir, force)?;
     let kind = hawada::recipe::Dtype::parse(dtype)
         .with_context(|| format!("--dtype `{dtype}`: expected f32, bf16 or f16"))?
         .kind();
@@ -16,8 +20,17 @@ pub fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> 
         .map(|_| hawada::data::load_vocabulary(model).map(|v| v.tokenizer))
         .transpose()
         .with_context(|| format!("reading the tokenizer of {}", model.display()))?;
-    hawada::pipeline::save_model(loaded.as_ref(), tokenizer.as_ref(), out_dir)
-        .with_context(|| format!("writing {}", out_dir.display()))?;
+    // Written beside, then moved into place: a failed conversion leaves `out_dir` as it was.
+    let staging = staging_dir(out_dir);
+    let _ = std::fs::remove_dir_all(&staging);
+    hawada::pipeline::save_model(loaded.as_ref(), tokenizer.as_ref(), &staging)
+        .with_context(|| format!("writing {}", staging.display()))?;
+    if out_dir.exists() {
+        std::fs::remove_dir_all(out_dir)
+            .with_context(|| format!("replacing {} (--force)", out_dir.display()))?;
+    }
+    std::fs::rename(&staging, out_dir)
+        .with_context(|| format!("moving {} to {}", staging.display(), out_dir.display()))?;
     println!(
         "{} ({}, {} parameters, {dtype}) → {}",
         model.display(),
@@ -26,6 +39,59 @@ pub fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> 
         out_dir.display()
     );
     Ok(())
+}
+
+/// `out_dir` must be new or empty, or `force` given; never the model itself or a folder holding
+/// it.
+fn check_convert_target(model: &Path, out_dir: &Path, force: bool) -> anyhow::Result<()> {
+    if !out_dir.exists() {
+        return Ok(());
+    }
+    if !out_dir.is_dir() {
+        anyhow::bail!(
+            "output {} exists and is not a directory; convert writes a model folder",
+            out_dir.display()
+        );
+    }
+    let mut entries: Vec<String> = std::fs::read_dir(out_dir)
+        .with_context(|| format!("reading {}", out_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    entries.sort();
+    if !force {
+        anyhow::bail!(
+            "output directory {} is not empty (holds {}); give a new or empty directory, or --force to replace it whole",
+            out_dir.display(),
+            entries.join(", ")
+        );
+    }
+    let (model_abs, out_abs) = (model.canonicalize()?, out_dir.canonicalize()?);
+    if std::env::current_dir()?.starts_with(&out_abs) {
+        anyhow::bail!(
+            "output directory {} holds the working directory; --force would delete it: give another output directory",
+            out_dir.display()
+        );
+    }
+    if model_abs.starts_with(&out_abs) {
+        anyhow::bail!(
+            "output directory {} holds the model being converted ({}); --force would delete it: give another output directory",
+            out_dir.display(),
+            model.display()
+        );
+    }
+    Ok(())
+}
+
+/// The folder a conversion is written to before it replaces `out_dir`.
+fn staging_dir(out_dir: &Path) -> std::path::PathBuf {
+    let name = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out_dir.with_file_name(format!(".{name}.converting-{}", std::process::id()))
 }
 
 pub fn generate(

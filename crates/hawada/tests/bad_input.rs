@@ -665,20 +665,27 @@ fn an_unknown_family_is_named_with_the_supported_ones() {
 #[test]
 fn a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact() {
     // A full disk fails the write of the temporary file; the previous file must survive. The
-    // temporary path is made unwritable (a directory stands in its way) to fail that write.
+    // temporary file's name (unique per process and write: `<name>.<pid>.<n>.tmp`) is made
+    // too long for the file system to fail that write: the file's own name is 250 bytes.
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("gates.safetensors");
+    let short = dir.path().join("gates.safetensors");
+    let file = dir.path().join(format!("{}.safetensors", "g".repeat(238)));
     let mut tensors = BTreeMap::new();
     tensors.insert("logits".to_string(), Tensor::from_slice(&[1.0f32, 2.0]));
-    hawada::io::safetensors::write(&file, &tensors).unwrap();
+    hawada::io::safetensors::write(&short, &tensors).unwrap();
+    std::fs::rename(&short, &file).unwrap();
     let before = std::fs::read(&file).unwrap();
-    std::fs::create_dir(dir.path().join("gates.safetensors.tmp")).unwrap();
     tensors.insert("logits".to_string(), Tensor::from_slice(&[3.0f32, 4.0]));
     let err = hawada::io::safetensors::write(&file, &tensors)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("gates.safetensors.tmp"), "{err}");
+    assert!(err.contains(".tmp"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), before);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file is left"
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::path::Path;
 
 impl Recipe {
     pub(super) fn validate(&self, file: &Path) -> Result<()> {
+        self.check_name(file)?;
         self.check_positive(file)?;
         self.check_ranges(file)?;
         self.check_batches_split(file, self.gpus)?;
@@ -15,6 +16,23 @@ impl Recipe {
             self.check_teacher_samples(samples, file)?;
         }
         self.device.resolve()?;
+        Ok(())
+    }
+
+    /// The name is the run directory's last component (`runs/<name>`): one path component of
+    /// safe characters, or a recipe `name = "../../x"` writes a run anywhere (issue 24).
+    fn check_name(&self, file: &Path) -> Result<()> {
+        let name = &self.name;
+        let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if name.is_empty() || name.len() > 128 || name.starts_with('.') || !name.chars().all(safe) {
+            return Err(Error::config(
+                file,
+                "name",
+                format!(
+                    "{name:?} is not a run name: it names the folder runs/<name>, so it must be 1 to 128 letters, digits, `-`, `_` or `.`, not starting with `.`"
+                ),
+            ));
+        }
         Ok(())
     }
 
