@@ -310,12 +310,12 @@ fn a_sweep_runs_each_target_on_one_profile_and_draws_the_trade_off() {
     }
     let html = std::fs::read_to_string(dir.join("sweep.html")).unwrap();
     assert!(html.contains(r#"href="t0.9/""#) && html.contains("plots/sweep-quality.png"));
-    // A target outside (0, 1] is refused before anything runs, naming the field.
+    // A target outside (0, 1] is refused before anything runs, naming the flag (issue 24).
     let out = sweep("0.5,1.5");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("target.fraction") && stderr.contains("1.5"),
+        stderr.contains("--targets") && stderr.contains("1.5"),
         "{stderr}"
     );
     // A data-parallel recipe is refused: a sweep runs in one process.

@@ -1079,3 +1079,106 @@ fn issue24_a_cpu_allocation_failure_gets_the_out_of_memory_guidance() {
         "{err}"
     );
 }
+
+/// A recipe that trains a tiny ResNet teacher into `model_dir` for `epochs` on the IDX data in
+/// `data_dir`, timed lightly (profile only).
+fn teacher_training_recipe(model_dir: &Path, data_dir: &Path, epochs: f64) -> String {
+    format!(
+        r#"name = "self-trained"
+device = "cpu"
+[model]
+dir = "{}"
+[teacher_training]
+epochs = {epochs:?}
+batch = 2
+lr = 0.001
+[teacher_training.config]
+architectures = ["ResNet"]
+model_type = "resnet"
+block_type = "basic"
+layers = [1, 1]
+stem = "small"
+num_channels = 1
+image_size = 28
+num_labels = 10
+base_width = 8
+channels_per_gate = 2
+[data]
+format = "idx"
+dir = "{}"
+holdout = 2
+[latency]
+batch = 1
+warmup_runs = 1
+timed_runs = 2
+fit_archs = 1
+holdout_archs = 1
+cost = "flops"
+[target]
+fraction = 0.5
+[adapt]
+steps = 1
+batch = 2
+probe_every = 1
+checkpoint_every = 1
+[finetune]
+steps = 0
+batch = 2
+lr = 0.001
+"#,
+        model_dir.display(),
+        data_dir.display()
+    )
+}
+
+fn profile(recipe_file: &Path, text: &str) -> hawada::error::Result<hawada::run_dir::Profile> {
+    let recipe = Recipe::parse(text, recipe_file).unwrap();
+    let run_dir = hawada::run_dir::RunDir::new(recipe_file.parent().unwrap().join("run"));
+    hawada::pipeline::profile(&recipe, recipe_file, &run_dir, &hawada::progress::Silent)
+}
+
+#[test]
+fn issue24_teacher_training_never_overwrites_a_config_json_it_did_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    tiny_idx(&data, &[0, 1, 2, 3, 4, 5]);
+    let model_dir = dir.path().join("users-model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let users = r#"{"model_type": "resnet", "base_width": 64}"#;
+    std::fs::write(model_dir.join("config.json"), users).unwrap();
+    let text = teacher_training_recipe(&model_dir, &data, 1.0);
+    let err = profile(&dir.path().join("t.toml"), &text)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("t.toml") && err.contains("model.dir") && err.contains("would overwrite it"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(model_dir.join("config.json")).unwrap(),
+        users
+    );
+}
+
+#[test]
+fn issue24_a_cached_teacher_made_by_another_teacher_training_is_trained_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    tiny_idx(&data, &[0, 1, 2, 3, 4, 5]);
+    let model_dir = dir.path().join("teacher");
+    let file = dir.path().join("t.toml");
+    let first = teacher_training_recipe(&model_dir, &data, 1.0);
+    profile(&file, &first).unwrap();
+    let weights = || std::fs::read(model_dir.join("model.safetensors")).unwrap();
+    let trained_once = weights();
+    let recipe = |text: &str| Recipe::parse(text, &file).unwrap();
+    assert!(!hawada::pipeline::needs_teacher_training(&recipe(&first)));
+    // Two epochs instead of one: the cached teacher is not what this recipe trains.
+    let second = teacher_training_recipe(&model_dir, &data, 2.0);
+    assert!(hawada::pipeline::needs_teacher_training(&recipe(&second)));
+    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+    profile(&file, &second).unwrap();
+    assert_ne!(weights(), trained_once);
+    assert!(!hawada::pipeline::needs_teacher_training(&recipe(&second)));
+}

@@ -124,11 +124,13 @@ pub fn check_lengths(model: &dyn Family, recipe: &Recipe, recipe_file: &Path) ->
 }
 
 /// Whether the recipe's teacher must first be trained (it has `[teacher_training]`, and its
-/// model holds no weights yet), which needs the data.
+/// model holds no weights yet, or a teacher trained by another `[teacher_training]`), which
+/// needs the data.
 pub fn needs_teacher_training(recipe: &Recipe) -> bool {
     recipe.teacher_training.is_some()
         && !recipe.model.random_init
-        && !families::has_weights(&recipe.model.dir)
+        && (!families::has_weights(&recipe.model.dir)
+            || super::teacher::cached_teacher_is_stale(recipe))
 }
 
 /// Default run directory of a recipe: `runs/<name>`.

@@ -205,7 +205,7 @@ pub fn load(
     let (device, kind) = (env.device, env.kind);
     let dir = &recipe.model.dir;
     let has_weights = families::has_weights(dir);
-    if !has_weights && !recipe.model.random_init {
+    if (!has_weights && !recipe.model.random_init) || cached_teacher_is_stale(recipe) {
         // Rank 0 trains it alone; the others wait and load it.
         env.workers
             .from_leader("teacher", || train_teacher(recipe, recipe_file, train, env))?;
@@ -231,7 +231,23 @@ fn train_teacher(
     };
     tracing::info!(dir = %dir.display(), "training the teacher (self-trained, cached for later runs)");
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::io::json::write(&dir.join("config.json"), &spec.config)?;
+    let config_file = dir.join("config.json");
+    let record_file = dir.join(TEACHER_RECORD);
+    if config_file.exists() && !record_file.exists() {
+        // A folder the user filled, not a cache this trainer made: never overwrite it.
+        let found = crate::io::json::read_value(&config_file)?;
+        if found != spec.config {
+            return Err(Error::config(
+                recipe_file,
+                "model.dir",
+                format!(
+                    "{} holds a config.json (and no weights) that [teacher_training] did not write; training would overwrite it. Point model.dir at a new folder for the trained teacher, or add that model's model.safetensors",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    crate::io::json::write(&config_file, &spec.config)?;
     let mut model = families::load(dir, device, Kind::Float, true)?;
     check_images(model.as_ref(), train, recipe_file)?;
     check_labels(model.as_ref(), train, "[teacher_training]", recipe)?;
@@ -256,7 +272,32 @@ fn train_teacher(
         observer,
     )?;
     model.save(dir)?;
+    crate::io::json::write(&record_file, &teacher_record(recipe))?;
     Ok(())
+}
+
+/// Beside a self-trained teacher: what trained it, so that a cached teacher made by another
+/// `[teacher_training]` (an untrained one from `epochs = -1`, issue 24) is trained again rather
+/// than reused.
+const TEACHER_RECORD: &str = "hawada-teacher-training.json";
+
+/// The recipe fields a self-trained teacher depends on.
+fn teacher_record(recipe: &Recipe) -> serde_json::Value {
+    serde_json::json!({
+        "teacher_training": recipe.teacher_training,
+        "data_dir": recipe.data.dir,
+        "seed": recipe.seed,
+    })
+}
+
+/// Whether `model.dir` holds a teacher this trainer made from other fields than the recipe's
+/// (a folder without the record is the user's, and is used as it is).
+pub fn cached_teacher_is_stale(recipe: &Recipe) -> bool {
+    if recipe.teacher_training.is_none() || recipe.model.random_init {
+        return false;
+    }
+    let record = recipe.model.dir.join(TEACHER_RECORD);
+    crate::io::json::read_value(&record).is_ok_and(|found| found != teacher_record(recipe))
 }
 
 /// The training split followed by `samples.sequences` sequences the teacher wrote, each
