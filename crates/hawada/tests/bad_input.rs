@@ -1182,3 +1182,35 @@ fn issue24_a_cached_teacher_made_by_another_teacher_training_is_trained_again() 
     assert_ne!(weights(), trained_once);
     assert!(!hawada::pipeline::needs_teacher_training(&recipe(&second)));
 }
+
+#[test]
+fn issue24_toml_errors_name_the_key_line_and_column_never_the_whole_text() {
+    let err = |from: &str, to: &str| {
+        assert!(DEFAULT_RECIPE.contains(from), "{from}");
+        Recipe::parse(&DEFAULT_RECIPE.replace(from, to), Path::new("r.toml"))
+            .unwrap_err()
+            .to_string()
+    };
+    let too_large = err("batch = 256", "batch = 99999999999999999999999");
+    assert!(
+        too_large.contains("field `latency.batch`")
+            && too_large.contains("number too large")
+            && too_large.contains("(line 37, column 9)"),
+        "{too_large}"
+    );
+    let syntax = err("seed = 0", "seed = [0");
+    assert!(
+        syntax.contains("invalid array") && syntax.contains("(line 7, column 1)"),
+        "{syntax}"
+    );
+    let missing = err("[target]\nfraction = 0.6", "");
+    assert_eq!(
+        missing,
+        "r.toml: field `target`: missing; the recipe must set it"
+    );
+    let wrong_type = err("holdout = 2000", "holdout = 2000.5");
+    assert!(
+        wrong_type.contains("field `data.holdout`") && wrong_type.contains("line 34"),
+        "{wrong_type}"
+    );
+}
