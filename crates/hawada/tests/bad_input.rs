@@ -1214,3 +1214,86 @@ fn issue24_toml_errors_name_the_key_line_and_column_never_the_whole_text() {
         "{wrong_type}"
     );
 }
+
+/// Trains the tiny ResNet `model` on random 12×12 batches with checkpoints in `checkpoints`;
+/// the error it stops with.
+fn train_tiny_err(model: &mut Resnet, checkpoints: &Path) -> String {
+    let metrics = hawada::run_dir::MetricsLog::new(checkpoints.with_extension("jsonl"));
+    let workers = hawada::dist::Workers::single();
+    let opts = hawada::train::WeightTraining {
+        stage: "finetune",
+        steps: 4,
+        lr: 1e-3,
+        checkpoint_every: 2,
+        checkpoint_dir: checkpoints,
+        seed: 0,
+        workers: &workers,
+        keep_best: None,
+    };
+    let mut next = || {
+        (
+            Tensor::randn([2, 1, 12, 12], (Kind::Float, Device::Cpu)),
+            Tensor::from_slice(&[0i64, 1]),
+        )
+    };
+    hawada::train::train_weights(
+        model,
+        hawada::train::Objective::Labels,
+        &mut next,
+        &opts,
+        &metrics,
+        &hawada::progress::Silent,
+    )
+    .err()
+    .unwrap()
+    .to_string()
+}
+
+/// The tiny ResNet's tensors with `conv1.weight` (of the stem) all NaN.
+fn with_nan_stem(model: &Resnet) -> (String, BTreeMap<String, Tensor>) {
+    let mut tensors = hawada::io::safetensors::named_tensors(model.var_store());
+    let name = tensors
+        .keys()
+        .find(|n| n.ends_with("conv1.weight"))
+        .unwrap()
+        .clone();
+    tensors.insert(name.clone(), tensors[&name].full_like(f64::NAN));
+    (name, tensors)
+}
+
+#[test]
+fn issue24_nan_weights_in_a_checkpoint_name_the_tensor_not_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Resnet::new(ResnetConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
+    let checkpoints = dir.path().join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    let (name, tensors) = with_nan_stem(&model);
+    hawada::io::safetensors::write(&checkpoints.join("model.safetensors"), &tensors).unwrap();
+    std::fs::write(checkpoints.join("state.json"), r#"{"step": 2}"#).unwrap();
+    let err = train_tiny_err(&mut model, &checkpoints);
+    assert!(
+        err.contains("checkpoints/model.safetensors")
+            && err.contains(&format!("tensor `{name}`"))
+            && err.contains("NaN")
+            && !err.contains("loss"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_a_nan_before_any_checkpoint_names_no_empty_folder_as_the_last_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Resnet::new(ResnetConfig::tiny(), Device::Cpu, Path::new("test")).unwrap();
+    let (_, tensors) = with_nan_stem(&model);
+    let file = dir.path().join("nan.safetensors");
+    hawada::io::safetensors::write(&file, &tensors).unwrap();
+    hawada::io::safetensors::load_file_into(model.var_store(), &file).unwrap();
+    let err = train_tiny_err(&mut model, &dir.path().join("checkpoints"));
+    assert!(
+        err.contains("step 0")
+            && err.contains("NaN")
+            && err.contains("before any checkpoint")
+            && !err.contains("last good checkpoint"),
+        "{err}"
+    );
+}
