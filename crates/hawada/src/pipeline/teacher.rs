@@ -5,7 +5,7 @@
 
 use super::env::{check_lengths, RunEnv};
 use super::finetune::{teacher_baseline, WeightData};
-use super::oom::out_of_memory_as_error;
+use super::oom::{model_out_of_memory_as_error, out_of_memory_as_error};
 use super::splits::Splits;
 use crate::data::{Examples, Metric, TextDataset};
 use crate::dist::Workers;
@@ -210,7 +210,9 @@ pub fn load(
         env.workers
             .from_leader("teacher", || train_teacher(recipe, recipe_file, train, env))?;
     }
-    let mut model = families::load(dir, device, kind, recipe.model.random_init)?;
+    let mut model = model_out_of_memory_as_error(device, dir, || {
+        families::load(dir, device, kind, recipe.model.random_init)
+    })?;
     model.var_store_mut().freeze();
     model.to_device_layout();
     Ok(model)
@@ -248,7 +250,9 @@ fn train_teacher(
         }
     }
     crate::io::json::write(&config_file, &spec.config)?;
-    let mut model = families::load(dir, device, Kind::Float, true)?;
+    let mut model = model_out_of_memory_as_error(device, dir, || {
+        families::load(dir, device, Kind::Float, true)
+    })?;
     check_images(model.as_ref(), train, recipe_file)?;
     check_labels(model.as_ref(), train, "[teacher_training]", recipe)?;
     let steps = (spec.epochs * train.len() as f64 / spec.batch as f64).ceil() as i64;
@@ -263,14 +267,17 @@ fn train_teacher(
         workers: &Workers::single(),
         keep_best: None,
     };
-    train_weights(
-        model.as_mut(),
-        Objective::Labels,
-        &mut next,
-        &opts,
-        metrics,
-        observer,
-    )?;
+    let teacher_batch = ("teacher training", "teacher_training.batch", spec.batch);
+    out_of_memory_as_error(device, teacher_batch, || {
+        train_weights(
+            model.as_mut(),
+            Objective::Labels,
+            &mut next,
+            &opts,
+            metrics,
+            observer,
+        )
+    })?;
     model.save(dir)?;
     crate::io::json::write(&record_file, &teacher_record(recipe))?;
     Ok(())
