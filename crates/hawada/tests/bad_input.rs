@@ -983,7 +983,9 @@ fn issue24_an_out_of_range_label_with_label_weight_is_refused() {
     saved_tiny(&dir.path().join("teacher"));
     let data = dir.path().join("data");
     tiny_idx(&data, &[0, 1, 2, 7, 4, 3]);
-    let text = idx_recipe(&dir.path().join("teacher"), &data, "holdout = 2", 0.5);
+    // In bf16: the check's forward runs in the model's dtype.
+    let text = idx_recipe(&dir.path().join("teacher"), &data, "holdout = 2", 0.5)
+        .replace("device = \"cpu\"", "device = \"cpu\"\ndtype = \"bf16\"");
     let err = run_error(&dir.path().join("labels.toml"), &text);
     assert!(
         err.contains("labels go up to 7")

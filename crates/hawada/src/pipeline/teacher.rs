@@ -56,7 +56,7 @@ pub fn prepare(
     env: &RunEnv<'_>,
 ) -> Result<(Teacher, FinetuneData)> {
     let loaded = load(recipe, recipe_file, Some(splits.train.as_ref()), env)?;
-    check_fits(loaded.as_ref(), splits, recipe, recipe_file)?;
+    check_fits(loaded.as_ref(), splits, recipe, (recipe_file, env.kind))?;
     tracing::info!(
         family = loaded.family(),
         groups = loaded.groups().len(),
@@ -109,18 +109,19 @@ pub fn prepare(
     Ok((teacher, finetune_data))
 }
 
-/// What the recipe asks of the teacher must fit it: sequence lengths, labels, vocabulary.
+/// What the recipe asks of the teacher must fit it: sequence lengths, image channels, labels,
+/// vocabulary. `kind` is the model's dtype.
 fn check_fits(
     model: &dyn Family,
     splits: &Splits,
     recipe: &Recipe,
-    recipe_file: &Path,
+    (recipe_file, kind): (&Path, Kind),
 ) -> Result<()> {
     check_lengths(model, recipe, recipe_file)?;
     check_images(model, splits.test.as_ref(), recipe_file)?;
     if recipe.finetune.label_weight > 0.0 {
         for data in [splits.train.as_ref(), splits.test.as_ref()] {
-            check_labels(model, data, "finetune.label_weight", recipe)?;
+            check_labels(model, data, "finetune.label_weight", recipe, kind)?;
         }
     }
     if recipe.finetune.label_weight > 0.0 && model.output() == Output::Features {
@@ -169,12 +170,13 @@ fn check_images(model: &dyn Family, data: &dyn Examples, recipe_file: &Path) -> 
 }
 
 /// Labels trained on (`field` > 0) must be classes the model has: cross-entropy on a label
-/// past the last logit is an index error inside libtorch.
+/// past the last logit is an index error inside libtorch. `kind` is the model's dtype.
 fn check_labels(
     model: &dyn Family,
     data: &dyn Examples,
     field: &str,
     recipe: &Recipe,
+    kind: Kind,
 ) -> Result<()> {
     let Some(classes) = data.classes() else {
         return Ok(());
@@ -182,7 +184,7 @@ fn check_labels(
     if model.output() != Output::Logits {
         return Ok(());
     }
-    let logits = eval::output_width(model, data, Kind::Float);
+    let logits = eval::output_width(model, data, kind);
     if classes > logits {
         return Err(Error::Data {
             file: recipe.data.dir.clone(),
@@ -254,7 +256,13 @@ fn train_teacher(
         families::load(dir, device, Kind::Float, true)
     })?;
     check_images(model.as_ref(), train, recipe_file)?;
-    check_labels(model.as_ref(), train, "[teacher_training]", recipe)?;
+    check_labels(
+        model.as_ref(),
+        train,
+        "[teacher_training]",
+        recipe,
+        Kind::Float,
+    )?;
     let steps = (spec.epochs * train.len() as f64 / spec.batch as f64).ceil() as i64;
     let mut next = || train.random_batch(spec.batch, Kind::Float);
     let opts = WeightTraining {
