@@ -140,6 +140,9 @@ enum Command {
         /// Weight dtype of the output: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Replace OUT_DIR whole when it is not empty (by default that is an error).
+        #[arg(long)]
+        force: bool,
     },
     /// Rewrite report.html and the charts of a finished run directory, or sweep.html and the
     /// charts of a finished sweep directory (one holding `sweep.json`).
@@ -182,7 +185,7 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
-        if !message.contains("out of memory") {
+        if !hawada::pipeline::is_out_of_memory(message) {
             default_hook(info);
         }
     }));
@@ -234,7 +237,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             model,
             out_dir,
             dtype,
-        } => tools::convert(&model, &out_dir, &dtype)?,
+            force,
+        } => tools::convert(&model, &out_dir, &dtype, force)?,
         Command::Report { run_dir } if SweepDir::holds_sweep(&run_dir) => {
             let dir = SweepDir::new(&run_dir);
             hawada::pipeline::write_sweep_report(&dir)

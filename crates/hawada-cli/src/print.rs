@@ -114,6 +114,15 @@ pub fn print_table(s: &Summary, run_dir: &Path) {
     if let Some(warning) = &s.search_warning {
         println!("warning: {warning}");
     }
+    if let Some(noise) = &s.timing_noise {
+        let verdict = match s.target_met {
+            None => "whether the target is met is unclear (the export search measured the pick under it)",
+            Some(_) => "the export search's measurement agrees with the verdict below",
+        };
+        println!(
+            "timing was noisy ({noise}): other work shared the device, so the latencies above are unreliable; {verdict}. Run again in this run directory on an idle device to measure again"
+        );
+    }
     if s.target_met == Some(false) {
         println!(
             "target not reached: the slim model runs at {:.3}× keep-all, the fastest the gates and \

@@ -21,6 +21,9 @@ pub fn run(
     smoke: bool,
     gpus: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
+    if gpus == Some(0) {
+        bail!("--gpus 0: give the number of worker processes, at least 1");
+    }
     let (recipe, file, run_dir) = resolve_recipe(recipe.as_deref(), smoke, run_dir, "")?;
     // Fetched once, before any worker starts: workers fetching at once would race.
     ensure_data(&recipe)?;
@@ -61,6 +64,9 @@ pub fn sweep(
     run_dir: Option<PathBuf>,
     smoke: bool,
 ) -> anyhow::Result<()> {
+    if let Some(bad) = targets.iter().find(|t| !(**t > 0.0 && **t <= 1.0)) {
+        bail!("--targets: {bad} is not a latency target; each must be a fraction of keep-all latency in (0, 1]");
+    }
     let (recipe, file, dir) = resolve_recipe(Some(&recipe), smoke, run_dir, "-sweep")?;
     if recipe.gpus > 1 {
         bail!(

@@ -1,10 +1,15 @@
 //! Commands beside the pipeline: `convert`, `generate`, `bench`.
 
 use anyhow::Context;
+use hawada::model::Family;
 use hawada::recipe::Recipe;
 use std::path::Path;
 
-pub fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> {
+/// `hawada convert`: the model written as an HF directory. A non-empty `out_dir` is refused
+/// unless `force`, and then replaced whole: a conversion into another model's folder once kept
+/// that model's `tokenizer.json` beside the new weights (issue 24).
+pub fn convert(model: &Path, out_dir: &Path, dtype: &str, force: bool) -> anyhow::Result<()> {
+    check_convert_target(model, out_dir, force)?;
     let kind = hawada::recipe::Dtype::parse(dtype)
         .with_context(|| format!("--dtype `{dtype}`: expected f32, bf16 or f16"))?
         .kind();
@@ -15,8 +20,17 @@ pub fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> 
         .map(|_| hawada::data::load_vocabulary(model).map(|v| v.tokenizer))
         .transpose()
         .with_context(|| format!("reading the tokenizer of {}", model.display()))?;
-    hawada::pipeline::save_model(loaded.as_ref(), tokenizer.as_ref(), out_dir)
-        .with_context(|| format!("writing {}", out_dir.display()))?;
+    // Written beside, then moved into place: a failed conversion leaves `out_dir` as it was.
+    let staging = staging_dir(out_dir);
+    let _ = std::fs::remove_dir_all(&staging);
+    hawada::pipeline::save_model(loaded.as_ref(), tokenizer.as_ref(), &staging)
+        .with_context(|| format!("writing {}", staging.display()))?;
+    if out_dir.exists() {
+        std::fs::remove_dir_all(out_dir)
+            .with_context(|| format!("replacing {} (--force)", out_dir.display()))?;
+    }
+    std::fs::rename(&staging, out_dir)
+        .with_context(|| format!("moving {} to {}", staging.display(), out_dir.display()))?;
     println!(
         "{} ({}, {} parameters, {dtype}) → {}",
         model.display(),
@@ -25,6 +39,59 @@ pub fn convert(model: &Path, out_dir: &Path, dtype: &str) -> anyhow::Result<()> 
         out_dir.display()
     );
     Ok(())
+}
+
+/// `out_dir` must be new or empty, or `force` given; never the model itself or a folder holding
+/// it.
+fn check_convert_target(model: &Path, out_dir: &Path, force: bool) -> anyhow::Result<()> {
+    if !out_dir.exists() {
+        return Ok(());
+    }
+    if !out_dir.is_dir() {
+        anyhow::bail!(
+            "output {} exists and is not a directory; convert writes a model folder",
+            out_dir.display()
+        );
+    }
+    let mut entries: Vec<String> = std::fs::read_dir(out_dir)
+        .with_context(|| format!("reading {}", out_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    entries.sort();
+    if !force {
+        anyhow::bail!(
+            "output directory {} is not empty (holds {}); give a new or empty directory, or --force to replace it whole",
+            out_dir.display(),
+            entries.join(", ")
+        );
+    }
+    let (model_abs, out_abs) = (model.canonicalize()?, out_dir.canonicalize()?);
+    if std::env::current_dir()?.starts_with(&out_abs) {
+        anyhow::bail!(
+            "output directory {} holds the working directory; --force would delete it: give another output directory",
+            out_dir.display()
+        );
+    }
+    if model_abs.starts_with(&out_abs) {
+        anyhow::bail!(
+            "output directory {} holds the model being converted ({}); --force would delete it: give another output directory",
+            out_dir.display(),
+            model.display()
+        );
+    }
+    Ok(())
+}
+
+/// The folder a conversion is written to before it replaces `out_dir`.
+fn staging_dir(out_dir: &Path) -> std::path::PathBuf {
+    let name = out_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out_dir.with_file_name(format!(".{name}.converting-{}", std::process::id()))
 }
 
 pub fn generate(
@@ -44,6 +111,11 @@ pub fn generate(
     } else {
         tch::Kind::Float
     };
+    if prompt.is_empty() {
+        anyhow::bail!("--prompt is empty; give at least one word to continue");
+    }
+    hawada::families::check_language_model(model_path)
+        .with_context(|| format!("generate: {}", model_path.display()))?;
     let model = hawada::families::llama::open(model_path, device, kind)
         .with_context(|| format!("loading {}", model_path.display()))?;
     let hawada::data::Vocabulary { tokenizer, eos } = hawada::data::load_vocabulary(model_path)?;
@@ -51,6 +123,17 @@ pub fn generate(
         .encode(prompt, false)
         .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
     let prompt_ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
+    if prompt_ids.is_empty() {
+        anyhow::bail!(
+            "--prompt {prompt:?} is empty once tokenised (0 tokens); give at least one word to continue"
+        );
+    }
+    if let Some(max) = model.max_tokens() {
+        let needed = prompt_ids.len() + tokens;
+        if needed as i64 > max {
+            anyhow::bail!("--prompt ({} tokens) plus --tokens {tokens} is {needed} tokens; the model's context is {max}", prompt_ids.len());
+        }
+    }
     let started = std::time::Instant::now();
     let ids = model.generate(&prompt_ids, tokens, eos);
     let elapsed = started.elapsed().as_secs_f64();

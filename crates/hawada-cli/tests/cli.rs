@@ -310,12 +310,12 @@ fn a_sweep_runs_each_target_on_one_profile_and_draws_the_trade_off() {
     }
     let html = std::fs::read_to_string(dir.join("sweep.html")).unwrap();
     assert!(html.contains(r#"href="t0.9/""#) && html.contains("plots/sweep-quality.png"));
-    // A target outside (0, 1] is refused before anything runs, naming the field.
+    // A target outside (0, 1] is refused before anything runs, naming the flag (issue 24).
     let out = sweep("0.5,1.5");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("target.fraction") && stderr.contains("1.5"),
+        stderr.contains("--targets") && stderr.contains("1.5"),
         "{stderr}"
     );
     // A data-parallel recipe is refused: a sweep runs in one process.
@@ -1072,4 +1072,267 @@ fn every_shipped_recipe_runs_as_a_cpu_smoke_run() {
         ran.push(name);
     }
     assert!(ran.len() >= 10, "{ran:?}");
+}
+
+// Issue 24: hostile inputs at the command line. Each case ends with exit code 1 and a
+// `hawada: error:` line naming the flag, field or path at fault.
+
+/// Runs `hawada ARGS` in `dir`; asserts it failed with exit code 1 and returns its stderr.
+fn failure_in(dir: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let out = hawada().current_dir(dir).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|line| line.starts_with("hawada: error: ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// The tiny recipe over an empty data folder: every run stops at loading the data, after the
+/// run directory is opened (locked, its recipe checked and recorded).
+fn recipe_without_data(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let empty = dir.join("no-data");
+    std::fs::create_dir_all(&empty).unwrap();
+    let data = format!("dir = \"{}\"", fashion_mnist().display());
+    let empty_data = format!("dir = \"{}\"", empty.display());
+    let mut all = vec![(data.as_str(), empty_data.as_str())];
+    all.extend_from_slice(edits);
+    tiny_recipe_with(dir, &all)
+}
+
+#[test]
+fn issue24_resume_with_a_changed_recipe_stops_naming_the_changed_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let recipe = recipe_without_data(tmp.path(), &[]);
+    let args = [
+        "run".as_ref(),
+        recipe.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ];
+    let first = failure_in(tmp.path(), &args);
+    assert!(first.contains("train-images-idx3-ubyte.gz"), "{first}");
+    let recorded = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap();
+    assert!(recorded.contains("fraction = 0.7"), "{recorded}");
+    // The same recipe resumes (and fails on the data again, not on the directory).
+    let again = failure_in(tmp.path(), &args);
+    assert!(!again.contains("differs"), "{again}");
+    recipe_without_data(
+        tmp.path(),
+        &[
+            ("fraction = 0.7", "fraction = 0.5"),
+            ("batch = 32\nwarmup", "batch = 64\nwarmup"),
+        ],
+    );
+    let err = failure_in(tmp.path(), &args);
+    assert!(
+        err.contains("target.fraction (0.7 → 0.5)")
+            && err.contains("latency.batch (32 → 64)")
+            && err.contains("new --run-dir"),
+        "{err}"
+    );
+    // recipe.toml still records the recipe that made the directory.
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap(),
+        recorded
+    );
+}
+
+#[test]
+fn issue24_a_run_directory_locked_by_a_live_run_is_refused_and_a_stale_lock_taken_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let recipe = recipe_without_data(tmp.path(), &[]);
+    let args = [
+        "run".as_ref(),
+        recipe.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ];
+    // This test's process stands for a live run holding the lock.
+    let lock = run_dir.join("run.lock");
+    std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    let err = failure_in(tmp.path(), &args);
+    assert!(
+        err.contains(&format!(
+            "in use by another hawada run (pid {}",
+            std::process::id()
+        )) && err.contains("run.lock"),
+        "{err}"
+    );
+    assert!(!run_dir.join("recipe.toml").exists());
+    // A finished process's lock is stale: taken over, and released when the run ends.
+    let mut finished = Command::new("true").spawn().unwrap();
+    let dead = finished.id();
+    finished.wait().unwrap();
+    std::fs::write(&lock, format!("{dead}\n")).unwrap();
+    let err = failure_in(tmp.path(), &args);
+    assert!(err.contains("train-images-idx3-ubyte.gz"), "{err}");
+    assert!(!lock.exists());
+}
+
+#[test]
+fn issue24_a_run_name_that_is_not_one_path_component_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("a/b");
+    std::fs::create_dir_all(&work).unwrap();
+    for name in ["../../x", "/tmp/hawada-issue24-x", "a/b", ""] {
+        let recipe = tiny_recipe_with(
+            tmp.path(),
+            &[("name = \"tiny\"", &format!("name = {name:?}"))],
+        );
+        let err = failure_in(&work, &["run".as_ref(), recipe.as_os_str()]);
+        assert!(
+            err.contains("tiny.toml")
+                && err.contains("field `name`")
+                && err.contains("not a run name"),
+            "{name}: {err}"
+        );
+    }
+    assert!(!tmp.path().join("x").exists() && !work.join("runs").exists());
+    assert!(!Path::new("/tmp/hawada-issue24-x").exists());
+}
+
+#[test]
+fn issue24_convert_refuses_a_non_empty_directory_unless_forced_then_replaces_it_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("other-model");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(out_dir.join("config.json"), "{}").unwrap();
+    let onnx = repo().join("fixtures/dinov2/model.onnx");
+    let args = ["convert".as_ref(), onnx.as_os_str(), out_dir.as_os_str()];
+    let err = failure_in(tmp.path(), &args);
+    assert!(
+        err.contains("other-model")
+            && err.contains("not empty (holds config.json, tokenizer.json)")
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("config.json")).unwrap(),
+        "{}"
+    );
+    let out = hawada()
+        .current_dir(tmp.path())
+        .args(args)
+        .arg("--force")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["config.json", "model.safetensors"]);
+    // Nothing is left beside it either.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn issue24_gpus_zero_is_refused_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let err = failure_in(
+        tmp.path(),
+        &[
+            "run".as_ref(),
+            recipe.as_os_str(),
+            "--gpus".as_ref(),
+            "0".as_ref(),
+        ],
+    );
+    assert!(
+        err.contains("--gpus 0") && err.contains("at least 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_sweep_targets_zero_blames_the_flag_not_the_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let err = failure_in(
+        tmp.path(),
+        &[
+            "sweep".as_ref(),
+            recipe.as_os_str(),
+            "--targets".as_ref(),
+            "0.5,0".as_ref(),
+        ],
+    );
+    assert!(
+        err.contains("--targets: 0 is not a latency target") && !err.contains("target.fraction"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_generate_with_an_empty_prompt_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = failure_in(
+        tmp.path(),
+        &[
+            "generate".as_ref(),
+            smollm2().as_os_str(),
+            "--prompt".as_ref(),
+            "".as_ref(),
+        ],
+    );
+    assert!(err.contains("--prompt is empty"), "{err}");
+}
+
+#[test]
+fn issue24_generate_on_an_image_model_says_it_needs_a_language_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = repo().join("fixtures/dinov2/model");
+    let err = failure_in(
+        tmp.path(),
+        &[
+            "generate".as_ref(),
+            model.as_os_str(),
+            "--prompt".as_ref(),
+            "hi".as_ref(),
+        ],
+    );
+    assert!(
+        err.contains("model_type") && err.contains("needs a language model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn issue24_a_run_directory_that_is_a_file_or_a_dangling_symlink_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(tmp.path());
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(tmp.path().join("missing"), &link).unwrap();
+    for (dir, says) in [
+        (&file, "not a directory"),
+        (&link, "symlink to a missing path"),
+    ] {
+        let err = failure_in(
+            tmp.path(),
+            &[
+                "run".as_ref(),
+                recipe.as_os_str(),
+                "--run-dir".as_ref(),
+                dir.as_os_str(),
+            ],
+        );
+        assert!(err.contains("run directory") && err.contains(says), "{err}");
+    }
 }

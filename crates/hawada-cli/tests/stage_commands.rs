@@ -165,10 +165,20 @@ fn finetune_of_an_exported_slim_model_lowers_its_kl_and_eval_reports_it() {
     let recipe = tiny_recipe(dir);
     let recipe = recipe.to_str().unwrap();
     hawada_ok(dir, &["run", recipe, "--run-dir", "run"]);
-    // A slimmer model than the run's: the export at half of keep-all.
+    // A slimmer model than the run's: its gates exported at half of keep-all (in a directory of
+    // its own: a run directory belongs to one recipe and target).
     hawada_ok(
         dir,
-        &["export", recipe, "--fraction", "0.5", "--run-dir", "run"],
+        &[
+            "export",
+            recipe,
+            "--gates",
+            "run",
+            "--fraction",
+            "0.5",
+            "--run-dir",
+            "half",
+        ],
     );
     let teacher = dir.join("teacher");
     let teacher = teacher.to_str().unwrap();
@@ -176,7 +186,7 @@ fn finetune_of_an_exported_slim_model_lowers_its_kl_and_eval_reports_it() {
         dir,
         &[
             "finetune",
-            "run/slim-before-finetune",
+            "half/slim-before-finetune",
             "--teacher",
             teacher,
             "--recipe",

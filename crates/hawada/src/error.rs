@@ -55,6 +55,10 @@ pub enum Error {
     Device { device: String, reason: String },
     #[error("training stopped at step {step}: {reason}")]
     Training { step: i64, reason: String },
+    /// A run directory that cannot be used as it is: not a directory, locked by another run,
+    /// or made by another recipe.
+    #[error("run directory {dir}: {reason}")]
+    RunDir { dir: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -72,6 +76,13 @@ impl Error {
             op: op.to_string(),
             tensor: tensor.to_string(),
             source,
+        }
+    }
+
+    pub fn run_dir(dir: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::RunDir {
+            dir: dir.into(),
+            reason: reason.into(),
         }
     }
 

@@ -23,6 +23,17 @@ pub fn metric_for(model: &dyn Family, data: &dyn Examples) -> Metric {
     }
 }
 
+/// The size of the last axis of `model`'s output (classes, vocabulary or hidden size), from one
+/// example of `data` (0 for an empty split).
+pub fn output_width(model: &dyn Family, data: &dyn Examples, kind: Kind) -> i64 {
+    let _guard = tch::no_grad_guard();
+    let Some((x, _)) = data.batches(1, kind).next() else {
+        return 0;
+    };
+    let out = outputs(model, &ungated(model), &x);
+    out.size()[out.dim() - 1]
+}
+
 /// `metric` of `model` on `data` (see [`Metric`]; `teacher` is the reference of
 /// `ClsCosine`), evaluated in batches of `batch` in `kind`.
 pub fn quality(

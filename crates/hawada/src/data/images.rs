@@ -258,6 +258,10 @@ impl Examples for ImageDataset {
     fn metric(&self) -> Metric {
         Metric::Top1Accuracy
     }
+
+    fn classes(&self) -> Option<i64> {
+        Some(self.num_classes)
+    }
 }
 
 #[cfg(test)]

@@ -49,4 +49,9 @@ pub trait Examples {
     /// Consecutive batches in order.
     fn batches(&self, batch: i64, kind: Kind) -> Box<dyn Iterator<Item = (Tensor, Tensor)> + '_>;
     fn metric(&self) -> Metric;
+    /// Class labels: one more than the largest label of the split's file (`None` where the
+    /// targets are next tokens).
+    fn classes(&self) -> Option<i64> {
+        None
+    }
 }

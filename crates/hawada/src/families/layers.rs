@@ -160,15 +160,40 @@ pub fn mlp_groups(
     MlpGroups { group, gate }
 }
 
-/// Checks every `(field, value)` of a config `file` is positive, naming the first that is not.
+/// Checks every `(field, value)` of a config `file` is positive and under its sanity limit
+/// ([`size_limit`]), naming the first that is not. The limits keep a typo (`hidden_size = 1e9`)
+/// from reaching an allocation that panics, crashes or runs for hours (issue 24).
 pub fn check_positive(file: &Path, fields: &[(&str, i64)]) -> Result<()> {
-    match fields.iter().find(|(_, v)| *v <= 0) {
-        Some((field, v)) => Err(Error::config(
-            file,
-            field,
-            format!("must be positive, found {v}"),
-        )),
-        None => Ok(()),
+    for &(field, value) in fields {
+        let limit = size_limit(field);
+        if value <= 0 {
+            return Err(Error::config(
+                file,
+                field,
+                format!("must be positive, found {value}"),
+            ));
+        }
+        if value > limit {
+            return Err(Error::config(
+                file,
+                field,
+                format!("{value} is beyond the sanity limit {limit}; is the config corrupt?"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The largest value a config size may take: well above every published model (Llama 3.1
+/// 405B: hidden 16 384, intermediate 53 248, 126 layers; vocabularies up to 262 144), far below
+/// what a device holds.
+pub fn size_limit(field: &str) -> i64 {
+    match field {
+        "num_hidden_layers" | "layers" => 1 << 10,
+        "num_channels" | "patch_size" => 1 << 12,
+        "image_size" | "hawada_input_size" => 1 << 14,
+        "vocab_size" | "num_labels" => 1 << 20,
+        _ => 1 << 17, // widths: hidden, intermediate, heads, head_dim, base_width
     }
 }
 

@@ -29,6 +29,55 @@ pub fn has_weights(path: &Path) -> bool {
         || path.join("model.safetensors.index.json").exists()
 }
 
+/// Checks `path` holds a language model (what `generate` and text data need) before any weight
+/// is read: an image model is named as such rather than failing on a missing `vocab_size`.
+pub fn check_language_model(path: &Path) -> Result<()> {
+    if is_gguf(path) {
+        return Ok(());
+    }
+    if is_onnx(path) {
+        return Err(Error::config(
+            path,
+            "<file>",
+            "an ONNX file holds a vision backbone (DINOv2); this needs a language model (a decoder: a GGUF file or an HF directory)",
+        ));
+    }
+    let config_path = path.join("config.json");
+    if !config_path.exists() {
+        return Err(Error::config(
+            &config_path,
+            "<file>",
+            "missing: a model directory needs config.json (and model.safetensors)",
+        ));
+    }
+    let config = crate::io::json::read_value(&config_path)?;
+    match config.get("model_type").and_then(|v| v.as_str()) {
+        Some(decoder)
+            if llama::SUPPORTED_MODEL_TYPES
+                .split(", ")
+                .any(|t| t == decoder) =>
+        {
+            Ok(())
+        }
+        Some(other @ ("resnet" | "vit" | "dinov2")) => Err(Error::config(
+            &config_path,
+            "model_type",
+            format!(
+                "this is a {other} model (images); this needs a language model ({})",
+                llama::SUPPORTED_MODEL_TYPES
+            ),
+        )),
+        other => Err(Error::config(
+            &config_path,
+            "model_type",
+            format!(
+                "{other:?} is not a supported language model; expected one of {}",
+                llama::SUPPORTED_MODEL_TYPES
+            ),
+        )),
+    }
+}
+
 /// Loads the model at `path`: a GGUF file (a `llama`, `qwen2` or `qwen3` decoder, dequantised), an
 /// ONNX file (a DINOv2 backbone exported from transformers), or a directory (`config.json` +
 /// weights) dispatched on `model_type`. With `random_init`, only the config is read and weights are

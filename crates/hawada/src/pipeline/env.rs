@@ -8,7 +8,7 @@ use crate::families;
 use crate::model::{Family, Workload};
 use crate::progress::Observer;
 use crate::recipe::{DataFormat, Recipe};
-use crate::run_dir::{MetricsLog, RunDir};
+use crate::run_dir::{check_same_recipe, MetricsLog, RunDir, RunLock};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -22,6 +22,8 @@ pub struct RunEnv<'a> {
     /// The processes of this run (one unless launched with several workers); rank 0 measures
     /// and writes.
     pub workers: Workers,
+    /// Released when the run ends (rank 0 only).
+    _lock: Option<RunLock>,
 }
 
 impl<'a> RunEnv<'a> {
@@ -33,6 +35,7 @@ impl<'a> RunEnv<'a> {
         observer: &'a dyn Observer,
     ) -> Result<Self> {
         let root = run_dir.root();
+        check_is_directory(root)?;
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
         let resolved = toml::to_string(recipe)
             .map_err(|e| Error::Invalid(format!("recipe does not serialise: {e}")))?;
@@ -40,6 +43,13 @@ impl<'a> RunEnv<'a> {
         let workers = Workers::from_env(recipe_device)?;
         let device = workers.device(recipe_device);
         recipe.check_batches_split(recipe_file, workers.world)?;
+        // Rank 0 writes for every worker: its lock stands for the run.
+        let lock = workers
+            .is_leader()
+            .then(|| RunLock::acquire(run_dir))
+            .transpose()?;
+        // Before recipe.toml is rewritten: it records what made the directory's records.
+        check_same_recipe(run_dir, &resolved)?;
         if workers.is_leader() {
             crate::io::write_atomic(&run_dir.recipe(), resolved.as_bytes())?;
         }
@@ -54,6 +64,7 @@ impl<'a> RunEnv<'a> {
             metrics: MetricsLog::new(run_dir.metrics()),
             observer,
             workers,
+            _lock: lock,
         })
     }
 
@@ -61,6 +72,27 @@ impl<'a> RunEnv<'a> {
     pub fn cache_dir(&self, recipe: &Recipe) -> PathBuf {
         self.run_dir.resolve_cache_dir(&recipe.latency.cache_dir)
     }
+}
+
+/// A run directory must be a directory or not exist yet; a file or a dangling symlink in its
+/// place is named as such rather than as `File exists (os error 17)`.
+fn check_is_directory(root: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(root) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() && !root.exists() {
+        return Err(Error::run_dir(
+            root,
+            "is a symlink to a missing path; point --run-dir at a directory, or remove the link",
+        ));
+    }
+    if !root.is_dir() {
+        return Err(Error::run_dir(
+            root,
+            "exists but is not a directory; --run-dir must name a new directory or a previous run's",
+        ));
+    }
+    Ok(())
 }
 
 /// Sequence lengths the recipe asks for must fit the model's context.
@@ -92,11 +124,13 @@ pub fn check_lengths(model: &dyn Family, recipe: &Recipe, recipe_file: &Path) ->
 }
 
 /// Whether the recipe's teacher must first be trained (it has `[teacher_training]`, and its
-/// model holds no weights yet), which needs the data.
+/// model holds no weights yet, or a teacher trained by another `[teacher_training]`), which
+/// needs the data.
 pub fn needs_teacher_training(recipe: &Recipe) -> bool {
     recipe.teacher_training.is_some()
         && !recipe.model.random_init
-        && !families::has_weights(&recipe.model.dir)
+        && (!families::has_weights(&recipe.model.dir)
+            || super::teacher::cached_teacher_is_stale(recipe))
 }
 
 /// Default run directory of a recipe: `runs/<name>`.

@@ -19,7 +19,7 @@ mod timing;
 
 pub use commands::{evaluate, export_from_gates, finetune_model};
 pub use env::{default_run_dir, needs_teacher_training, save_model, RunEnv};
-pub use oom::out_of_memory_as_error;
+pub use oom::{is_out_of_memory, out_of_memory_as_error};
 pub use sweep::{sweep, write_report as write_sweep_report};
 
 use crate::error::Result;

@@ -2,7 +2,7 @@
 //! split (export scoring, `finetune.keep_best`), and the test split for quality.
 
 use crate::data::{load_vocabulary, BatchShape, Examples, ImageDataset, TextDataset};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::recipe::{DataFormat, Recipe};
 use tch::Device;
 
@@ -41,7 +41,8 @@ fn load_text_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
     if let Some(limit) = recipe.data.test_limit {
         test = test.slice(0, limit);
     }
-    let holdout = recipe.data.holdout.clamp(1, full_train.len() - 1);
+    check_test_split(recipe, test.len())?;
+    let holdout = checked_holdout(recipe, full_train.len(), "sequences")?;
     let train_len = full_train.len() - holdout;
     Ok(Splits {
         train: Box::new(full_train.slice(0, train_len)),
@@ -69,7 +70,8 @@ fn load_image_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
     if let Some(limit) = recipe.data.test_limit {
         test = test.take(limit);
     }
-    let holdout = recipe.data.holdout.clamp(1, full_train.len() - 1);
+    check_test_split(recipe, test.len())?;
+    let holdout = checked_holdout(recipe, full_train.len(), "images")?;
     Ok(Splits {
         train: Box::new(full_train.take(full_train.len() - holdout)),
         calibration: Box::new(full_train.slice(full_train.len() - holdout, holdout)),
@@ -77,4 +79,41 @@ fn load_image_splits(recipe: &Recipe, device: Device) -> Result<Splits> {
         tokenizer: None,
         text_train: None,
     })
+}
+
+/// `data.holdout` examples taken from the end of a training split of `len` `examples`: at least
+/// one must stay to train on and one to calibrate with, so the holdout is never clamped silently
+/// (a clamped `holdout = 1e9` trained on one image, issue 24).
+fn checked_holdout(recipe: &Recipe, len: i64, examples: &str) -> Result<i64> {
+    let holdout = recipe.data.holdout;
+    if len < 2 {
+        return Err(Error::Data {
+            file: recipe.data.dir.clone(),
+            reason: format!(
+                "the training split holds {len} {examples}; a run needs at least 2 (one to train on, one held out by data.holdout for calibration)"
+            ),
+        });
+    }
+    if !(1..len).contains(&holdout) {
+        return Err(Error::Data {
+            file: recipe.data.dir.clone(),
+            reason: format!(
+                "data.holdout = {holdout} must be in [1, {}]: the training split holds {len} {examples} and at least one must be left to train on",
+                len - 1
+            ),
+        });
+    }
+    Ok(holdout)
+}
+
+/// The test split must hold an example, or every quality is a mean over nothing.
+fn check_test_split(recipe: &Recipe, len: i64) -> Result<()> {
+    if len == 0 {
+        return Err(Error::Data {
+            file: recipe.data.dir.clone(),
+            reason: "the test split is empty; the run's quality would be computed on nothing"
+                .into(),
+        });
+    }
+    Ok(())
 }

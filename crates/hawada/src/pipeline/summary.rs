@@ -42,10 +42,14 @@ pub fn stage(finished: &Finished<'_>, recipe: &Recipe, env: &RunEnv<'_>) -> Resu
             save_model(finished.slim, finished.tokenizer, &env.run_dir.slim())?;
             let quality = slim_quality(finished, recipe);
             env.observer.begin("measure", 2);
-            let [keep_all, slim] = finished.timing.keep_all_and(finished.slim)?;
+            let ([keep_all, slim], noise) = finished.timing.final_pair(finished.slim)?;
             env.observer.advance(2, "keep-all and slim, interleaved");
             env.observer.end();
-            let summary = summarise(finished, quality, LatencyPair { keep_all, slim }, recipe, env);
+            let mut summary =
+                summarise(finished, quality, LatencyPair { keep_all, slim }, recipe, env);
+            if let Some(noise) = noise {
+                judge_through_noise(&mut summary, noise);
+            }
             let probes = &finished.adapted.outcome.probes;
             let latency_json = serde_json::json!({ "profile": finished.profile, "probes": probes, "search": summary.search, "final": { "keep_all": keep_all, "slim": slim } });
             crate::io::json::write(&env.run_dir.latency(), &latency_json)?;
@@ -54,6 +58,22 @@ pub fn stage(finished: &Finished<'_>, recipe: &Recipe, env: &RunEnv<'_>) -> Resu
             Ok(summary)
         })
     })
+}
+
+/// A final measurement that stayed noisy decides nothing alone: the export search measured the
+/// pick against keep-all too. Where both say the target is missed (or met) that stands; where
+/// they disagree the summary says it cannot tell (`target_met` absent). `timing_noise` says
+/// why either way.
+fn judge_through_noise(summary: &mut Summary, noise: String) {
+    let search_met = summary.picked().map(|c| c.meets_target);
+    if summary.target_met != search_met {
+        summary.target_met = None;
+    }
+    tracing::warn!(noise, "final timing stayed noisy");
+    summary.timing_noise = Some(format!(
+        "{noise}, after {} measurements",
+        super::timing::FINAL_MEASUREMENTS
+    ));
 }
 
 /// The slim model's quality against the teacher it was distilled from, before and after
@@ -153,6 +173,7 @@ fn summarise(
                 .is_met(latency.slim.mean, latency.keep_all.mean),
         ),
         workload: Some(timing.workload),
+        timing_noise: None,
         latency_ms: latency,
     }
 }

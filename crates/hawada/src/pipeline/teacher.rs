@@ -5,7 +5,7 @@
 
 use super::env::{check_lengths, RunEnv};
 use super::finetune::{teacher_baseline, WeightData};
-use super::oom::out_of_memory_as_error;
+use super::oom::{model_out_of_memory_as_error, out_of_memory_as_error};
 use super::splits::Splits;
 use crate::data::{Examples, Metric, TextDataset};
 use crate::dist::Workers;
@@ -56,7 +56,7 @@ pub fn prepare(
     env: &RunEnv<'_>,
 ) -> Result<(Teacher, FinetuneData)> {
     let loaded = load(recipe, recipe_file, Some(splits.train.as_ref()), env)?;
-    check_fits(loaded.as_ref(), splits, recipe, recipe_file)?;
+    check_fits(loaded.as_ref(), splits, recipe, (recipe_file, env.kind))?;
     tracing::info!(
         family = loaded.family(),
         groups = loaded.groups().len(),
@@ -109,14 +109,21 @@ pub fn prepare(
     Ok((teacher, finetune_data))
 }
 
-/// What the recipe asks of the teacher must fit it: sequence lengths, labels, vocabulary.
+/// What the recipe asks of the teacher must fit it: sequence lengths, image channels, labels,
+/// vocabulary. `kind` is the model's dtype.
 fn check_fits(
     model: &dyn Family,
     splits: &Splits,
     recipe: &Recipe,
-    recipe_file: &Path,
+    (recipe_file, kind): (&Path, Kind),
 ) -> Result<()> {
     check_lengths(model, recipe, recipe_file)?;
+    check_images(model, splits.test.as_ref(), recipe_file)?;
+    if recipe.finetune.label_weight > 0.0 {
+        for data in [splits.train.as_ref(), splits.test.as_ref()] {
+            check_labels(model, data, "finetune.label_weight", recipe, kind)?;
+        }
+    }
     if recipe.finetune.label_weight > 0.0 && model.output() == Output::Features {
         return Err(Error::config(
             recipe_file,
@@ -137,6 +144,59 @@ fn check_fits(
     Ok(())
 }
 
+/// Images must have the channels the model takes (grey data for an RGB model needs
+/// `data.channels = 3`), or the first forward panics inside libtorch.
+fn check_images(model: &dyn Family, data: &dyn Examples, recipe_file: &Path) -> Result<()> {
+    // `num_channels` is the HF config key of every vision family; read, not sampled, so the
+    // check draws nothing from the seeded generator.
+    let Some(expected) = model.config_json()["num_channels"].as_i64() else {
+        return Ok(());
+    };
+    let Some((x, _)) = data.batches(1, Kind::Float).next() else {
+        return Ok(());
+    };
+    let found = x.size();
+    if found.len() == 4 && found[1] != expected {
+        return Err(Error::config(
+            recipe_file,
+            "data.channels",
+            format!(
+                "the images have {} channel(s) but the model takes {expected} (num_channels in its config); set data.channels = {expected}",
+                found[1]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Labels trained on (`field` > 0) must be classes the model has: cross-entropy on a label
+/// past the last logit is an index error inside libtorch. `kind` is the model's dtype.
+fn check_labels(
+    model: &dyn Family,
+    data: &dyn Examples,
+    field: &str,
+    recipe: &Recipe,
+    kind: Kind,
+) -> Result<()> {
+    let Some(classes) = data.classes() else {
+        return Ok(());
+    };
+    if model.output() != Output::Logits {
+        return Ok(());
+    }
+    let logits = eval::output_width(model, data, kind);
+    if classes > logits {
+        return Err(Error::Data {
+            file: recipe.data.dir.clone(),
+            reason: format!(
+                "labels go up to {} but the model has {logits} classes (num_labels); {field} trains on the labels, which must be in [0, {logits})",
+                classes - 1
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Loads the teacher, training it first when the recipe says so and no cached model exists.
 pub fn load(
     recipe: &Recipe,
@@ -147,12 +207,14 @@ pub fn load(
     let (device, kind) = (env.device, env.kind);
     let dir = &recipe.model.dir;
     let has_weights = families::has_weights(dir);
-    if !has_weights && !recipe.model.random_init {
+    if (!has_weights && !recipe.model.random_init) || cached_teacher_is_stale(recipe) {
         // Rank 0 trains it alone; the others wait and load it.
         env.workers
             .from_leader("teacher", || train_teacher(recipe, recipe_file, train, env))?;
     }
-    let mut model = families::load(dir, device, kind, recipe.model.random_init)?;
+    let mut model = model_out_of_memory_as_error(device, dir, || {
+        families::load(dir, device, kind, recipe.model.random_init)
+    })?;
     model.var_store_mut().freeze();
     model.to_device_layout();
     Ok(model)
@@ -173,8 +235,34 @@ fn train_teacher(
     };
     tracing::info!(dir = %dir.display(), "training the teacher (self-trained, cached for later runs)");
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::io::json::write(&dir.join("config.json"), &spec.config)?;
-    let mut model = families::load(dir, device, Kind::Float, true)?;
+    let config_file = dir.join("config.json");
+    let record_file = dir.join(TEACHER_RECORD);
+    if config_file.exists() && !record_file.exists() {
+        // A folder the user filled, not a cache this trainer made: never overwrite it.
+        let found = crate::io::json::read_value(&config_file)?;
+        if found != spec.config {
+            return Err(Error::config(
+                recipe_file,
+                "model.dir",
+                format!(
+                    "{} holds a config.json (and no weights) that [teacher_training] did not write; training would overwrite it. Point model.dir at a new folder for the trained teacher, or add that model's model.safetensors",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    crate::io::json::write(&config_file, &spec.config)?;
+    let mut model = model_out_of_memory_as_error(device, dir, || {
+        families::load(dir, device, Kind::Float, true)
+    })?;
+    check_images(model.as_ref(), train, recipe_file)?;
+    check_labels(
+        model.as_ref(),
+        train,
+        "[teacher_training]",
+        recipe,
+        Kind::Float,
+    )?;
     let steps = (spec.epochs * train.len() as f64 / spec.batch as f64).ceil() as i64;
     let mut next = || train.random_batch(spec.batch, Kind::Float);
     let opts = WeightTraining {
@@ -187,16 +275,44 @@ fn train_teacher(
         workers: &Workers::single(),
         keep_best: None,
     };
-    train_weights(
-        model.as_mut(),
-        Objective::Labels,
-        &mut next,
-        &opts,
-        metrics,
-        observer,
-    )?;
+    let teacher_batch = ("teacher training", "teacher_training.batch", spec.batch);
+    out_of_memory_as_error(device, teacher_batch, || {
+        train_weights(
+            model.as_mut(),
+            Objective::Labels,
+            &mut next,
+            &opts,
+            metrics,
+            observer,
+        )
+    })?;
     model.save(dir)?;
+    crate::io::json::write(&record_file, &teacher_record(recipe))?;
     Ok(())
+}
+
+/// Beside a self-trained teacher: what trained it, so that a cached teacher made by another
+/// `[teacher_training]` (an untrained one from `epochs = -1`, issue 24) is trained again rather
+/// than reused.
+const TEACHER_RECORD: &str = "hawada-teacher-training.json";
+
+/// The recipe fields a self-trained teacher depends on.
+fn teacher_record(recipe: &Recipe) -> serde_json::Value {
+    serde_json::json!({
+        "teacher_training": recipe.teacher_training,
+        "data_dir": recipe.data.dir,
+        "seed": recipe.seed,
+    })
+}
+
+/// Whether `model.dir` holds a teacher this trainer made from other fields than the recipe's
+/// (a folder without the record is the user's, and is used as it is).
+pub fn cached_teacher_is_stale(recipe: &Recipe) -> bool {
+    if recipe.teacher_training.is_none() || recipe.model.random_init {
+        return false;
+    }
+    let record = recipe.model.dir.join(TEACHER_RECORD);
+    crate::io::json::read_value(&record).is_ok_and(|found| found != teacher_record(recipe))
 }
 
 /// The training split followed by `samples.sequences` sequences the teacher wrote, each

@@ -385,20 +385,51 @@ impl Recipe {
     }
 
     /// The TOML as a recipe, unvalidated; an error names the field by its dotted path
-    /// (`latency.cost`), or by the text at fault when the path is the whole recipe.
+    /// (`latency.cost`) and, where the text is at fault, its line and column. Syntax errors and
+    /// numbers too large for their field come from the parser without a path: the key is read
+    /// from the line the error points at, under its `[section]`.
     fn deserialize(text: &str, file: &Path) -> Result<Self> {
         serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
             let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
             let inner = e.into_inner();
-            let field = if path.is_empty() || path == "." {
-                inner
-                    .span()
-                    .map(|s| text[s].trim().to_string())
+            let message = inner.message().trim().replace('\n', "; ");
+            let join = |a: &str, b: &str| match (a.is_empty(), b.is_empty()) {
+                (true, _) => b.to_string(),
+                (_, true) => a.to_string(),
+                _ => format!("{a}.{b}"),
+            };
+            if let Some(missing) = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+            {
+                return Error::config(
+                    file,
+                    &join(&path, missing),
+                    "missing; the recipe must set it",
+                );
+            }
+            // A span over the whole text points nowhere in particular.
+            let span = inner.span().filter(|s| s.end - s.start < text.len());
+            let Some(span) = span else {
+                let field = if path.is_empty() { "<recipe>" } else { &path };
+                return Error::config(file, field, message);
+            };
+            let (line, column) = line_column(text, span.start);
+            // At a line's first column the parser is past the faulty line: no key to name.
+            let field = if path.is_empty() {
+                (column > 1)
+                    .then(|| key_at(text, span.start))
+                    .flatten()
                     .unwrap_or_else(|| "<recipe>".into())
             } else {
                 path
             };
-            Error::config(file, &field, inner.message().to_string())
+            Error::config(
+                file,
+                &field,
+                format!("{message} (line {line}, column {column})"),
+            )
         })
     }
 
@@ -425,6 +456,37 @@ impl Recipe {
         recipe.validate(file)?;
         Ok(recipe)
     }
+}
+
+/// 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// The dotted key of the line holding byte `offset` (`latency.batch` for `batch = …` under
+/// `[latency]`), when that line is a `key = value` line.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let section = text[..start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    Some(match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -14,17 +14,22 @@
 //!       slim-before-finetune/, slim/
 //!       metrics.jsonl, latency.json, summary.json, report.html, plots/
 //!       memory/rank<N>.json, checkpoints/<stage>/, teacher/ (smoke runs)
+//!       run.lock                    the pid of the run writing it, while it runs
 //! ```
 
+mod lock;
 pub mod metrics;
 pub mod records;
+mod resume;
 pub mod summary;
 
+pub use lock::RunLock;
 pub use metrics::{MetricsLog, StepMetrics};
 pub use records::{
     Evaluation, Export, FinetuneRecord, Measured, Profile, StageMemory, Sweep, SweepPoint,
     TeacherBaseline,
 };
+pub use resume::check_same_recipe;
 pub use summary::Summary;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +57,10 @@ impl RunDir {
     }
     pub fn root(&self) -> &Path {
         &self.root
+    }
+    /// Held by the run writing this directory: its pid ([`RunLock`]).
+    pub fn lock(&self) -> PathBuf {
+        self.root.join("run.lock")
     }
     /// The recipe as resolved (defaults filled in).
     pub fn recipe(&self) -> PathBuf {

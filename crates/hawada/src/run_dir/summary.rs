@@ -117,11 +117,16 @@ pub struct Summary {
     pub adapt_steps: i64,
     /// Whether the slim model meets the target: its measured mean against `target_ms`, or for a
     /// relative target its ratio to keep-all measured alongside against the asked fraction.
+    /// Absent when noisy timing and the export search disagree (`timing_noise`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_met: Option<bool>,
     /// The timed shapes the latencies apply to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<crate::model::Workload>,
+    /// Why the final latencies are not to be trusted, when other work on the device disturbed
+    /// them on every try (then `target_met` stands only where the export search agrees).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing_noise: Option<String>,
 }
 
 fn eager() -> String {

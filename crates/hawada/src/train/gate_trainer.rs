@@ -8,7 +8,10 @@
 //! resumes from the last one and continues `metrics.jsonl`. With several workers (`dist`) each
 //! trains on its rows of the batch, gradients and losses are averaged, rank 0 probes and writes.
 
-use super::{checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights};
+use super::{
+    check_finite, checkpoint_due, create_checkpoint_dir, descend, diverged, read_state,
+    save_weights,
+};
 use crate::dist::Workers;
 use crate::distill;
 use crate::error::Result;
@@ -287,9 +290,11 @@ fn resume(
     }
     let state: AdaptState = read_state(&saved_state)?;
     gates.load(dir)?;
+    check_finite(gates.var_store(), dir)?;
     let weights = dir.join(STUDENT_WEIGHTS);
     if train_weights && weights.exists() {
         crate::io::safetensors::load_file_into(student.var_store(), &weights)?;
+        check_finite(student.var_store(), &weights)?;
     }
     // The optimisers' moments are restored later, once the optimisers exist.
     for &sample in &state.probe_samples {

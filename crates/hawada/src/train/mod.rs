@@ -56,14 +56,39 @@ fn descend<const N: usize>(
 }
 
 /// The error of a step whose loss is not finite; `loss` describes it (what, and its value).
+/// Before the first checkpoint there is no good one to name: a loss not finite from the start
+/// points at the inputs (weights, data, learning rate), not at the training.
 fn diverged(step: i64, loss: String, checkpoint_dir: &Path) -> Error {
-    Error::Training {
-        step,
-        reason: format!(
+    let has_checkpoint = std::fs::read_dir(checkpoint_dir).is_ok_and(|mut d| d.next().is_some());
+    let reason = if has_checkpoint {
+        format!(
             "{loss}; the last good checkpoint is in {}",
             checkpoint_dir.display()
-        ),
+        )
+    } else {
+        format!(
+            "{loss}, before any checkpoint was written to {} (the teacher's weights, the data or the learning rate are at fault, not a checkpoint)",
+            checkpoint_dir.display()
+        )
+    };
+    Error::Training { step, reason }
+}
+
+/// Weights read back from a checkpoint must be finite: a NaN saved there would only show as a
+/// diverged loss, blamed on training (issue 24). Names the tensor and the file.
+fn check_finite(store: &tch::nn::VarStore, file: &Path) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for (name, tensor) in store.variables() {
+        if tensor.isfinite().all().int64_value(&[]) == 0 {
+            return Err(Error::Data {
+                file: file.to_path_buf(),
+                reason: format!(
+                    "tensor `{name}` holds NaN or infinite values; the checkpoint is corrupt: delete its folder to train this stage again"
+                ),
+            });
+        }
     }
+    Ok(())
 }
 
 fn create_checkpoint_dir(dir: &Path) -> Result<()> {

@@ -4,7 +4,10 @@
 //! resumes from them. With several workers, gradients and the loss are averaged over ranks and
 //! rank 0 writes.
 
-use super::{checkpoint_due, create_checkpoint_dir, descend, diverged, read_state, save_weights};
+use super::{
+    check_finite, checkpoint_due, create_checkpoint_dir, descend, diverged, read_state,
+    save_weights,
+};
 use crate::dist::Workers;
 use crate::distill;
 use crate::error::{Error, Result};
@@ -173,6 +176,7 @@ fn resume(model: &dyn Family, files: &CheckpointFiles, stage: &str) -> Result<We
     }
     let state: WeightState = read_state(&files.state)?;
     load_file_into(model.var_store(), &files.weights)?;
+    check_finite(model.var_store(), &files.weights)?;
     tracing::info!(
         stage,
         step = state.step,

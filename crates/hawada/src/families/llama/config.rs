@@ -260,6 +260,7 @@ impl LlamaConfig {
             &[
                 ("vocab_size", self.vocab_size),
                 ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers as i64),
                 ("intermediate_size", self.intermediate_size),
                 ("num_attention_heads", self.num_attention_heads),
                 ("num_key_value_heads", self.kv_heads()),

@@ -1,10 +1,13 @@
 //! `config.json` of a ResNet: the torchvision architecture's shape (block type, blocks per stage,
 //! stem, base width), HawAda's gate size, and a slim export's widths; presets and validation.
 
-use super::super::layers::check_positive;
+use super::super::layers::{check_positive, size_limit};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// Most stages a ResNet may have: each doubles the width, so more overflow any sane width.
+const MAX_STAGES: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,14 +196,33 @@ impl ResnetConfig {
                 ("channels_per_gate", self.channels_per_gate),
             ],
         )?;
-        if self.layers.is_empty() || self.layers.contains(&0) {
+        let max_blocks = size_limit("layers");
+        if self.layers.is_empty()
+            || self.layers.len() > MAX_STAGES
+            || self.layers.iter().any(|&b| b == 0 || b as i64 > max_blocks)
+        {
             return Err(Error::config(
                 file,
                 "layers",
-                "needs at least one stage, each with ≥ 1 block",
+                format!(
+                    "needs 1 to {MAX_STAGES} stages, each with 1 to {max_blocks} blocks, found {:?}",
+                    self.layers
+                ),
             ));
         }
         self.check_width_lists(file)?;
+        let widths = self.widths();
+        let all = std::iter::once(widths.stem)
+            .chain(widths.streams)
+            .chain(widths.inner.into_iter().flatten());
+        let max_width = size_limit("width");
+        if let Some(width) = all.into_iter().find(|&w| !(1..=max_width).contains(&w)) {
+            return Err(Error::config(
+                file,
+                "base_width",
+                format!("gives a layer {width} channels wide; widths must be in [1, {max_width}]"),
+            ));
+        }
         self.check_shortcuts(file)
     }
 

@@ -184,6 +184,7 @@ impl VitConfig {
             file,
             &[
                 ("hidden_size", self.hidden_size),
+                ("num_hidden_layers", self.num_hidden_layers as i64),
                 ("num_attention_heads", self.num_attention_heads),
                 ("intermediate_size", self.mlp_width()),
                 ("image_size", self.image_size),
