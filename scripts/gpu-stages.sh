@@ -68,7 +68,7 @@ TOML
   else
     echo "export --gates: slim model DIFFERS from the run's (picks: $(grep -o '"picked": true' -c first/export.json))"
   fi
-  "$H" export tiny.toml --fraction 0.6 --run-dir third
+  "$H" export tiny.toml --gates first --fraction 0.6 --run-dir third
   "$H" finetune third/slim-before-finetune --teacher teacher --recipe tiny.toml --run-dir tuned
   "$H" eval tuned/slim --recipe tiny.toml
   mkdir -p fixture && cp -r teacher fixture/teacher && cp -r third/slim-before-finetune fixture/slim
