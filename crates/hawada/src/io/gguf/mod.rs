@@ -80,7 +80,17 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     file: &'a Path,
+    /// Arrays open around the value being read.
+    depth: usize,
 }
+
+/// Arrays nested deeper than this are refused: real files nest none (token lists are flat), and
+/// a hostile file nesting hundreds of thousands would overflow the stack.
+const MAX_ARRAY_DEPTH: usize = 8;
+
+/// Items reserved up front for an array: a declared count is only believed as the items are
+/// read, so a count near the file size allocates nothing it does not fill.
+const ARRAY_RESERVE: usize = 4096;
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
@@ -128,13 +138,21 @@ impl Reader<'_> {
             9 => {
                 let item_type = self.u32()?;
                 let count = self.u64()? as usize;
-                if count > self.bytes.len() {
+                // Every item takes at least one byte of what is left.
+                if count > self.bytes.len() - self.pos {
                     return Err(self.bad(format!("array of {count} items exceeds the file")));
                 }
-                let mut items = Vec::with_capacity(count);
+                if self.depth == MAX_ARRAY_DEPTH {
+                    return Err(self.bad(format!(
+                        "metadata arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
+                }
+                self.depth += 1;
+                let mut items = Vec::with_capacity(count.min(ARRAY_RESERVE));
                 for _ in 0..count {
                     items.push(self.value(item_type)?);
                 }
+                self.depth -= 1;
                 Value::Array(items)
             }
             10 => Value::Int(self.u64()? as i64),
@@ -159,6 +177,7 @@ impl Gguf {
             bytes: &bytes,
             pos: 0,
             file: path,
+            depth: 0,
         };
         if r.take(4)? != b"GGUF" {
             return Err(r.bad("magic `GGUF` missing".into()));
@@ -316,5 +335,43 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let err = Gguf::open(&path).err().unwrap().to_string();
         assert!(err.contains("t.gguf") && err.contains("truncated"), "{err}");
+    }
+
+    /// A GGUF header with one metadata key whose value is `depth` arrays, each declaring
+    /// `count` items of the next.
+    fn nested_arrays(depth: usize, count: u64) -> Vec<u8> {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(0u64.to_le_bytes()); // tensors
+        bytes.extend(1u64.to_le_bytes()); // metadata
+        bytes.extend(1u64.to_le_bytes());
+        bytes.push(b'k');
+        bytes.extend(9u32.to_le_bytes());
+        for _ in 0..depth {
+            bytes.extend(9u32.to_le_bytes());
+            bytes.extend(count.to_le_bytes());
+        }
+        bytes.extend(vec![0u8; 64]);
+        bytes
+    }
+
+    #[test]
+    fn gguf_metadata_recursion_is_capped_in_depth_and_in_what_a_count_reserves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deep.gguf");
+        // Issue 24: 400 000 nested arrays overflowed the stack.
+        std::fs::write(&path, nested_arrays(400_000, 1)).unwrap();
+        let err = Gguf::open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("deep.gguf") && err.contains("nested deeper"),
+            "{err}"
+        );
+        // Counts just under the file size at every level: refused as the items run out, having
+        // reserved only a few KB per level.
+        let bytes = nested_arrays(6, 0);
+        let count = (bytes.len() - 40) as u64;
+        std::fs::write(&path, nested_arrays(6, count)).unwrap();
+        let err = Gguf::open(&path).err().unwrap().to_string();
+        assert!(err.contains("deep.gguf"), "{err}");
     }
 }
