@@ -49,11 +49,9 @@ pub fn export_from_gates(
     let mut gates = Gates::new(model.groups(), recipe.gates.clone(), env.device)?;
     gates.load(gates_dir)?;
     let new_gates = gates_dir != run_dir.gates();
-    if env.workers.is_leader() {
-        if new_gates {
-            gates.save(&run_dir.gates())?;
-        }
-        forget_other_export(run_dir, profile.target_ms, new_gates)?;
+    if env.workers.is_leader() && new_gates {
+        gates.save(&run_dir.gates())?;
+        forget_export_of_other_gates(run_dir)?;
     }
     let as_trained = gates.keep_set();
     let inputs = ExportInputs {
@@ -75,17 +73,13 @@ pub fn export_from_gates(
     Ok(record)
 }
 
-/// Removes `export.json` when it was picked for another target or from other gates: the export
-/// command then searches again (within `run`, a recorded pick is always reused, since the
-/// fine-tune checkpoint holds its shape).
-fn forget_other_export(run_dir: &RunDir, target_ms: f64, new_gates: bool) -> Result<()> {
+/// Removes `export.json` when the gates came from elsewhere: it was picked from other gates, and
+/// the export searches again. (A changed target never reaches here: `RunEnv::open` refuses a run
+/// directory made by another recipe.)
+fn forget_export_of_other_gates(run_dir: &RunDir) -> Result<()> {
     let path = run_dir.export();
-    if !path.exists() {
-        return Ok(());
-    }
-    let recorded: Export = crate::io::json::read(&path)?;
-    if new_gates || recorded.target_ms != Some(target_ms) {
-        tracing::info!(path = %path.display(), target_ms, "export searched again: the recorded one is for other gates or another target");
+    if path.exists() {
+        tracing::info!(path = %path.display(), "export searched again: the recorded one is for other gates");
         std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
     }
     Ok(())

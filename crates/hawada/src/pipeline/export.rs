@@ -74,7 +74,6 @@ pub fn stage(
             photos: scoring.photos(slim.as_ref()),
             keep,
             search_table,
-            target_ms: Some(inputs.target_ms),
             search_warning,
         };
         tracing::info!(picked = %before.search_table[pick].name, slim_before = before.quality, calibration_agreement, "exported");

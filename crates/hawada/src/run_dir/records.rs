@@ -57,9 +57,6 @@ pub struct Export {
     /// Why the search hardly searched, when it measured fewer than four candidates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub search_warning: Option<String>,
-    /// The target the search picked for (absent in records written before it was kept).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_ms: Option<f64>,
 }
 
 /// `finetune.json`: what `hawada finetune` did to a slim model.
